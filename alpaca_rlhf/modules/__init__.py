@@ -1,0 +1,5 @@
+"""LightningModules of the three training stages."""
+
+from alpaca_rlhf.modules.sft import SFTModule
+
+__all__ = ["SFTModule"]
