@@ -132,8 +132,9 @@ def build_tiny_base(path: str | os.PathLike, config: dict | None = None, corpus:
     cfg = LlamaConfig(**{**TINY_LLAMA, **(config or {}), "vocab_size": len(tokenizer),
                          "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                          "pad_token_id": tokenizer.pad_token_id})
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
+    with torch.random.fork_rng(devices=[]):  # the global RNG (LoRA init after this) is left as it was
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -305,3 +306,27 @@ def merge_adapter(adapter_path: str, output_dir: str | None = None, dtype: str =
                 shutil.copy(side_file, tmp / side_file.name)
     log.info("merged %s into %s -> %s", adapter, base, output)
     return output
+
+
+REWARD_STATS_FILE = "reward_stats.json"
+
+
+def read_reward_stats(path: str | os.PathLike) -> dict:
+    """A reward model's `reward_stats.json` (score mean/std over held-out pairs); mean 0, std 1 if absent."""
+    file = Path(path, REWARD_STATS_FILE)
+    if not file.is_file():
+        log.warning("%s has no %s: scores will not be centred", path, REWARD_STATS_FILE)
+        return {"mean": 0.0, "std": 1.0, "n": 0, "split": None}
+    return json.loads(file.read_text())
+
+
+def load_reward_model(spec: ModelSpec):
+    """(model, tokenizer, stats) of a merged reward model: frozen, in eval mode, 8/4-bit if the spec says so.
+
+    The folder is what `python cli.py merge` writes from a reward adapter: a plain one-label sequence
+    classifier (`pad_token_id` in its config) with `reward_stats.json` beside it. Score it with
+    `alpaca_rlhf.modules.reward.score`, then centre with `stats["mean"]`.
+    """
+    tokenizer = load_tokenizer(spec)
+    model = load_sequence_classifier(spec, pad_token_id=tokenizer.pad_token_id, trainable=False)
+    return model, tokenizer, read_reward_stats(spec.name_or_path)

@@ -39,16 +39,16 @@ class WarmupDecayLR(LambdaLR):
                  decay: str = "linear", min_lr_ratio: float = 0.0) -> None:
         if decay not in ("linear", "cosine", "constant"):
             raise ValueError(f"decay must be linear, cosine or constant, got {decay!r}")
-        self.shape = _WarmupDecay(warmup_steps, total_steps, decay, min_lr_ratio)
-        super().__init__(optimizer, self.shape)
+        # kept only in lr_lambdas: LambdaLR saves an object lambda's fields as a plain dict (weights_only-safe)
+        super().__init__(optimizer, _WarmupDecay(warmup_steps, total_steps, decay, min_lr_ratio))
 
     @property
     def total_steps(self) -> int | None:
-        return self.shape.total_steps
+        return self.lr_lambdas[0].total_steps
 
     @total_steps.setter
     def total_steps(self, value: int) -> None:
-        self.shape.total_steps = value
+        self.lr_lambdas[0].total_steps = value
 
 
 def scheduler_config(scheduler, trainer) -> dict:

@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+from alpaca_rlhf.models import (LoraSpec, ModelSpec, apply_lora, disable_dropout, ensure_pad_token, load_causal_lm,
+                                load_tokenizer)
+
+
+def _batch(tokenizer, n=4):
+    texts = ["Below is an instruction.\n\n### Response:\nThe sky is blue.", "Give three tips. Eat well."] * (n // 2)
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return {**batch, "labels": labels}
+
+
+def test_tiny_base_is_a_real_folder(tiny_base, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert (tiny_base / "config.json").is_file() and (tiny_base / "model.safetensors").is_file()
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    assert model.config.vocab_size == len(AutoTokenizer.from_pretrained(tiny_base))
+    assert tiny_tokenizer.pad_token_id != tiny_tokenizer.eos_token_id
+    assert tiny_tokenizer("hi")["input_ids"][0] == tiny_tokenizer.bos_token_id
+
+
+def test_pad_token_is_taken_from_reserved_tokens_never_eos(tiny_tokenizer):
+    tok = tiny_tokenizer.__class__.from_pretrained(tiny_tokenizer.name_or_path)
+    tok.pad_token = tok.eos_token  # the classic mistake
+    n = len(tok)
+    ensure_pad_token(tok)
+    assert tok.pad_token_id != tok.eos_token_id and len(tok) == n  # no new token, so no resize needed
+
+
+def _train_steps(model, batch, steps=8, lr=1e-2):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_only_lora_weights_change(tiny_base, tiny_tokenizer):
+    model = apply_lora(load_causal_lm(ModelSpec(name_or_path=str(tiny_base))), LoraSpec(r=4, dropout=0.0))
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    losses = _train_steps(model, _batch(tiny_tokenizer))
+    assert losses[-1] < losses[0]
+    for name, p in model.named_parameters():
+        changed = not torch.equal(before[name], p.detach())
+        if "lora_B" in name or "lora_A" in name:
+            assert p.requires_grad and changed, name
+        else:
+            assert not p.requires_grad and not changed, name
+
+
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_lora_on_quantized_tiny_model_trains(tiny_base, tiny_tokenizer, quantization):
+    spec = ModelSpec(name_or_path=str(tiny_base), quantization=quantization, gradient_checkpointing=True)
+    model = apply_lora(load_causal_lm(spec), LoraSpec(r=4, dropout=0.0))
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert ("Linear8bitLt" if quantization == "8bit" else "Linear4bit") in kinds
+    losses = _train_steps(model, _batch(tiny_tokenizer), steps=6)
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_gradient_checkpointing_gives_same_gradients(tiny_base, tiny_tokenizer):
+    batch = _batch(tiny_tokenizer)
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = apply_lora(load_causal_lm(ModelSpec(name_or_path=str(tiny_base), gradient_checkpointing=ckpt)),
+                           LoraSpec(r=4, dropout=0.0))
+        with torch.no_grad():  # give lora_B a value so lora_A gets a gradient
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.fill_(0.01)
+        model.train()
+        model(**batch).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6)
+
+
+def test_disable_dropout_zeroes_every_dropout(tiny_base):
+    model = apply_lora(load_causal_lm(ModelSpec(name_or_path=str(tiny_base))), LoraSpec(r=4, dropout=0.3))
+    disable_dropout(model)
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_bad_spec_values_are_rejected():
+    with pytest.raises(ValueError, match="dtype"):
+        ModelSpec(dtype="float8")
+    with pytest.raises(ValueError, match="quantization"):
+        ModelSpec(quantization="3bit")
+
+
+def test_load_tokenizer_padding_side(tiny_base):
+    assert load_tokenizer(ModelSpec(name_or_path=str(tiny_base)), padding_side="left").padding_side == "left"

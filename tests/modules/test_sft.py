@@ -1,0 +1,105 @@
+import os
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alpaca_rlhf.data import AlpacaDataModule
+from alpaca_rlhf.models import LoraSpec, ModelSpec, merge_adapter
+from alpaca_rlhf.modules import SFTModule
+from cli import cli_main
+
+ROOT = Path(__file__).resolve().parents[2]
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def test_sft_loss_falls_clearly(tiny_base):
+    L.seed_everything(0)
+    module = SFTModule(model=ModelSpec(name_or_path=str(tiny_base)),
+                       lora=LoraSpec(r=8, dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+                                     modules_to_save=["lm_head"]),
+                       optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
+    dm = AlpacaDataModule("alpaca_rlhf/data/samples/alpaca_sample.json", val_set_size=0, batch_size=8,
+                          cutoff_len=128)
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(outputs["loss"].item())
+
+    trainer = L.Trainer(max_steps=40, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Record()])
+    trainer.fit(module, dm)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.9 * first, (first, last)  # e.g. 6.2 -> 5.3 in 40 steps
+
+
+def test_checkpoint_is_adapter_sized_and_export_loads(tiny_sft_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ckpt = torch.load(tiny_sft_run / "output/tiny/checkpoints/sft/last.ckpt", weights_only=False)
+    keys = list(ckpt["state_dict"])
+    assert keys and all("lora_" in k or "lm_head" in k for k in keys), keys[:5]
+    assert "optimizer_states" in ckpt and "lr_schedulers" in ckpt and "loops" in ckpt
+    adapter = tiny_sft_run / "output/tiny/lora-alpaca"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "template.json", "tokenizer.json"):
+        assert (adapter / name).is_file(), name
+    base = AutoModelForCausalLM.from_pretrained(tiny_sft_run / "output/tiny/base")
+    model = PeftModel.from_pretrained(base, adapter)
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+def test_merged_logits_match_base_plus_adapter(tiny_sft_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged_dir = tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged"
+    tok = AutoTokenizer.from_pretrained(merged_dir)
+    ids = tok(["### Instruction:\nGive three tips for staying healthy.\n\n### Response:\n"], return_tensors="pt")
+    base = AutoModelForCausalLM.from_pretrained(tiny_sft_run / "output/tiny/base")
+    with torch.no_grad():
+        plain = base(**ids).logits
+        adapted = PeftModel.from_pretrained(base, tiny_sft_run / "output/tiny/lora-alpaca").eval()(**ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir)(**ids).logits
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(plain, adapted, atol=1e-3)  # the adapter did something
+
+
+def test_merge_default_and_explicit_output(tiny_sft_run, tmp_path):
+    out = merge_adapter(str(tiny_sft_run / "output/tiny/lora-alpaca"), output_dir=str(tmp_path / "m"), dtype="bfloat16")
+    assert (out / "model.safetensors").is_file() and (out / "template.json").is_file()
+    assert next(iter(load_file(out / "model.safetensors").values())).dtype == torch.bfloat16
+    assert not list(tmp_path.glob(".m.tmp-*"))  # no half-written folder left behind
+
+
+KILL_CONFIG = """
+trainer:
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {dirpath: output/tiny/checkpoints/sft, every_n_train_steps: 20, save_top_k: 1, save_last: true}
+    - class_path: tests.helpers.KillAtStep
+      init_args: {step: 21}
+"""
+
+
+def test_resume_gives_the_same_adapter(tmp_path, monkeypatch):
+    """40 steps straight == killed after step 21, resumed from last.ckpt (step 20, mid-epoch: 45 per epoch)."""
+    monkeypatch.chdir(tmp_path)
+    config = ["--config", str(ROOT / "configs/tiny/sft.yaml"), *QUIET, "--trainer.val_check_interval", "1000",
+              "--trainer.limit_val_batches", "0", "--trainer.max_steps", "40"]
+    cli_main(["fit", *config, "--model.init_args.adapter_dir", "straight"])
+    straight = load_file("straight/adapter_model.safetensors")
+    os.remove("output/tiny/checkpoints/sft/last.ckpt")
+    Path("kill.yaml").write_text(KILL_CONFIG)
+    with pytest.raises(RuntimeError, match="killed at step 21"):
+        cli_main(["fit", *config, "--config", "kill.yaml", "--model.init_args.adapter_dir", "killed"])
+    assert not Path("killed").exists()  # no export from a killed run
+    assert torch.load("output/tiny/checkpoints/sft/last.ckpt", weights_only=False)["global_step"] == 20
+    cli_main(["fit", *config, "--model.init_args.adapter_dir", "resumed", "--ckpt_path", "last"])
+    resumed = load_file("resumed/adapter_model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], rtol=1e-5, atol=1e-6)
