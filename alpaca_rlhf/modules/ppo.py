@@ -1,0 +1,398 @@
+"""PPO for RLHF under Lightning's manual optimisation: one prompt batch is one PPO iteration.
+
+The math lives in `alpaca_rlhf.ppo` (pure torch); this module wires it to the models: rollout (generate, one
+no-grad forward each for old log-probs + values and for the reference, scores, KL-penalised rewards, GAE,
+whitening) -> `ppo_epochs` x shuffled minibatches of clipped losses -> KL-controller update -> one log_dict.
+Conventions follow ../shared/PPO.md section 6: score on the last valid token, masks through the first EOS,
+log-probs of logits / temperature in fp32, dropout off everywhere, reference = policy with its adapter off.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from alpaca_rlhf import ppo as F
+from alpaca_rlhf.data.templates import PromptTemplate
+from alpaca_rlhf.io import atomic_dir
+from alpaca_rlhf.models import (LoraSpec, ModelSpec, apply_lora, disable_dropout, load_causal_lm, load_tokenizer,
+                                trainable_state_dict)
+from alpaca_rlhf.modules.policy import PolicyWithValue, ValueHead
+from alpaca_rlhf.modules.scorers import Scorer, ScoringBatch
+from alpaca_rlhf.ppo.rollout import Rollout, minibatch_indices
+
+
+@dataclass
+class PPOHParams:
+    """PPO settings (defaults: TRL's classic PPOConfig, as the seed used; see ../shared/PPO.md 2.14).
+
+    Attributes:
+        ppo_epochs: Optimisation epochs over each rollout batch.
+        mini_batch_size: Rollouts per optimizer step; None = the whole batch (one step per epoch).
+        gradient_accumulation_steps: Micro-batches per minibatch (memory: forward/backward this many at a time).
+        clip_range: PPO ratio clip epsilon.
+        value_clip_range: Value clip around the rollout values; None disables value clipping.
+        vf_coef: Weight of the value loss (0.1 with a shared trunk).
+        gamma: Discount.
+        lam: GAE lambda.
+        whiten_rewards: Divide per-token rewards by their std over valid tokens (mean kept).
+        kl_estimator: Per-token KL penalty estimator: k1, k2, k3, abs, or a dotted path to a function
+            `(logprobs, ref_logprobs) -> Tensor`.
+        score_clip: Clip processed scores to +-score_clip; None = no clipping.
+        missing_eos_penalty: Subtracted from the score of a response that never emitted EOS (TRL); None = off.
+        early_stopping: Stop an iteration's remaining epochs once the policy KL passes 1.5 x target_kl.
+        target_kl: KL (old -> new, per token) for early stopping.
+        max_grad_norm: Gradient clipping by global norm; None = off.
+        forward_batch_size: Rollouts per no-grad forward pass during the rollout (memory).
+        negative_kl_warning: Warn when the rollout KL (per sequence) falls below this (biased sampling).
+    """
+
+    ppo_epochs: int = 4
+    mini_batch_size: int | None = None
+    gradient_accumulation_steps: int = 1
+    clip_range: float = 0.2
+    value_clip_range: float | None = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_rewards: bool = False
+    kl_estimator: str = "k1"
+    score_clip: float | None = None
+    missing_eos_penalty: float | None = None
+    early_stopping: bool = False
+    target_kl: float = 1.0
+    max_grad_norm: float | None = 1.0
+    forward_batch_size: int = 16
+    negative_kl_warning: float = -1.0
+
+
+@dataclass
+class GenerationHParams:
+    """Rollout sampling. Set explicitly, so a model's own generation_config.json cannot bias the KL.
+
+    Attributes:
+        max_new_tokens: Longest response (the seed's output_max_length).
+        temperature: Sampling temperature; log-probs everywhere use logits / temperature.
+        top_k: 0 = no truncation (anything else biases the KL estimate).
+        top_p: 1.0 = no nucleus truncation.
+        seed: Base seed of each iteration's sampling (seed + iteration, + rank): resumes sample alike.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = 42
+
+
+def resolve_estimator(name: str):
+    if name in F.KL_ESTIMATORS:
+        return name
+    module, _, attr = name.rpartition(".")
+    if not module:
+        raise ValueError(f"kl_estimator must be one of {sorted(F.KL_ESTIMATORS)} or a dotted path, got {name!r}")
+    return getattr(importlib.import_module(module), attr)
+
+
+class PPOModule(L.LightningModule):
+    """PPO on a merged SFT model with a fresh LoRA adapter and a value head; the reward comes from `scorer`.
+
+    Args:
+        policy: The merged SFT checkpoint the policy starts from (and the reference, adapter disabled).
+        lora: The policy's fresh LoRA adapter (B = 0 at start, so policy == reference at iteration 0).
+        scorer: Maps prompts + responses to scores: `RewardModelScorer` (merged RM) or any `Scorer`.
+        value_head: Builds the value model from the trunk's hidden size (`ValueHead`, or your class_path).
+        ref_model: A separate frozen reference model; None = the policy with its adapter disabled (no copy).
+        ppo: PPO hyperparameters.
+        generation: Rollout sampling settings.
+        kl_controller: KL coefficient controller; None = adaptive (init 0.2, target 6, horizon 10000).
+        optimizer: Optimizer over the adapter and value head.
+        scheduler: LR schedule stepped once per PPO iteration; None = constant.
+        output_dir: Inference exports land in `<output_dir>/step_<n>`.
+        save_freq: Export every this many iterations (and at the end of fit); 0 = only at the end.
+        save_merged: Also write a merged standalone copy of the policy in each export (`merged/`).
+        log_samples_every: Log a table of prompts, responses and scores every this many iterations.
+        template: Prompt template (the SFT stage's).
+    """
+
+    def __init__(
+        self,
+        policy: ModelSpec,
+        scorer: Scorer,
+        lora: LoraSpec = LoraSpec(),
+        value_head: Callable[[int], nn.Module] = ValueHead,
+        ref_model: ModelSpec | None = None,
+        ppo: PPOHParams = PPOHParams(),
+        generation: GenerationHParams = GenerationHParams(),
+        kl_controller: F.KLController | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        output_dir: str = "output/checkpoints/tuning_llama_rl",
+        save_freq: int = 100,
+        save_merged: bool = False,
+        log_samples_every: int = 10,
+        template: str = "alpaca",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["scorer", "value_head", "kl_controller"])
+        self.automatic_optimization = False
+        self.policy_spec, self.hp, self.gen = policy, ppo, generation
+        self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
+        self.output_dir, self.save_freq, self.save_merged = Path(output_dir), save_freq, save_merged
+        self.log_samples_every, self.template = log_samples_every, PromptTemplate.load(template)
+        self.estimator = resolve_estimator(ppo.kl_estimator)
+        self.kl_ctl = kl_controller or F.AdaptiveKLController(0.2, target=6.0, horizon=10000)
+        self.tokenizer = load_tokenizer(policy, padding_side="left")
+        self.policy = PolicyWithValue(apply_lora(load_causal_lm(policy), lora), value_head)
+        self.ref_model = load_causal_lm(ref_model, trainable=False) if ref_model else None
+        self.scorer = scorer
+        for model in (self.policy, self.ref_model, scorer):
+            if model is not None:
+                disable_dropout(model)  # Lightning calls .train(): p = 0 keeps every forward deterministic
+        self.iteration = 0
+        self.last_stats: dict[str, float] = {}
+        self.strict_loading = False  # checkpoints hold the adapter and value head only
+
+    # ---- rollout -------------------------------------------------------------------------------------------
+    def generation_kwargs(self) -> dict:
+        return dict(do_sample=True, temperature=self.gen.temperature, top_k=self.gen.top_k, top_p=self.gen.top_p,
+                    max_new_tokens=self.gen.max_new_tokens, min_new_tokens=0, repetition_penalty=1.0,
+                    eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                    use_cache=True)
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(responses (B, T) with pad after the first EOS, response_mask (B, T) bool)."""
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(**self.generation_kwargs())
+        out = self.policy.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        responses = out[:, input_ids.shape[1] :]
+        response_mask = F.first_eos_mask(responses, self.tokenizer.eos_token_id)
+        return torch.where(response_mask, responses, self.tokenizer.pad_token_id), response_mask
+
+    @torch.no_grad()
+    def _forward_old(self, query_responses: Tensor, attention_mask: Tensor, C: int):
+        """Old log-probs, values and reference log-probs, `forward_batch_size` rows at a time."""
+        logprobs, values, ref_logprobs = [], [], []
+        responses = query_responses[:, C:]
+        for i in range(0, query_responses.shape[0], self.hp.forward_batch_size):
+            rows = slice(i, i + self.hp.forward_batch_size)
+            logits, v = self.policy(query_responses[rows], attention_mask[rows])
+            logprobs.append(F.response_logprobs(F.response_logits_slice(logits, C), responses[rows],
+                                                self.gen.temperature))
+            values.append(v[:, C - 1 : -1])  # V(s_t) at the position that predicts token t
+            if self.ref_model is None:
+                ref_logits = self.policy.reference_logits(query_responses[rows], attention_mask[rows])
+            else:
+                ref_logits = self.ref_model(input_ids=query_responses[rows], attention_mask=attention_mask[rows],
+                                            position_ids=(attention_mask[rows].cumsum(-1) - 1).clamp(min=0)).logits
+            ref_logprobs.append(F.response_logprobs(F.response_logits_slice(ref_logits, C), responses[rows],
+                                                    self.gen.temperature))
+        return torch.cat(logprobs), torch.cat(values), torch.cat(ref_logprobs)
+
+    def scoring_batch(self, prompts: list[str], query_responses: Tensor, attention_mask: Tensor,
+                      C: int) -> ScoringBatch:
+        texts = self.tokenizer.batch_decode(query_responses[:, C:], skip_special_tokens=True)
+        return ScoringBatch(prompts, texts, query_responses, attention_mask, C, self.tokenizer)
+
+    @torch.no_grad()
+    def make_rollout(self, batch: dict) -> tuple[Rollout, dict]:
+        self.policy.eval()  # no dropout either way; eval() lets generate use its cache under checkpointing
+        timings = {}
+        t0 = time.perf_counter()
+        if self.gen.seed is not None:
+            torch.manual_seed(self.gen.seed + self.iteration * 1009 + self.global_rank * 100003)
+        prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
+        C = prompt_ids.shape[1]
+        responses, response_mask = self.generate(prompt_ids, prompt_mask)
+        query_responses = torch.cat([prompt_ids, responses], 1)  # (B, C+T)
+        attention_mask = torch.cat([prompt_mask, response_mask.long()], 1)
+        timings["time/generation"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        logprobs, values, ref_logprobs = self._forward_old(query_responses, attention_mask, C)
+        values = values.masked_fill(~response_mask, 0.0)
+        sb = self.scoring_batch(batch["prompt"], query_responses, attention_mask, C)
+        raw_scores = self.scorer(sb).to(values.device)
+        scores = F.process_scores(raw_scores, contains_eos=F.contains_eos(responses, self.tokenizer.eos_token_id),
+                                  missing_eos_penalty=self.hp.missing_eos_penalty, score_clip=self.hp.score_clip,
+                                  score_bias=-self.scorer.offset)
+        rewards, kl = F.kl_penalized_rewards(scores, logprobs, ref_logprobs, response_mask, self.kl_ctl.value,
+                                             self.estimator)
+        if self.hp.whiten_rewards:
+            rewards = F.whiten_rewards(rewards, response_mask)
+        advantages, returns = F.gae(values, rewards, response_mask, self.hp.gamma, self.hp.lam)
+        advantages = F.masked_whiten(advantages, response_mask)
+        timings["time/scoring_and_forwards"] = time.perf_counter() - t1
+        rollout = Rollout(query_responses, attention_mask, response_mask, logprobs, ref_logprobs, values, scores,
+                          rewards, kl, advantages, returns)
+        return rollout, {"raw_scores": raw_scores, "responses": sb.responses, "timings": timings}
+
+    # ---- optimisation --------------------------------------------------------------------------------------
+    def ppo_losses(self, mb: Rollout) -> tuple[Tensor, dict]:
+        C = mb.context_length
+        logits, values = self.policy(mb.query_responses, mb.attention_mask)
+        logits = F.response_logits_slice(logits, C)
+        logprobs = F.response_logprobs(logits, mb.query_responses[:, C:], self.gen.temperature)
+        pg_loss, pg_stats = F.policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask, self.hp.clip_range)
+        vf_loss, vf_stats = F.value_loss(values[:, C - 1 : -1], mb.values, mb.returns, mb.response_mask,
+                                         self.hp.value_clip_range)
+        with torch.no_grad():
+            entropy = F.masked_mean(F.entropy_from_logits(logits.detach(), self.gen.temperature), mb.response_mask)
+        stats = {"ppo/policy_loss": pg_loss.detach(), "ppo/value_loss": vf_loss.detach(), "ppo/entropy": entropy,
+                 **{f"ppo/{k}": v for k, v in {**pg_stats, **vf_stats}.items()}}
+        return pg_loss + self.hp.vf_coef * vf_loss, stats
+
+    def optimize(self, rollout: Rollout) -> dict:
+        self.policy.train()
+        opt = self.optimizers()
+        B = len(rollout)
+        mini = self.hp.mini_batch_size or B
+        micro = max(1, mini // self.hp.gradient_accumulation_steps)
+        generator = torch.Generator().manual_seed(self.iteration)
+        sums, count, epochs_run = defaultdict(float), 0, 0
+        for _ in range(self.hp.ppo_epochs):
+            epochs_run += 1
+            for idx in minibatch_indices(B, mini, generator):
+                for part in idx.split(micro):
+                    loss, stats = self.ppo_losses(rollout.select(part.to(rollout.logprobs.device)))
+                    self.manual_backward(loss * len(part) / len(idx))
+                    if count == 0:
+                        self.last_stats["ppo/ratio_first_minibatch"] = stats["ppo/ratio"].item()
+                    for k, v in stats.items():
+                        sums[k] += float(v)
+                    count += 1
+                if self.hp.max_grad_norm:
+                    self.clip_gradients(opt, gradient_clip_val=self.hp.max_grad_norm, gradient_clip_algorithm="norm")
+                opt.step()
+                opt.zero_grad()
+            # TRL-old: early stop on the last minibatch's KL(old || new)
+            if self.hp.early_stopping and stats["ppo/policy_kl"] > 1.5 * self.hp.target_kl:
+                break
+        out = {k: v / count for k, v in sums.items()}
+        out["ppo/epochs_run"] = float(epochs_run)
+        return out
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        rollout, extra = self.make_rollout(batch)
+        t0 = time.perf_counter()
+        stats = self.optimize(rollout)
+        stats["time/optimization"] = time.perf_counter() - t0
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
+        mask = rollout.response_mask
+        kl_per_seq = self.trainer.strategy.reduce(rollout.kl.sum(1).mean(), reduce_op="mean")
+        episodes = len(rollout) * self.trainer.world_size
+        stats.update({
+            "rollout/score": rollout.scores.mean(), "rollout/score_std": rollout.scores.std(unbiased=False),
+            "rollout/score_raw": extra["raw_scores"].mean(), "rollout/kl": kl_per_seq,
+            "rollout/non_score_reward": (-self.kl_ctl.value * rollout.kl).sum(1).mean(),
+            "rollout/response_length": mask.sum(1).float().mean(),
+            "rollout/eos_fraction": F.contains_eos(rollout.query_responses[:, rollout.context_length:],
+                                                   self.tokenizer.eos_token_id).float().mean(),
+            "ppo/kl_coef": self.kl_ctl.value, "ppo/lr": opt_lr(self.optimizers()),
+            "ppo/explained_variance": F.explained_variance(rollout.values, rollout.returns, mask),
+            **extra["timings"],
+        })
+        if kl_per_seq < self.hp.negative_kl_warning:
+            rank_zero_warn(f"rollout KL is {float(kl_per_seq):.2f} nats per sequence: a clearly negative KL means "
+                           "the sampling is biased (top_k/top_p/min_new_tokens set?)")
+        self.kl_ctl.update(float(kl_per_seq), episodes)  # after the optimisation; n = episodes (PPO.md 2.12)
+        self.iteration += 1
+        self.last_stats.update({k: float(v) for k, v in stats.items()})
+        self.log_dict({k: float(v) for k, v in stats.items()}, on_step=True, batch_size=len(rollout))
+        if self.log_samples_every and self.iteration % self.log_samples_every == 1 % self.log_samples_every:
+            self._log_samples(batch["prompt"], extra["responses"], rollout.scores)
+        if self.save_freq and self.iteration % self.save_freq == 0:
+            self.export(f"step_{self.iteration}")
+
+    # ---- validation: mean score of the current policy on held-out prompts -----------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.policy.eval()
+        with torch.no_grad():
+            responses, mask = self.generate(batch["input_ids"], batch["attention_mask"])
+            C = batch["input_ids"].shape[1]
+            qr = torch.cat([batch["input_ids"], responses], 1)
+            am = torch.cat([batch["attention_mask"], mask.long()], 1)
+            raw = self.scorer(self.scoring_batch(batch["prompt"], qr, am, C)).to(qr.device)
+            logprobs, _, ref_logprobs = self._forward_old(qr, am, C)
+            kl = F.masked_sum(logprobs - ref_logprobs, mask, dim=1)
+        n = len(raw)
+        self.log("val/score", (raw + self.scorer.offset).mean(), batch_size=n, sync_dist=True)
+        self.log("val/kl", kl.mean(), batch_size=n, sync_dist=True)
+        self.log("val/response_length", mask.sum(1).float().mean(), batch_size=n, sync_dist=True)
+
+    # ---- optimizers, checkpoints, exports -------------------------------------------------------------------
+    def configure_optimizers(self):
+        optimizer = self.optimizer_fn([p for p in self.policy.parameters() if p.requires_grad])
+        if self.scheduler_fn is None:
+            return optimizer
+        from alpaca_rlhf.schedules import scheduler_config
+
+        return {"optimizer": optimizer, "lr_scheduler": scheduler_config(self.scheduler_fn(optimizer), self.trainer)}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = trainable_state_dict(self, checkpoint["state_dict"])
+        checkpoint["ppo"] = {"kl_controller": self.kl_ctl.state_dict(), "iteration": self.iteration}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("ppo", {})
+        if "kl_controller" in state:
+            self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.iteration = state.get("iteration", 0)
+
+    def on_train_end(self) -> None:
+        name = f"step_{self.iteration}"
+        if not (self.output_dir / name).exists() or not self.save_freq or self.iteration % self.save_freq:
+            self.export(name)
+
+    def export(self, name: str) -> Path | None:
+        """Writes `<output_dir>/<name>`: adapter (PEFT), value head, tokenizer, template; whole or not at all."""
+        if not self.trainer.is_global_zero:
+            return None
+        target = self.output_dir / name
+        with atomic_dir(target) as tmp:
+            self.policy.lm.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.policy.value_head.state_dict().items()},
+                      str(tmp / "value_head.safetensors"))
+            (tmp / "template.json").write_text(json.dumps(self.template.to_json(), indent=2))
+            (tmp / "ppo_state.json").write_text(json.dumps({
+                "iteration": self.iteration, "kl_coef": self.kl_ctl.value, "base_model": self.policy_spec.name_or_path,
+                "ppo": asdict(self.hp), "generation": asdict(self.gen)}, indent=2))
+            if self.save_merged:
+                from alpaca_rlhf.models import merge_adapter
+
+                merge_adapter(str(tmp), output_dir=str(tmp / "merged"), dtype=self.policy_spec.dtype)
+        return target
+
+    def _log_samples(self, prompts: list[str], responses: list[str], scores: Tensor, n: int = 4) -> None:
+        if not isinstance(self.logger, TensorBoardLogger) or not self.trainer.is_global_zero:
+            return
+        rows = ["| prompt | response | score |", "| --- | --- | --- |"]
+        for p, r, s in list(zip(prompts, responses, scores.tolist(), strict=True))[:n]:
+            instruction = p.split("### Instruction:")[-1].split("### Response:")[0].strip()
+            rows.append(f"| {md(instruction)} | {md(r)} | {s:.3f} |")
+        self.logger.experiment.add_text("samples/rollout", "\n".join(rows), self.iteration)
+
+
+def md(text: str, limit: int = 300) -> str:
+    return text[:limit].replace("|", "\\|").replace("\n", " ")
+
+
+def opt_lr(optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
