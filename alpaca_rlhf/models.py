@@ -257,6 +257,31 @@ def trainable_state_dict(module: torch.nn.Module, state_dict: dict) -> dict:
     return {k: v for k, v in state_dict.items() if k in keep}
 
 
+def plain(value):
+    """Dataclasses as dicts, containers recursively, and anything else non-primitive as its repr.
+
+    Checkpoints keep hyperparameters this way so `torch.load(weights_only=True)` (torch's default) opens them.
+    """
+    import dataclasses
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def adapter_sized(module: torch.nn.Module, checkpoint: dict) -> None:
+    """Keeps only trainable weights in a Lightning checkpoint, with hyperparameters in plain types."""
+    checkpoint["state_dict"] = trainable_state_dict(module, checkpoint["state_dict"])
+    if "hyper_parameters" in checkpoint:
+        checkpoint["hyper_parameters"] = plain(dict(checkpoint["hyper_parameters"]))
+
+
 def export_adapter(peft_model, tokenizer, output_dir: str | os.PathLike, extra_files: dict | None = None) -> Path:
     """Saves the adapter in PEFT's format, the tokenizer and extra JSON files, whole or not at all."""
     with atomic_dir(output_dir) as tmp:

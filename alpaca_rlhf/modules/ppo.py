@@ -29,7 +29,7 @@ from alpaca_rlhf import ppo as F
 from alpaca_rlhf.data.templates import PromptTemplate
 from alpaca_rlhf.io import atomic_dir
 from alpaca_rlhf.models import (LoraSpec, ModelSpec, apply_lora, disable_dropout, load_causal_lm, load_tokenizer,
-                                trainable_state_dict)
+                                adapter_sized)
 from alpaca_rlhf.modules.policy import PolicyWithValue, ValueHead
 from alpaca_rlhf.modules.scorers import Scorer, ScoringBatch
 from alpaca_rlhf.ppo.rollout import Rollout, minibatch_indices
@@ -346,7 +346,7 @@ class PPOModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler_config(self.scheduler_fn(optimizer), self.trainer)}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = trainable_state_dict(self, checkpoint["state_dict"])
+        adapter_sized(self, checkpoint)
         checkpoint["ppo"] = {"kl_controller": self.kl_ctl.state_dict(), "iteration": self.iteration}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -13,7 +13,7 @@ from torchmetrics.text import Perplexity
 from alpaca_rlhf.data.sft import IGNORE_INDEX
 from alpaca_rlhf.data.templates import PromptTemplate
 from alpaca_rlhf.models import (LoraSpec, ModelSpec, apply_lora, export_adapter, load_causal_lm, load_tokenizer,
-                                trainable_state_dict)
+                                adapter_sized)
 from alpaca_rlhf.schedules import scheduler_config
 
 
@@ -96,7 +96,7 @@ class SFTModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler_config(self.scheduler_fn(optimizer), self.trainer)}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = trainable_state_dict(self, checkpoint["state_dict"])
+        adapter_sized(self, checkpoint)
 
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero:

@@ -1,0 +1,180 @@
+"""PPOModule on a tiny LLaMA: rollout masks, ratio == 1 before any update, reference without a copy,
+checkpoints and exports, and learning with a rule-based reward."""
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from alpaca_rlhf.data import PromptDataModule
+from alpaca_rlhf.models import LoraSpec, ModelSpec
+from alpaca_rlhf.modules import PPOModule
+from alpaca_rlhf.modules.ppo import GenerationHParams, PPOHParams
+from alpaca_rlhf.modules.scorers import TokenIdScorer
+from alpaca_rlhf.ppo import FixedKLController
+
+SAMPLE = "alpaca_rlhf/data/samples/alpaca_sample.json"
+LORA = LoraSpec(r=8, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+
+
+def make_module(base, tmp_path, scorer=None, lr=1e-3, **ppo):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    targets = [tok.convert_tokens_to_ids(t) for t in [".", ",", "Ġa", "Ġand", "Ġthe", "Ġin"]]
+    return PPOModule(policy=ModelSpec(name_or_path=str(base)), scorer=scorer or TokenIdScorer(targets), lora=LORA,
+                     ppo=PPOHParams(**{"ppo_epochs": 2, "mini_batch_size": 4, **ppo}),
+                     generation=GenerationHParams(max_new_tokens=12), kl_controller=FixedKLController(0.01),
+                     optimizer=lambda p: torch.optim.AdamW(p, lr=lr, eps=1e-5), save_freq=2,
+                     output_dir=str(tmp_path / "ppo_out"), log_samples_every=0)
+
+
+def make_data(batch_size=8):
+    return PromptDataModule(SAMPLE, val_set_size=8, batch_size=batch_size, max_prompt_length=96, seed=1)
+
+
+def trainer(iterations, **kw):
+    return L.Trainer(max_epochs=1, limit_train_batches=iterations, accelerator="cpu", logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     num_sanity_val_steps=0, limit_val_batches=0, **kw)
+
+
+def first_batch(module, dm):
+    dm.connect(module.tokenizer)
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))
+
+
+def test_rollout_masks_rewards_and_zero_kl_at_start(tiny_sft_run, tmp_path):
+    module = make_module(tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged", tmp_path)
+    batch = first_batch(module, make_data())
+    rollout, extra = module.make_rollout(batch)
+    B, C = batch["input_ids"].shape
+    T = rollout.response_mask.shape[1]
+    assert rollout.query_responses.shape == (B, C + T) and rollout.logprobs.shape == (B, T)
+    eos, pad = module.tokenizer.eos_token_id, module.tokenizer.pad_token_id
+    responses = rollout.query_responses[:, C:]
+    for row, mask in zip(responses, rollout.response_mask, strict=True):
+        n = int(mask.sum())
+        assert mask[:n].all() and not mask[n:].any()  # valid tokens first, then nothing
+        eos_at = (row == eos).nonzero()
+        if len(eos_at):
+            assert int(eos_at[0]) == n - 1  # the first EOS is the last valid token
+        assert (row[n:] == pad).all()
+    # B = 0 in a fresh LoRA: the policy is its reference, so the KL is exactly zero
+    assert torch.equal(rollout.logprobs, rollout.ref_logprobs) and (rollout.kl == 0).all()
+    # the score sits on the last valid token; everything else in the reward is -beta * kl = 0
+    last = rollout.response_mask.sum(1) - 1
+    assert torch.equal(rollout.rewards[torch.arange(B), last], rollout.scores)
+    assert (rollout.rewards.sum(1) == rollout.scores).all()
+    assert (rollout.values[~rollout.response_mask] == 0).all() and (rollout.values == 0).all()  # zero-init head
+    assert (rollout.advantages[rollout.response_mask].abs() > 0).any()
+
+
+def test_ratio_is_exactly_one_on_the_first_minibatch(tiny_sft_run, tmp_path):
+    module = make_module(tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged", tmp_path)
+    assert all(m.p == 0 for m in module.modules() if isinstance(m, torch.nn.Dropout))  # LoRA dropout 0.1 -> 0
+    trainer(1).fit(module, make_data())
+    assert abs(module.last_stats["ppo/ratio_first_minibatch"] - 1.0) < 1e-6
+    assert module.iteration == 1 and (tmp_path / "ppo_out/step_1/adapter_model.safetensors").is_file()
+
+
+def test_reference_is_the_policy_without_its_adapter(tiny_sft_run, tmp_path):
+    base = tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged"
+    module = make_module(base, tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    n_base = AutoModelForCausalLM.from_pretrained(base).num_parameters()
+    frozen = sum(p.numel() for p in module.policy.parameters() if not p.requires_grad)
+    assert frozen == n_base and module.ref_model is None  # one copy of the base weights, no more
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "value_head" in n for n in trainable)
+
+
+def test_kl_estimator_swaps_by_dotted_path(tiny_sft_run, tmp_path):
+    module = make_module(tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged", tmp_path,
+                         kl_estimator="alpaca_rlhf.ppo.rewards.kl_k3")
+    from alpaca_rlhf.ppo.rewards import kl_k3
+
+    assert module.estimator is kl_k3
+    with pytest.raises(ValueError, match="kl_estimator"):
+        make_module(tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged", tmp_path, kl_estimator="k9")
+
+
+def test_checkpoint_is_small_and_resume_restores_controller_and_position(tiny_sft_run, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from alpaca_rlhf.ppo import AdaptiveKLController
+
+    base = tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged"
+
+    def run(iterations, kill_at=None, ckpt_path=None):
+        L.seed_everything(0)
+        module = make_module(base, tmp_path)
+        module.kl_ctl = AdaptiveKLController(0.2, target=0.01, horizon=10)  # moves fast, so restoring shows
+        callbacks = [ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_last=True)]
+        if kill_at:
+            from tests.helpers import KillAtStep
+
+            callbacks.append(KillAtStep(kill_at))
+        t = L.Trainer(max_epochs=1, limit_train_batches=iterations, accelerator="cpu", logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                      callbacks=callbacks)
+        t.fit(module, make_data(), ckpt_path=ckpt_path)
+        return module
+
+    straight = run(4)
+    straight_state = {k: v.clone() for k, v in straight.policy.state_dict().items() if "lora_" in k}
+    (tmp_path / "ckpt/last.ckpt").unlink()
+    with pytest.raises(RuntimeError, match="killed"):
+        run(4, kill_at=9)  # 2 epochs x 2 minibatches = 4 optimizer steps per iteration: killed in iteration 3
+    ckpt = torch.load(tmp_path / "ckpt/last.ckpt", weights_only=False)
+    assert ckpt["ppo"]["iteration"] == 2 and ckpt["ppo"]["kl_controller"]["value"] != 0.2
+    assert all("lora_" in k or "value_head" in k for k in ckpt["state_dict"])
+    assert ckpt["PromptDataModule"]["batches_done"] == 2
+    resumed = run(4, ckpt_path=tmp_path / "ckpt/last.ckpt")
+    assert resumed.iteration == 4 and resumed.kl_ctl.value == pytest.approx(straight.kl_ctl.value, rel=1e-9)
+    for k, v in straight_state.items():  # same data order and seeded sampling: the same adapter
+        torch.testing.assert_close(resumed.policy.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_export_loads_for_inference_on_the_merged_sft_model(tiny_sft_run, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged"
+    module = make_module(base, tmp_path)
+    trainer(2).fit(module, make_data())
+    step = tmp_path / "ppo_out/step_2"
+    assert {"adapter_config.json", "adapter_model.safetensors", "value_head.safetensors", "tokenizer.json",
+            "template.json", "ppo_state.json"} <= {p.name for p in step.iterdir()}
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), step)
+    policy_state = module.policy.lm.state_dict()
+    loaded = model.state_dict()
+    for k in (k for k in policy_state if "lora_B" in k):
+        torch.testing.assert_close(loaded[k], policy_state[k])
+    head = load_file(step / "value_head.safetensors")
+    torch.testing.assert_close(head["summary.weight"], module.policy.value_head.summary.weight.detach())
+
+
+@pytest.mark.slow
+def test_rule_based_reward_rises(tiny_sft_run, tmp_path):
+    """(a) A rule-based reward (fraction of response tokens from a small set) rises; KL finite, nothing NaN."""
+    L.seed_everything(0)
+    module = make_module(tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged", tmp_path, lr=3e-3,
+                         ppo_epochs=4, mini_batch_size=8)
+    history = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            history.append(dict(pl_module.last_stats))
+
+    dm = PromptDataModule(SAMPLE, val_set_size=8, batch_size=16, max_prompt_length=96, seed=1)
+    trainer(36, callbacks=[Record()]).fit(module, dm)
+    scores = [h["rollout/score"] for h in history]
+    first, last = sum(scores[:6]) / 6, sum(scores[-6:]) / 6
+    assert last > first + 0.05 and last > 1.5 * first, scores
+    assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in history)
+    assert max(h["rollout/kl"] for h in history) < 50
