@@ -323,7 +323,9 @@ class PPOModule(L.LightningModule):
     # ---- validation: mean score of the current policy on held-out prompts -----------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.policy.eval()
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            if self.gen.seed is not None:  # the same held-out samples for the same policy, run after run
+                torch.manual_seed(self.gen.seed + batch_idx + 7919 * self.global_rank)
             responses, mask = self.generate(batch["input_ids"], batch["attention_mask"])
             C = batch["input_ids"].shape[1]
             qr = torch.cat([batch["input_ids"], responses], 1)
