@@ -11,7 +11,8 @@ from torch.optim.lr_scheduler import LambdaLR
 class _WarmupDecay:
     # a callable object (not a closure) so LambdaLR.state_dict saves its fields and a resume restores them
     def __init__(self, warmup_steps: int, total_steps: int | None, decay: str, min_lr_ratio: float) -> None:
-        self.warmup_steps, self.total_steps, self.decay, self.min_lr_ratio = warmup_steps, total_steps, decay, min_lr_ratio
+        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+        self.decay, self.min_lr_ratio = decay, min_lr_ratio
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:

@@ -58,5 +58,6 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600):
     proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
     if proc.returncode != 0:
-        pytest.fail(f"cli.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        tail = f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        pytest.fail(f"cli.py {' '.join(args)} failed ({proc.returncode}):\n{tail}")
     return proc
