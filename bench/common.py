@@ -1,11 +1,11 @@
-"""Shared plumbing for the benchmarks against TRL (bench/sft.py, later bench/rm.py and bench/ppo.py).
+"""Shared plumbing for the benchmarks against TRL (bench/sft.py; later bench/rm.py and bench/ppo.py).
 
-Each measurement runs in a fresh spawned process, so the two frameworks never share an allocator, a CUDA
-context or a memory high-water mark. Inside it, a `StepMeter` counts the non-pad tokens the decoder receives
+Every measurement runs in a fresh spawned process, so the two frameworks never share an allocator, a CUDA
+context or a memory high-water mark. Inside it a `StepMeter` counts the non-pad tokens the decoder receives
 (a forward pre-hook, the same on both sides) and stamps the end of every optimizer step (a Lightning or a
 transformers callback calls `step_end`); a `MemoryMeter` measures what training adds on top of the loaded
-model and data. The parent interleaves the runs (ours, TRL, TRL, ours, ...) so that slow drift on a shared
-machine falls on both, and reports medians.
+model and data. `compare` alternates the sides (ours, TRL, TRL, ours, ...) so that drift on a shared machine
+falls on both, and the tables report medians.
 """
 
 from __future__ import annotations
@@ -28,14 +28,17 @@ if str(ROOT) not in sys.path:
 
 TINY_SFT_CONFIG = ROOT / "configs" / "tiny" / "sft.yaml"
 SAMPLE_DATA = ROOT / "alpaca_rlhf" / "data" / "samples" / "alpaca_sample.json"
-# ~25M parameters with the tiny 1024-token vocabulary: 8 x 3.02M in the blocks + 2 x 0.52M embedding/head.
-# Multi-head attention (kv heads = heads) as in the LLaMA-1 7B that Alpaca fine-tuned.
+# 25.2M parameters with the tiny 1024-token vocabulary: 8 blocks of 3.02M plus a 0.52M embedding and head.
+# Full multi-head attention (kv heads = heads), as in the LLaMA-1 7B that Alpaca fine-tuned.
 LLAMA_25M = dict(hidden_size=512, intermediate_size=1280, num_hidden_layers=8, num_attention_heads=8,
                  num_key_value_heads=8)
+QUIET_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning",
+                 "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "transformers", "trl", "datasets", "peft", "alpaca_rlhf")
 
 
-def quiet_child() -> None:
-    """Silences library chatter in a worker (progress bars, info logs, experimental-API notices)."""
+def quiet() -> None:
+    """Silences library chatter; call it again after importing Lightning, which sets its own log levels."""
     import logging
     import warnings
 
@@ -43,28 +46,21 @@ def quiet_child() -> None:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore")
-    import lightning.pytorch  # noqa: F401 - it sets its loggers' levels on import; override them after
-
-    for name in ("lightning", "lightning.pytorch", "pytorch_lightning", "transformers", "trl", "datasets",
-                 "alpaca_rlhf", "peft",
-                 "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
+    if "transformers" in sys.modules:
         import transformers
 
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 def tiny_config() -> dict:
-    """The parts of configs/tiny/sft.yaml both sides share: model dict, LoRA, learning rate, batch, length."""
+    """What both sides take from configs/tiny/sft.yaml: the tiny model, LoRA, learning rate, batch, length."""
     import yaml
 
     cfg = yaml.safe_load(TINY_SFT_CONFIG.read_text())
-    model = cfg["model"]["init_args"]
-    data = cfg["data"]["init_args"]
+    model, data = cfg["model"]["init_args"], cfg["data"]["init_args"]
     return {
         "tiny": dict(model["model"]["tiny"]),
         "lora": {k: v for k, v in model["lora"].items() if k != "modules_to_save"},
@@ -76,7 +72,7 @@ def tiny_config() -> dict:
 
 
 def build_bases(sizes: list[str], root: str | os.PathLike) -> dict[str, dict]:
-    """Random-weight LLaMA folders (with the locally trained 1024-token tokenizer) for each named size.
+    """Random-weight LLaMA folders (with the locally trained 1024-token tokenizer), one per named size.
 
     Returns:
         {size: {"path": folder, "params": parameter count}}.
@@ -103,40 +99,36 @@ def llama_params(cfg: dict) -> int:
     h, i, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     head_dim = cfg.get("head_dim") or h // cfg["num_attention_heads"]
     kv = cfg["num_key_value_heads"] * head_dim
-    block = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    block = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h  # q, o; k, v; gate, up, down; two RMSNorms
     embed = cfg["vocab_size"] * h * (1 if cfg.get("tie_word_embeddings") else 2)
     return n * block + embed + h
 
 
 class StepMeter:
-    """Tokens and wall time per optimizer step.
+    """Tokens, wall time and process CPU time per optimizer step.
 
-    `attach(model)` hooks the decoder stack (LlamaModel) of a plain or PEFT-wrapped causal LM: every forward adds
-    the number of non-pad input tokens (`attention_mask.sum()`; all of `input_ids` without a mask). The
-    training framework's callback calls `step_end()` once per optimizer step, after the optimizer has stepped.
+    `attach(model)` hooks the decoder stack (LlamaModel) of a plain or PEFT-wrapped causal LM: each forward
+    adds its non-pad input tokens (`attention_mask.sum()`; all of `input_ids` without a mask). The training
+    loop's callback calls `step_end()` once per optimizer step, after the optimizer has stepped. CPU time
+    (all threads of the process) is a companion figure that other programs on a shared machine disturb less.
     """
 
     def __init__(self) -> None:
-        self._tokens = 0
-        self._pending = []  # token counts as tensors: summed without a device sync until step_end
+        self._pending = []  # token counts, as tensors: no device sync until step_end
         self.step_tokens: list[int] = []
         self.step_ends: list[float] = []
-        self.start = time.perf_counter()
+        self.step_cpu: list[float] = []
 
     def attach(self, model) -> None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        decoder = base.get_decoder()
-        decoder.register_forward_pre_hook(self._count, with_kwargs=True)
+        base.get_decoder().register_forward_pre_hook(self._count, with_kwargs=True)
 
     def _count(self, module, args, kwargs) -> None:
-        mask = kwargs.get("attention_mask")
-        if mask is None and len(args) > 1:
-            mask = args[1]
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         if mask is not None and mask.dim() == 2:
             self._pending.append(mask.sum())
         else:
-            input_ids = kwargs.get("input_ids", args[0] if args else None)
-            self._pending.append(input_ids.numel())
+            self._pending.append(kwargs.get("input_ids", args[0] if args else None).numel())
 
     def step_end(self) -> None:
         import torch
@@ -144,19 +136,21 @@ class StepMeter:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.step_ends.append(time.perf_counter())
+        self.step_cpu.append(time.process_time())
         self.step_tokens.append(int(sum(int(t) for t in self._pending)))
         self._pending = []
 
     def window(self, warmup: int, steps: int) -> dict:
-        """Throughput over steps warmup+1 .. warmup+steps (timed from the end of step `warmup`)."""
+        """Throughput over steps warmup+1 .. warmup+steps, timed from the end of step `warmup` (>= 1)."""
         if len(self.step_ends) < warmup + steps:
-            raise RuntimeError(f"only {len(self.step_ends)} steps ran; wanted {warmup} warm-up + {steps} timed")
-        start = self.step_ends[warmup - 1] if warmup else self.start
-        seconds = self.step_ends[warmup + steps - 1] - start
+            raise RuntimeError(f"{len(self.step_ends)} steps ran; wanted {warmup} warm-up + {steps} timed")
+        ends = self.step_ends[warmup - 1:warmup + steps]
+        seconds = ends[-1] - ends[0]
+        cpu_seconds = self.step_cpu[warmup + steps - 1] - self.step_cpu[warmup - 1]
         tokens = sum(self.step_tokens[warmup:warmup + steps])
-        step_times = [b - a for a, b in zip([start] + self.step_ends[warmup:], self.step_ends[warmup:warmup + steps])]
         return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-                "step_s_median": statistics.median(step_times), "steps": steps}
+                "tokens_per_cpu_s": tokens / cpu_seconds,
+                "step_s_median": statistics.median(b - a for a, b in zip(ends, ends[1:], strict=False))}
 
 
 def _status_kb(field: str) -> int | None:
@@ -174,23 +168,55 @@ def _maxrss_kb() -> int:
     return rss // 1024 if sys.platform == "darwin" else rss  # bytes on macOS, KiB on Linux
 
 
+def _libc():
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def _malloc_trim() -> None:
+    """Hands freed heap pages back to the OS (glibc): RSS at the baseline is then what is live."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def track_live_memory(threshold: int = 256 * 1024) -> bool:
+    """Makes RSS follow live memory: glibc mmaps every block of `threshold` bytes or more, unmapped on free.
+
+    By default glibc raises its mmap threshold as large blocks are freed (up to 32 MiB), so activations end up
+    on the heap and freed ones stay resident until reused. RSS then records the allocator's history more than
+    what training needs: on the 25M model about twice the live peak, and 10% apart for two frameworks doing
+    the same work. With a fixed threshold RSS tracks live memory, at the price of a page fault per fresh page
+    (training about 60% slower on CPU), so `compare` uses it only in a separate, untimed memory run.
+    """
+    libc = _libc()
+    m_mmap_threshold = -3  # from malloc.h
+    return bool(libc is not None and hasattr(libc, "mallopt") and libc.mallopt(m_mmap_threshold, threshold))
+
+
 class MemoryMeter:
     """Peak memory of what runs between `start()` and `stop()`.
 
-    CPU: the resident-set high-water mark. On Linux `start()` records the current RSS and resets the mark
-    (`echo 5 > /proc/self/clear_refs`), so `stop()` gives the peak reached during training minus the RSS
-    before it: activations, gradients, optimizer state and framework buffers on top of the loaded model and data.
-    Where the mark cannot be reset, the delta is taken against `ru_maxrss` at `start()` (a lower bound).
-    The whole-process peak (`getrusage(RUSAGE_SELF).ru_maxrss`) is reported too.
-    GPU: `torch.cuda.max_memory_allocated()` over the whole process (both frameworks move the model to the
-    device at different moments, so a delta would not compare like with like).
+    CPU, Linux: `start()` returns freed heap pages to the OS, records the current RSS and resets the
+    high-water mark (`echo 5 > /proc/self/clear_refs`); `stop()` reads the mark (`VmHWM`) again.
+    `train_rss_mib` is the peak during training minus the RSS before it: activations, gradients, optimizer
+    state and framework buffers on top of the loaded model and data. `peak_rss_mib` is the process's peak RSS
+    over its life. Elsewhere both fall back to `getrusage(RUSAGE_SELF).ru_maxrss` (the delta is then a
+    lower bound, and the peak may include the parent's, which Linux hands on across fork and exec).
+    GPU: `cuda_peak_mib` is `torch.cuda.max_memory_allocated()` over the whole process (the two frameworks
+    move the model to the device at different moments, so a delta would not compare like with like).
     """
 
     def start(self) -> None:
         import gc
 
         gc.collect()
-        self.process_peak_before = _maxrss_kb()
+        _malloc_trim()
+        self.peak_before_kb = _status_kb("VmHWM") or _maxrss_kb()
         self.baseline_kb = _status_kb("VmRSS")
         self.reset = False
         if self.baseline_kb is not None:
@@ -200,7 +226,7 @@ class MemoryMeter:
             except OSError:
                 pass
         if not self.reset:
-            self.baseline_kb = self.process_peak_before
+            self.baseline_kb = _maxrss_kb()
 
     def stop(self) -> dict:
         import torch
@@ -209,65 +235,82 @@ class MemoryMeter:
         out = {
             "train_rss_mib": max(0, peak_kb - self.baseline_kb) / 1024,
             "baseline_rss_mib": self.baseline_kb / 1024,
-            "peak_rss_mib": max(peak_kb, self.process_peak_before, _maxrss_kb()) / 1024,
+            "peak_rss_mib": max(peak_kb, self.peak_before_kb) / 1024,
         }
         if torch.cuda.is_available():
             out["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         return out
 
 
-def _child(conn, fn: Callable, kwargs: dict, threads: int | None) -> None:
+def _child(conn, fn: Callable, kwargs: dict, threads: int | None, live_memory: bool) -> None:
     try:
-        quiet_child()
+        live = track_live_memory() if live_memory else False  # before anything large is allocated
+        quiet()
         if threads:
             import torch
 
             torch.set_num_threads(threads)
-        conn.send(("ok", fn(**kwargs)))
-    except BaseException:  # noqa: B036 - report everything to the parent, then exit
+        conn.send(("ok", {**fn(**kwargs), "live_memory": live}))
+    except BaseException:  # noqa: B036 - whatever it is, the parent reports it
         conn.send(("error", traceback.format_exc()))
     finally:
         conn.close()
 
 
-def run_isolated(fn: Callable, timeout: float | None = None, threads: int | None = None, **kwargs) -> dict:
-    """Runs `fn(**kwargs)` in a fresh spawned Python process and returns its (picklable) result.
+def run_isolated(fn: Callable, timeout: float | None = None, threads: int | None = None,
+                 live_memory: bool = False, **kwargs) -> dict:
+    """Runs `fn(**kwargs)` in a fresh spawned Python process and returns its result dict (picklable).
 
-    `fn` must be importable by module path (a top-level function of the calling script, or a
-    `functools.partial` of one). `threads` sets torch's intra-op threads there (default: torch's choice).
+    `fn` must be importable by module path: a top-level function of the calling script, or a
+    `functools.partial` of one. `threads` sets torch's intra-op threads there (default: torch's choice);
+    `live_memory` runs it under `track_live_memory()`.
     """
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, fn, kwargs, threads))
+    proc = ctx.Process(target=_child, args=(child, fn, kwargs, threads, live_memory))
     proc.start()
     child.close()
+    name = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", repr(fn))
     try:
         if not parent.poll(timeout):
-            raise TimeoutError(f"{getattr(fn, '__name__', fn)} gave no result within {timeout} s")
+            raise TimeoutError(f"{name} gave no result within {timeout} s")
         status, payload = parent.recv()
     except EOFError:
-        status, payload = "error", f"worker died (exit code {proc.join() or proc.exitcode})"
+        proc.join()
+        status, payload = "error", f"the worker died (exit code {proc.exitcode})"
     finally:
         proc.join(timeout=30)
         if proc.is_alive():
             proc.kill()
     if status != "ok":
-        raise RuntimeError(f"{getattr(fn, '__name__', fn)} failed in its worker process:\n{payload}")
+        raise RuntimeError(f"{name} failed in its worker process:\n{payload}")
     return payload
 
 
-def interleaved(workers: dict[str, Callable], repeats: int, log: Callable[[str], None] = print,
-                **kwargs) -> dict[str, list[dict]]:
-    """Runs each worker `repeats` times, each in its own process, alternating their order every round."""
+def compare(workers: dict[str, Callable], repeats: int, memory_run: bool = True,
+            log: Callable[[str], None] = print, **kwargs) -> dict[str, dict]:
+    """Times each worker `repeats` times, each run in its own process, alternating the order every round.
+    Then, if `memory_run`, runs each once more under `track_live_memory()` for its CPU memory.
+
+    Returns:
+        {name: {"runs": [timed results], "memory": the memory run's result or None}}.
+    """
     names = list(workers)
-    results: dict[str, list[dict]] = {name: [] for name in names}
+    results: dict[str, dict] = {name: {"runs": [], "memory": None} for name in names}
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
             res = run_isolated(workers[name], **kwargs)
-            results[name].append(res)
-            mem = res.get("cuda_peak_mib", res["train_rss_mib"])
-            log(f"  repeat {r + 1}/{repeats} {name:>5}: {res['tokens_per_s']:9.0f} tok/s "
-                f"(median step {res['step_s_median'] * 1000:.0f} ms), train memory {mem:.0f} MiB")
+            results[name]["runs"].append(res)
+            gpu = f", peak GPU {res['cuda_peak_mib']:.0f} MiB" if "cuda_peak_mib" in res else ""
+            log(f"  run {r + 1}/{repeats} {name:>5}: {res['tokens_per_s']:8.0f} tok/s, "
+                f"{res['tokens_per_cpu_s']:8.0f} tok/CPU-s, "
+                f"median step {res['step_s_median'] * 1000:.0f} ms, "
+                f"peak RSS {res['peak_rss_mib']:.0f} MiB{gpu}")
+    for name in names if memory_run else []:
+        res = run_isolated(workers[name], live_memory=True, **kwargs)
+        results[name]["memory"] = res
+        log(f"  memory run {name:>5}: training adds {res['train_rss_mib']:.0f} MiB to "
+            f"{res['baseline_rss_mib']:.0f} MiB (fixed mmap threshold: {res['live_memory']})")
     return results
 
 
@@ -275,37 +318,43 @@ def median_of(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def spread(runs: list[dict], key: str) -> str:
-    values = [r[key] for r in runs]
-    return f"{min(values):.0f}-{max(values):.0f}"
-
-
 def device_description(threads: int | None = None) -> str:
     import torch
 
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    return (f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"{threads or torch.get_num_threads()} torch threads), torch {torch.__version__}")
+    return (f"CPU ({platform.machine()}, {os.cpu_count()} cores, {threads or torch.get_num_threads()} torch "
+            f"threads), torch {torch.__version__}")
 
 
 def markdown_table(rows: list[dict], ours: str = "ours", peer: str = "TRL") -> str:
-    """One line per size: tokens/s and memory of both sides and the ratios ours/peer.
+    """One line per size: throughput and memory of both sides, and the ratios ours/peer.
 
-    Each row: size, params, and `ours`/`peer` lists of worker results.
+    Each row: `size`, `params`, and `ours`/`peer` entries as `compare` returns them. Higher speed ratios and
+    lower memory ratios are better for us.
     """
-    gpu = "cuda_peak_mib" in rows[0][ours][0]
-    mem_key, mem_name = ("cuda_peak_mib", "peak GPU MiB") if gpu else ("train_rss_mib", "train RSS MiB")
-    head = (f"| size | params | {ours} tok/s | {peer} tok/s | speed {ours}/{peer} | {ours} {mem_name} | "
-            f"{peer} {mem_name} | memory {ours}/{peer} | {ours} peak RSS MiB | {peer} peak RSS MiB |")
-    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    gpu = "cuda_peak_mib" in rows[0][ours]["runs"][0]
+    if gpu:
+        mem_head = f"{ours} peak GPU MiB | {peer} peak GPU MiB | memory {ours}/{peer}"
+    else:
+        mem_head = (f"{ours} train MiB | {peer} train MiB | memory {ours}/{peer} | "
+                    f"{ours} peak RSS MiB | {peer} peak RSS MiB")
+    head = (f"| size | params | {ours} tok/s | {peer} tok/s | speed {ours}/{peer} | "
+            f"speed {ours}/{peer}, CPU time | {mem_head} |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in rows:
-        a, b = row[ours], row[peer]
+        a, b = row[ours]["runs"], row[peer]["runs"]
         ta, tb = median_of(a, "tokens_per_s"), median_of(b, "tokens_per_s")
-        ma, mb = median_of(a, mem_key), median_of(b, mem_key)
-        lines.append(
-            f"| {row['size']} | {row['params'] / 1e6:.2f}M | {ta:,.0f} ({spread(a, 'tokens_per_s')}) | "
-            f"{tb:,.0f} ({spread(b, 'tokens_per_s')}) | **{ta / tb:.2f}** | {ma:.0f} | {mb:.0f} | "
-            f"**{ma / mb:.2f}** | {median_of(a, 'peak_rss_mib'):.0f} | {median_of(b, 'peak_rss_mib'):.0f} |"
-        )
+        ca, cb = median_of(a, "tokens_per_cpu_s"), median_of(b, "tokens_per_cpu_s")
+        cells = [row["size"], f"{row['params'] / 1e6:.1f}M", f"{ta:,.0f}", f"{tb:,.0f}", f"**{ta / tb:.2f}**",
+                 f"{ca / cb:.2f}"]
+        if gpu:
+            ma, mb = median_of(a, "cuda_peak_mib"), median_of(b, "cuda_peak_mib")
+            cells += [f"{ma:,.0f}", f"{mb:,.0f}", f"**{ma / mb:.2f}**"]
+        else:
+            ma, mb = (row[side]["memory"]["train_rss_mib"] if row[side]["memory"] else float("nan")
+                      for side in (ours, peer))
+            cells += [f"{ma:,.0f}", f"{mb:,.0f}", f"**{ma / mb:.2f}**",
+                      f"{median_of(a, 'peak_rss_mib'):,.0f}", f"{median_of(b, 'peak_rss_mib'):,.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -12,8 +12,15 @@ from torchmetrics.text import Perplexity
 
 from alpaca_rlhf.data.sft import IGNORE_INDEX
 from alpaca_rlhf.data.templates import PromptTemplate
-from alpaca_rlhf.models import (LoraSpec, ModelSpec, apply_lora, export_adapter, load_causal_lm, load_tokenizer,
-                                adapter_sized)
+from alpaca_rlhf.models import (
+    LoraSpec,
+    ModelSpec,
+    adapter_sized,
+    apply_lora,
+    export_adapter,
+    load_causal_lm,
+    load_tokenizer,
+)
 from alpaca_rlhf.schedules import scheduler_config
 
 
@@ -57,17 +64,31 @@ class SFTModule(L.LightningModule):
     def forward(self, input_ids, attention_mask=None, labels=None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
+    def response_logits(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (N, V) in fp32, targets (N,)) at the N positions that carry a label.
+
+        The output layer runs on those positions only (as TRL's default loss does): a full (B, T, V) logits tensor
+        is ~1 GiB in fp32 for a batch of 8 x 256 with Llama 3's 128k vocabulary.
+        """
+        base = self.model.get_base_model()  # LoRA layers are injected in place, so this is the adapted network
+        trunk = getattr(base, base.base_model_prefix)
+        hidden = trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        targets = batch["labels"][:, 1:]  # token t is predicted at position t-1
+        keep = targets != IGNORE_INDEX
+        logits = base.get_output_embeddings()(hidden[:, :-1][keep])
+        return logits.float(), targets[keep]
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self(**batch).loss  # HF shifts labels: mean NLL over tokens whose label is not -100
+        logits, targets = self.response_logits(batch)
+        loss = torch.nn.functional.cross_entropy(logits, targets)  # mean NLL over labelled tokens
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        out = self(**batch)
-        n_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-        self.val_loss.update(out.loss, weight=n_tokens)
-        # logits at t predict token t+1
-        self.val_perplexity.update(out.logits[:, :-1].float(), batch["labels"][:, 1:])
+        logits, targets = self.response_logits(batch)
+        loss = torch.nn.functional.cross_entropy(logits, targets)
+        self.val_loss.update(loss, weight=targets.numel())
+        self.val_perplexity.update(logits[None], targets[None])
         self.log("val/loss", self.val_loss, prog_bar=True)
         self.log("val/perplexity", self.val_perplexity)
 

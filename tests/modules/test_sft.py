@@ -103,3 +103,28 @@ def test_resume_gives_the_same_adapter(tmp_path, monkeypatch):
     assert straight.keys() == resumed.keys()
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k], rtol=1e-5, atol=1e-6)
+
+
+def test_response_only_loss_equals_the_full_logits_loss(tiny_base):
+    """The output layer on labelled positions only gives HF's causal-LM loss and the same gradients."""
+    from alpaca_rlhf.data.sft import SFTCollator, tokenize_example
+
+    module = SFTModule(model=ModelSpec(name_or_path=str(tiny_base)),
+                       lora=LoraSpec(r=4, dropout=0.0, modules_to_save=["lm_head"]))
+    tok = module.tokenizer
+    batch = SFTCollator(tok.pad_token_id)([tokenize_example(tok, "Say hi:\n", "Hello there.", 64),
+                                           tokenize_example(tok, "Count to three please:\n", "One two three.", 64)])
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.02)
+    full = module(**batch).loss
+    full.backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    module.zero_grad()
+    ours = module.training_step(batch, 0)
+    ours.backward()
+    torch.testing.assert_close(ours, full)
+    for n, p in module.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)
