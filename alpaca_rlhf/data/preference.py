@@ -198,6 +198,32 @@ def build_shuffled_pairs(records: list[dict], seed: int = 0) -> list[dict]:
     return pairs
 
 
+def build_preference_pairs(records: list[dict], seed: int = 0, truncate_fraction: float = 0.5) -> list[dict]:
+    """Seed-format pairs from Alpaca records: the real output preferred over a corrupted copy of it.
+
+    The corruption is, at random, the same words shuffled (word order matters) or only the first third or less
+    of the words (an answer must be complete: without such pairs a reward model trained on shuffles alone rates
+    an empty response above a real one, and PPO learns to say nothing). Records `build_shuffled_pairs` leaves out
+    are left out here too.
+    """
+    rng = random.Random(seed)
+    pairs = []
+    for record in records:
+        words = record["output"].split()
+        if len(set(words)) < 2:
+            continue
+        user_input = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+        if len(words) >= 3 and rng.random() < truncate_fraction:
+            rejected = " ".join(words[: rng.randint(1, max(1, len(words) // 3))])
+        else:
+            shuffled = words[:]
+            while shuffled == words:
+                rng.shuffle(shuffled)
+            rejected = " ".join(shuffled)
+        pairs.append({"user_input": user_input, "completion_a": record["output"], "completion_b": rejected})
+    return pairs
+
+
 class PreferenceDataModule(TokenizedDataModule):
     """Preference pairs rendered with the prompt template, batched as stacked chosen/rejected sequences.
 

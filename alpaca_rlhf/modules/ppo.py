@@ -28,8 +28,15 @@ from torch import Tensor, nn
 from alpaca_rlhf import ppo as F
 from alpaca_rlhf.data.templates import PromptTemplate
 from alpaca_rlhf.io import atomic_dir
-from alpaca_rlhf.models import (LoraSpec, ModelSpec, apply_lora, disable_dropout, load_causal_lm, load_tokenizer,
-                                adapter_sized)
+from alpaca_rlhf.models import (
+    LoraSpec,
+    ModelSpec,
+    adapter_sized,
+    apply_lora,
+    disable_dropout,
+    load_causal_lm,
+    load_tokenizer,
+)
 from alpaca_rlhf.modules.policy import PolicyWithValue, ValueHead
 from alpaca_rlhf.modules.scorers import Scorer, ScoringBatch
 from alpaca_rlhf.ppo.rollout import Rollout, minibatch_indices
@@ -358,11 +365,9 @@ class PPOModule(L.LightningModule):
         self.iteration = state.get("iteration", 0)
 
     def on_train_end(self) -> None:
-        name = f"step_{self.iteration}"
-        if not (self.output_dir / name).exists() or not self.save_freq or self.iteration % self.save_freq:
-            self.export(name)
+        self.export(f"step_{self.iteration}", finished=True)  # ppo_state.json says "finished": true
 
-    def export(self, name: str) -> Path | None:
+    def export(self, name: str, finished: bool = False) -> Path | None:
         """Writes `<output_dir>/<name>`: adapter (PEFT), value head, tokenizer, template; whole or not at all."""
         if not self.trainer.is_global_zero:
             return None
@@ -374,7 +379,8 @@ class PPOModule(L.LightningModule):
                       str(tmp / "value_head.safetensors"))
             (tmp / "template.json").write_text(json.dumps(self.template.to_json(), indent=2))
             (tmp / "ppo_state.json").write_text(json.dumps({
-                "iteration": self.iteration, "kl_coef": self.kl_ctl.value, "base_model": self.policy_spec.name_or_path,
+                "iteration": self.iteration, "finished": finished, "kl_coef": self.kl_ctl.value,
+                "base_model": self.policy_spec.name_or_path,
                 "ppo": asdict(self.hp), "generation": asdict(self.gen)}, indent=2))
             if self.save_merged:
                 from alpaca_rlhf.models import merge_adapter

@@ -8,11 +8,15 @@ these stats, scores with `score` below and subtracts `mean` (optionally dividing
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 from torchmetrics.aggregation import CatMetric
 from torchmetrics.classification import BinaryAccuracy
@@ -60,7 +64,9 @@ def score(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
                       use_cache=False).last_hidden_state  # (B, T, H)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     last = hidden[rows, last_token_index(attention_mask)]  # (B, H)
-    return classifier.score(last.to(classifier.score.weight.dtype)).squeeze(-1).float()
+    head = classifier.score
+    with torch.autocast(hidden.device.type, enabled=False):  # an fp32 head gives fp32 scores under bf16-mixed
+        return head(last.to(head.weight.dtype)).squeeze(-1).float()
 
 
 def pairwise_loss(chosen_scores: Tensor, rejected_scores: Tensor, margin: float = 0.0) -> Tensor:
@@ -151,10 +157,26 @@ class RewardModule(L.LightningModule):
         """Mean and std of the scores of every chosen and rejected response in `loader`."""
         was_training = self.model.training
         self.model.eval()
-        scores = torch.cat([self(b["input_ids"].to(self.device), b["attention_mask"].to(self.device))
-                            for b in loader])
+        # outside a step Lightning applies no precision context (bf16 autocast): apply it here
+        context = self.trainer.precision_plugin.forward_context() if self._trainer else nullcontext()
+        with context:
+            scores = torch.cat([self(b["input_ids"].to(self.device), b["attention_mask"].to(self.device))
+                                for b in loader])
         self.model.train(was_training)
         return {"mean": scores.mean().item(), "std": scores.std(unbiased=False).item(), "n": scores.numel()}
+
+    def final_stats(self) -> dict | None:
+        """Score statistics of the final weights over the held-out pairs (the training pairs if none)."""
+        if self.stats and self.stats["step"] == self.global_step:  # the last validation saw the final weights
+            return {k: v for k, v in self.stats.items() if k != "step"}
+        datamodule = self.trainer.datamodule
+        for split in ("val", "train"):
+            pairs = getattr(datamodule, f"{split}_data", None)
+            if pairs:
+                loader = DataLoader(pairs, batch_size=datamodule.batch_size, collate_fn=datamodule.collator())
+                return {**self.score_stats(loader), "split": split}
+        rank_zero_warn(f"no preference pairs to compute {REWARD_STATS_FILE} from: PPO will not centre scores")
+        return None
 
     def configure_optimizers(self):
         optimizer = self.optimizer_fn([p for p in self.parameters() if p.requires_grad])
@@ -169,12 +191,6 @@ class RewardModule(L.LightningModule):
     def on_train_end(self) -> None:
         if not self.trainer.is_global_zero:
             return
-        stats = self.stats if self.stats and self.stats["step"] == self.global_step else None
-        if stats is None:  # the last validation did not see the final weights: score the held-out pairs now
-            datamodule = self.trainer.datamodule
-            split = "val" if datamodule.val_data else "train"  # no hold-out: the best we have, and say so
-            loader = datamodule._eval_loader(getattr(datamodule, f"{split}_data"), datamodule.collator())
-            stats = {**self.score_stats(loader), "split": split}
-        stats = {k: v for k, v in stats.items() if k != "step"}
-        export_adapter(self.model, self.tokenizer, self.adapter_dir,
-                       {"template.json": self.template.to_json(), REWARD_STATS_FILE: stats})
+        stats = self.final_stats()
+        extra = {"template.json": self.template.to_json(), **({REWARD_STATS_FILE: stats} if stats else {})}
+        export_adapter(self.model, self.tokenizer, self.adapter_dir, extra)

@@ -13,6 +13,7 @@ from alpaca_rlhf.data.preference import (
     PreferenceCollator,
     PreferenceDataModule,
     PreferencePair,
+    build_preference_pairs,
     build_shuffled_pairs,
     check_preference,
     detect_format,
@@ -122,6 +123,11 @@ def test_hh_checks_name_the_field():
     assert check_preference({"chosen": "no turns", "rejected": "at all"}, "hh")[0] == "chosen"
 
 
+def test_the_seed_file_missing_is_a_clear_error(tokenizer):
+    with pytest.raises(FileNotFoundError, match="comparision_data.json"):
+        make_dm(tokenizer, "comparision_data.json").setup()
+
+
 def test_gzip_jsonl_prompt_chosen_rejected_loads_by_detection(tmp_path, tokenizer):
     records = [{"prompt": f"Say {i}.", "chosen": f"{i}.", "rejected": "No."} for i in range(10)]
     dm = make_dm(tokenizer, write_jsonl(tmp_path / "pairs.jsonl.gz", records), val_set_size=3)
@@ -208,4 +214,9 @@ def test_shuffled_pairs_are_seeded_word_permutations_and_the_bundled_sample_is_t
     assert a != b and sorted(a.split()) == sorted(b.split())
     assert build_shuffled_pairs([{**records[1], "output": "x y"}])[0]["user_input"] == "Rate it.\n\nA movie"
     alpaca = read_raw_records("alpaca_rlhf/data/samples/alpaca_sample.json")
-    assert read_raw_records(SAMPLE) == build_shuffled_pairs(alpaca, seed=0)
+    assert read_raw_records(SAMPLE) == build_preference_pairs(alpaca, seed=0)
+    mixed = build_preference_pairs(alpaca, seed=0)
+    truncated = [p for p in mixed if len(p["completion_b"].split()) < len(p["completion_a"].split())]
+    assert 0.3 * len(mixed) < len(truncated) < 0.7 * len(mixed)  # both corruptions are present
+    assert all(p["completion_a"].split()[: len(p["completion_b"].split())] == p["completion_b"].split()
+               for p in truncated)

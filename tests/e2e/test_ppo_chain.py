@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import ROOT, run_cli
 
 from cli import cli_main
-from conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.slow
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]

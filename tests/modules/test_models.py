@@ -1,8 +1,15 @@
 import pytest
 import torch
 
-from alpaca_rlhf.models import (LoraSpec, ModelSpec, apply_lora, disable_dropout, ensure_pad_token, load_causal_lm,
-                                load_tokenizer)
+from alpaca_rlhf.models import (
+    LoraSpec,
+    ModelSpec,
+    apply_lora,
+    disable_dropout,
+    ensure_pad_token,
+    load_causal_lm,
+    load_tokenizer,
+)
 
 
 def _batch(tokenizer, n=4):

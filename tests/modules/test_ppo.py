@@ -1,7 +1,6 @@
 """PPOModule on a tiny LLaMA: rollout masks, ratio == 1 before any update, reference without a copy,
 checkpoints and exports, and learning with a rule-based reward."""
 
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -18,12 +17,12 @@ SAMPLE = "alpaca_rlhf/data/samples/alpaca_sample.json"
 LORA = LoraSpec(r=8, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
 
 
-def make_module(base, tmp_path, scorer=None, lr=1e-3, **ppo):
+def make_module(base, tmp_path, scorer=None, lr=1e-3, lora=LORA, **ppo):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base)
     targets = [tok.convert_tokens_to_ids(t) for t in [".", ",", "Ġa", "Ġand", "Ġthe", "Ġin"]]
-    return PPOModule(policy=ModelSpec(name_or_path=str(base)), scorer=scorer or TokenIdScorer(targets), lora=LORA,
+    return PPOModule(policy=ModelSpec(name_or_path=str(base)), scorer=scorer or TokenIdScorer(targets), lora=lora,
                      ppo=PPOHParams(**{"ppo_epochs": 2, "mini_batch_size": 4, **ppo}),
                      generation=GenerationHParams(max_new_tokens=12), kl_controller=FixedKLController(0.01),
                      optimizer=lambda p: torch.optim.AdamW(p, lr=lr, eps=1e-5), save_freq=2,
@@ -163,7 +162,8 @@ def test_export_loads_for_inference_on_the_merged_sft_model(tiny_sft_run, tmp_pa
 def test_rule_based_reward_rises(tiny_sft_run, tmp_path):
     """(a) A rule-based reward (fraction of response tokens from a small set) rises; KL finite, nothing NaN."""
     L.seed_everything(0)
-    module = make_module(tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged", tmp_path, lr=3e-3,
+    lora = LoraSpec(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"])
+    module = make_module(tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged", tmp_path, lr=1e-2, lora=lora,
                          ppo_epochs=4, mini_batch_size=8)
     history = []
 

@@ -196,6 +196,8 @@ def test_resume_continues_where_the_killed_run_stopped(base_dir, tmp_path):
         return module, trainer
 
     straight, _ = run(8, "straight")
+    stats = json.loads((tmp_path / "straight" / "reward_stats.json").read_text())
+    assert stats["split"] == "val" and stats["n"] == 2 * 24  # no validation ran: scored after training
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_last=True)
     first, _ = run(4, "first", callbacks=[checkpoint])
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
@@ -206,3 +208,24 @@ def test_resume_continues_where_the_killed_run_stopped(base_dir, tmp_path):
     for name, p in resumed.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p, dict(straight.named_parameters())[name], atol=1e-6, rtol=1e-5)
+
+
+def test_shipped_8b_config_runs_on_a_tiny_base_in_8bit(base_dir, tmp_path, monkeypatch):
+    import bitsandbytes as bnb
+
+    from cli import cli_main
+
+    monkeypatch.chdir(tmp_path)  # the config's relative output/ paths land here
+    root = Path(__file__).resolve().parents[2]
+    overrides = {"model.init_args.model.name_or_path": str(base_dir), "data.init_args.data_path": SAMPLE,
+                 "data.init_args.max_records": "40", "data.init_args.val_set_size": "8",
+                 "data.init_args.num_workers": "0", "trainer.accelerator": "cpu", "trainer.max_steps": "2",
+                 "trainer.limit_val_batches": "0",  # the stats then come from a pass after training, in bf16
+                 "trainer.enable_progress_bar": "false"}
+    cli = cli_main(["fit", "--config", str(root / "configs/rm.yaml")]
+                   + [arg for key, value in overrides.items() for arg in (f"--{key}", value)])
+    assert cli.trainer.global_step == 2 and cli.trainer.precision == "bf16-mixed"
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in cli.model.model.modules())
+    export = tmp_path / "output/reward_model_Llama-3.1-8B_100_2e-05"
+    stats = json.loads((export / "reward_stats.json").read_text())
+    assert stats["n"] == 16 and stats["std"] > 0

@@ -1,0 +1,202 @@
+"""The pipeline: wiring, skipping, resuming, stopping on a failed stage, and the tiny default end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, run_cli
+
+from alpaca_rlhf.pipeline import FitStage, MergeStage, Stages, invalidate, is_done, plan, ppo_final_export
+
+
+def tiny_stages(**changes) -> Stages:
+    stages = Stages(sft=FitStage("configs/tiny/sft.yaml"), rm=FitStage("configs/tiny/rm.yaml"),
+                    ppo=FitStage("configs/tiny/ppo.yaml"))
+    stages.compare.config = "configs/tiny/compare.yaml"
+    for name, value in changes.items():
+        setattr(stages, name, value)
+    return stages
+
+
+def _touch(path: Path, text: str = "{}") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def fake_outputs(root: Path, upto: str) -> None:
+    """Lays out the files by which each stage up to `upto` counts as done."""
+    out = root / "output/tiny"
+    files = {
+        "sft": ["lora-alpaca/adapter_model.safetensors", "lora-alpaca/adapter_config.json"],
+        "merge_sft": ["lora-alpaca-adapter-merged/config.json"],
+        "rm": ["reward_model/adapter_model.safetensors", "reward_model/adapter_config.json",
+               "reward_model/reward_stats.json"],
+        "merge_rm": ["reward_model-adapter-merged/config.json"],
+        "ppo": ["ppo_checkpoints/step_21/adapter_config.json", "ppo_checkpoints/step_21/ppo_state.json"],
+        "compare": ["compare/report.md", "compare/summary.json"],
+    }
+    for name, paths in files.items():
+        for p in paths:
+            _touch(out / p)
+        if name == "ppo":
+            _touch(out / "logs/ppo.done.json", json.dumps({"export": str(out / "ppo_checkpoints/step_21")}))
+        if name == upto:
+            return
+
+
+def test_plan_wires_each_output_into_the_next_stage():
+    stages, paths = plan(tiny_stages())
+    by_name = {s.name: s.args for s in stages}
+    assert [s.name for s in stages] == ["sft", "merge_sft", "rm", "merge_rm", "ppo", "compare"]
+    merged_sft = "output/tiny/lora-alpaca-adapter-merged"
+    merged_rm = "output/tiny/reward_model-adapter-merged"
+    assert by_name["merge_sft"][:3] == ["merge", "--adapter_path", "output/tiny/lora-alpaca"]
+    rm = " ".join(by_name["rm"])
+    assert f"--model.init_args.model.name_or_path {merged_sft}" in rm
+    ppo = " ".join(by_name["ppo"])
+    assert f"--model.init_args.policy.name_or_path {merged_sft}" in ppo
+    assert f"--model.init_args.scorer.init_args.model.name_or_path {merged_rm}" in ppo
+    compare = " ".join(by_name["compare"])
+    for arg in (f"--sft_model {merged_sft}", f"--reward_model {merged_rm}", "--base_model output/tiny/base",
+                "--rlhf_model output/tiny/ppo_checkpoints", "--prompts.max_prompt_length 128"):
+        assert arg in compare
+    assert paths["report"] == Path("output/tiny/compare/report.md")
+
+
+def test_real_pipeline_wires_the_real_paths():
+    stages, _ = plan(Stages())
+    ppo = " ".join(next(s.args for s in stages if s.name == "ppo"))
+    assert "--model.init_args.policy.name_or_path output/lora-alpaca-adapter-merged" in ppo
+    assert "output/reward_model_Llama-3.1-8B_100_2e-05-adapter-merged" in ppo
+
+
+def test_overrides_follow_the_wiring_and_win():
+    my_rm = FitStage("configs/tiny/rm.yaml", ["--model.init_args.adapter_dir", "output/tiny/my_rm"])
+    stages = tiny_stages(rm=my_rm)
+    planned, _ = plan(stages)
+    by_name = {s.name: s for s in planned}
+    assert by_name["rm"].args[-2:] == ["--model.init_args.adapter_dir", "output/tiny/my_rm"]
+    assert by_name["merge_rm"].args[2] == "output/tiny/my_rm"
+    assert "output/tiny/my_rm-adapter-merged" in " ".join(by_name["ppo"].args)
+
+
+def test_wiring_arguments_are_accepted_by_the_stage_configs(capsys):
+    from cli import cli_main
+
+    stages, _ = plan(tiny_stages(merge_sft=MergeStage(output_dir="output/wired-sft"),
+                                 merge_rm=MergeStage(output_dir="output/wired-rm")))
+    expected = {"rm": ["name_or_path: output/wired-sft"],
+                "ppo": ["name_or_path: output/wired-sft", "name_or_path: output/wired-rm"]}
+    for stage in stages:
+        if stage.name in expected:
+            with pytest.raises(SystemExit) as exit_info:
+                cli_main([*stage.args, "--print_config"])
+            assert exit_info.value.code in (0, None), stage.name
+            printed = capsys.readouterr().out
+            assert all(text in printed for text in expected[stage.name]), stage.name
+
+
+def test_rerun_skips_finished_stages(tmp_path, monkeypatch, capsys):
+    from cli import cli_main
+
+    monkeypatch.chdir(tmp_path)
+    fake_outputs(tmp_path, "compare")
+    cli_main(["pipeline", "--config", str(ROOT / "configs/tiny/pipeline.yaml")])
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 6 and "running" not in out
+    assert "pipeline finished" in out and "nothing to do" in out
+    assert not (tmp_path / "output/tiny/logs/sft.log").exists()
+
+
+def test_interrupted_stage_resumes_and_later_stages_rerun(tmp_path, monkeypatch, capsys):
+    from cli import cli_main
+
+    monkeypatch.chdir(tmp_path)
+    fake_outputs(tmp_path, "compare")
+    for p in (tmp_path / "output/tiny/reward_model").iterdir():
+        p.unlink()  # the RM was killed before its export ...
+    _touch(tmp_path / "output/tiny/checkpoints/rm/last.ckpt")  # ... after a checkpoint
+    cli_main(["pipeline", "--config", str(ROOT / "configs/tiny/pipeline.yaml"), "--dry_run"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "skipped" in lines[0] and "skipped" in lines[1]
+    assert "would run (resuming from output/tiny/checkpoints/rm/last.ckpt)" in lines[2]
+    assert lines[2].endswith("--ckpt_path last")
+    assert all("would run" in line and "--ckpt_path" not in line for line in lines[3:6])
+
+
+def test_a_failed_stage_stops_the_pipeline_naming_it(tmp_path, monkeypatch, capsys):
+    from cli import cli_main
+
+    monkeypatch.chdir(tmp_path)
+    fake_outputs(tmp_path, "merge_sft")
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(
+        (ROOT / "configs/tiny/pipeline.yaml").read_text()
+        .replace("config: configs/tiny/rm.yaml",
+                 "config: configs/tiny/rm.yaml\n    overrides: [--model.init_args.nope, '1']"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["pipeline", "--config", str(config)])
+    log = Path("output/tiny/logs/rm.log")
+    assert str(exit_info.value.code) == f"pipeline stopped: stage 'rm' failed (exit 2); see {log}"
+    assert "nope" in log.read_text()
+    assert not Path("output/tiny/logs/merge_rm.log").exists()  # nothing after the failed stage ran
+    assert "[3/6] rm ... running" in capsys.readouterr().out
+
+
+def test_ppo_is_done_only_with_a_finished_export(tmp_path):
+    stages, _ = plan(tiny_stages())
+    ppo = next(s for s in stages if s.name == "ppo")
+    ppo.output = tmp_path / "ppo"
+    logs = tmp_path / "logs"
+    _touch(ppo.output / "step_15/adapter_config.json")
+    _touch(ppo.output / "step_15/ppo_state.json", json.dumps({"iteration": 15}))
+    assert not is_done(ppo, logs)  # an intermediate export of an unfinished run
+    _touch(logs / "ppo.done.json", json.dumps({"export": str(ppo.output / "step_15")}))
+    assert is_done(ppo, logs)
+    _touch(ppo.output / "step_21/adapter_config.json")
+    _touch(ppo.output / "step_21/ppo_state.json", json.dumps({"iteration": 21, "finished": True}))
+    assert ppo_final_export(ppo.output, logs / "none.json") == ppo.output / "step_21"
+
+
+def test_force_removes_the_previous_output_and_last_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fake_outputs(tmp_path, "compare")
+    _touch(tmp_path / "output/tiny/checkpoints/sft/last.ckpt")
+    _touch(tmp_path / "output/tiny/checkpoints/sft/step20.ckpt")
+    stages, _ = plan(tiny_stages())
+    logs = Path("output/tiny/logs")
+    removed = {str(p) for s in stages for p in invalidate(s, logs)}
+    assert {"output/tiny/lora-alpaca", "output/tiny/checkpoints/sft/last.ckpt",
+            "output/tiny/compare/report.md", "output/tiny/ppo_checkpoints/step_21"} <= removed
+    assert Path("output/tiny/checkpoints/sft/step20.ckpt").exists()  # only what decides done / resume goes
+    assert not any(is_done(s, logs) for s in stages)
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_end_to_end_then_rerun_skips(tmp_path):
+    start = time.time()
+    config = str(ROOT / "configs/tiny/pipeline.yaml")
+    proc = run_cli(["pipeline", "--config", config], cwd=tmp_path, timeout=2400)
+    seconds = time.time() - start
+    out = tmp_path / "output/tiny"
+    for i, name in enumerate(["sft", "merge_sft", "rm", "merge_rm", "ppo", "compare"], start=1):
+        assert f"[{i}/6] {name} ... done" in proc.stdout
+        assert (out / "logs" / f"{name}.log").is_file()
+    assert "report:      output/tiny/compare/report.md" in proc.stdout
+    assert "tensorboard --logdir output/tiny" in proc.stdout
+    summary = json.loads((out / "compare/summary.json").read_text())["summary"]
+    stages = summary["stages"]
+    assert set(stages) == {"base", "sft", "rlhf"}
+    assert stages["sft"]["follows_template"] > stages["base"]["follows_template"]  # SFT learned the format
+    assert stages["rlhf"]["score_mean"] > stages["sft"]["score_mean"]  # PPO raised the held-out reward
+    assert "Win rate of RLHF over SFT" in (out / "compare/report.md").read_text()
+    export = ppo_final_export(out / "ppo_checkpoints", out / "logs/ppo.done.json")
+    assert export is not None and (export / "adapter_model.safetensors").is_file()
+    print(f"tiny pipeline: {seconds:.0f} s on {os.cpu_count()} cores")
+
+    again = run_cli(["pipeline", "--config", config], cwd=tmp_path)
+    assert again.stdout.count("skipped") == 6 and "win rate of RLHF over SFT" in again.stdout

@@ -1,0 +1,229 @@
+"""generate and compare on tiny checkpoints built in seconds (random LoRA weights, no training or network)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+
+from alpaca_rlhf import inference as inf
+from alpaca_rlhf.data.templates import PromptTemplate
+
+INSTRUCTIONS = [
+    {"instruction": "Give three tips for staying healthy.", "input": ""},
+    {"instruction": "Translate the sentence into French.", "input": "The cat sleeps on a warm window sill."},
+    {"instruction": "Name a color.", "input": ""},
+]
+
+
+def _adapter(base: Path, out: Path, scale: float, seed: int, extra: dict | None = None) -> Path:
+    """A LoRA adapter on `base` with random B (scale 0 = the identity adapter), exported as a stage would."""
+    from alpaca_rlhf.models import (
+        LoraSpec,
+        ModelSpec,
+        apply_lora,
+        export_adapter,
+        load_causal_lm,
+        load_tokenizer,
+    )
+
+    spec = ModelSpec(name_or_path=str(base))
+    model = apply_lora(load_causal_lm(spec), LoraSpec(r=4, alpha=8, dropout=0.0))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(std=scale) if scale else p.data.zero_()
+    return export_adapter(model, load_tokenizer(spec), out,
+                          {"template.json": PromptTemplate.load().to_json(), **(extra or {})})
+
+
+@pytest.fixture(scope="module")
+def tiny_stages(tiny_base, tmp_path_factory):
+    """A work folder laid out as the tiny chain leaves it: base, SFT adapter + merged, PPO step export, RM."""
+    from alpaca_rlhf.models import ModelSpec, load_sequence_classifier, load_tokenizer, merge_adapter
+
+    work = tmp_path_factory.mktemp("stages")
+    out = work / "output"
+    sft = _adapter(tiny_base, out / "lora-alpaca", scale=0.5, seed=1)
+    merged = merge_adapter(str(sft))
+    # PPO records its base relative to the run's working directory, as the real export does
+    _adapter(merged, out / "ppo" / "step_3", scale=0.5, seed=2,
+             extra={"ppo_state.json": {"iteration": 3, "kl_coef": 0.05,
+                                       "base_model": "output/lora-alpaca-adapter-merged"}})
+    _adapter(merged, out / "ppo_identity" / "step_1", scale=0.0, seed=3,
+             extra={"ppo_state.json": {"iteration": 1, "base_model": "output/lora-alpaca-adapter-merged"}})
+    spec = ModelSpec(name_or_path=str(merged))
+    tokenizer = load_tokenizer(spec)
+    rm = load_sequence_classifier(spec, pad_token_id=tokenizer.pad_token_id, trainable=False)
+    rm.save_pretrained(out / "rm-merged")
+    tokenizer.save_pretrained(out / "rm-merged")
+    (out / "rm-merged" / "reward_stats.json").write_text(json.dumps({"mean": 0.5, "std": 2.0, "n": 10}))
+    return {"work": work, "base": str(tiny_base), "adapter": str(sft), "merged": str(merged),
+            "ppo": str(out / "ppo" / "step_3"), "ppo_dir": str(out / "ppo"),
+            "identity": str(out / "ppo_identity"), "rm": str(out / "rm-merged")}
+
+
+GREEDY = dict(temperature=0.0, max_new_tokens=8, stream=False)
+
+
+def test_resolve_checkpoint_maps_the_seed_flags(tiny_stages, monkeypatch, tmp_path):
+    s = tiny_stages
+    assert inf.resolve_checkpoint("base", model_name=s["base"]).adapter is None
+    adapter = inf.resolve_checkpoint("sft", adapter_path=s["adapter"])
+    assert adapter.base == s["base"] and adapter.tokenizer == s["adapter"]
+    assert adapter.template.endswith("template.json")
+    assert inf.resolve_checkpoint("sft", merged_model_path=s["merged"]).base == s["merged"]
+    monkeypatch.chdir(tmp_path)  # not the PPO run's working directory: the relative base is found anyway
+    ppo = inf.resolve_checkpoint("ppo", ppo_model_path=s["ppo"])
+    assert Path(ppo.base).resolve() == Path(s["merged"]).resolve() and ppo.adapter == s["ppo"]
+    assert ppo.ppo_state["iteration"] == 3
+    assert inf.resolve_checkpoint("ppo", ppo_model_path=s["ppo_dir"]).adapter == s["ppo"]  # latest step_<n>
+    for mode, kwargs, message in [("base", {}, "--model_name"), ("sft", {}, "--merged_model_path"),
+                                  ("ppo", {}, "--ppo_model_path"), ("rlhf", {}, "--mode must be")]:
+        with pytest.raises(ValueError, match=message):
+            inf.resolve_checkpoint(mode, **kwargs)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        inf.resolve_checkpoint("sft", adapter_path=str(tmp_path))
+
+
+def test_generate_in_each_mode(tiny_stages, capsys):
+    s, q = tiny_stages, INSTRUCTIONS[0]["instruction"]
+    base = inf.generate(mode="base", model_name=s["base"], instruction=q, **GREEDY)[0]["response"]
+    on_base = inf.generate(mode="sft", adapter_path=s["adapter"], instruction=q, **GREEDY)[0]["response"]
+    merged = inf.generate(mode="sft", merged_model_path=s["merged"], instruction=q, **GREEDY)[0]["response"]
+    ppo = inf.generate(mode="ppo", ppo_model_path=s["ppo"], instruction=q, input="some context", **GREEDY)
+    assert on_base == merged  # the merged model is the adapter folded in
+    assert base != merged and ppo[0]["response"] != merged and ppo[0]["input"] == "some context"
+    printed = capsys.readouterr().out
+    assert merged in printed and "### Response" not in printed  # only the response part is printed
+
+
+def test_batched_generation_equals_one_by_one_and_writes_jsonl(tiny_stages, tmp_path):
+    file = tmp_path / "instructions.jsonl"
+    file.write_text("".join(json.dumps(r) + "\n" for r in INSTRUCTIONS))
+    batched = inf.generate(mode="sft", merged_model_path=tiny_stages["merged"], instructions_file=str(file),
+                           output_file=str(tmp_path / "out.jsonl"), batch_size=3, **GREEDY)
+    single = [inf.generate(mode="sft", merged_model_path=tiny_stages["merged"], **r, **GREEDY)[0]
+              for r in INSTRUCTIONS]
+    assert [b["response"] for b in batched] == [x["response"] for x in single]  # left padding leaks nothing
+    written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [w["instruction"] for w in written] == [r["instruction"] for r in INSTRUCTIONS]
+
+
+def test_single_instruction_streams(tiny_stages, capsys):
+    out = inf.generate(mode="sft", merged_model_path=tiny_stages["merged"], instruction="Name a color.",
+                       temperature=0.0, max_new_tokens=8, stream=True)
+    assert capsys.readouterr().out.strip() == out[0]["response"]
+
+
+def test_8bit_on_cpu_and_offload_without_gpu(tiny_stages, capsys):
+    out = inf.generate(mode="sft", merged_model_path=tiny_stages["merged"], instruction="Name a color.",
+                       load_in_8bit=True, allow_cpu_offload=True, **GREEDY)
+    assert isinstance(out[0]["response"], str)
+    if not torch.cuda.is_available():
+        assert "no CUDA device here, so nothing is offloaded" in capsys.readouterr().err
+
+
+def test_generate_through_the_cli(tiny_stages, capsys):
+    from cli import cli_main
+
+    cli_main(["generate", "--mode", "ppo", "--ppo_model_path", tiny_stages["ppo"], "--instruction",
+              "Name a color.", "--temperature", "0", "--max_new_tokens", "6", "--allow_cpu_offload"])
+    captured = capsys.readouterr()
+    assert captured.out.strip()
+    if not torch.cuda.is_available():  # a bare boolean flag is accepted
+        assert "nothing is offloaded" in captured.err
+    with pytest.raises(SystemExit):
+        cli_main(["generate", "--help"])
+    help_text = capsys.readouterr().out
+    for flag in ("--mode", "--model_name", "--adapter_path", "--merged_model_path", "--ppo_model_path",
+                 "--tokenizer_name", "--instruction", "--input", "--max_new_tokens", "--temperature",
+                 "--top_p", "--top_k", "--load_in_8bit", "--allow_cpu_offload"):
+        assert flag in help_text
+
+
+def test_response_logprob_sums_ignore_padding(tiny_stages):
+    from alpaca_rlhf.models import ModelSpec, load_causal_lm
+
+    model = load_causal_lm(ModelSpec(name_or_path=tiny_stages["merged"]), trainable=False)
+    prompts, responses = [[1, 5, 6, 7], [1, 9]], [[10, 11, 2], [12]]
+    together = inf.response_logprob_sums(model, prompts, responses, pad_token_id=3, batch_size=2)
+    alone = torch.cat([inf.response_logprob_sums(model, [p], [r], pad_token_id=3)
+                       for p, r in zip(prompts, responses, strict=True)])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    logits = model(torch.tensor([prompts[1] + responses[1]])).logits[0]
+    expected = torch.log_softmax(logits[1], -1)[12]  # token 12 at position 2 is predicted at position 1
+    torch.testing.assert_close(alone[1], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_compare_writes_a_report_with_all_three_stages_and_scores(tiny_stages, tmp_path, capsys):
+    s = tiny_stages
+    summary = inf.compare(base_model=s["base"], sft_model=s["merged"], rlhf_model=s["ppo_dir"],
+                          reward_model=s["rm"],
+                          prompts=inf.PromptSource(val_set_size=4, max_prompt_length=128),
+                          sampling=inf.SamplingSpec(max_new_tokens=6, temperature=1.0), samples_per_prompt=2,
+                          report_dir=str(tmp_path / "cmp"), width=120)
+    rows = [json.loads(line) for line in (tmp_path / "cmp/outputs.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * 2 * 3 and {r["stage"] for r in rows} == {"base", "sft", "rlhf"}
+    assert all(isinstance(r["score"], float) for r in rows)
+    assert all(isinstance(r["kl_to_sft"], float) for r in rows if r["stage"] == "rlhf")
+    for stage in ("base", "sft", "rlhf"):
+        mine = [r["score"] for r in rows if r["stage"] == stage]
+        assert summary["stages"][stage]["score_mean"] == pytest.approx(sum(mine) / len(mine))
+    assert 0.0 <= summary["rlhf_vs_sft"]["win_rate"] <= 1.0 and "kl_rlhf_to_sft" in summary
+    assert set(summary["reward_anchors"]) == {"empty response", "dataset answer"}
+    report = (tmp_path / "cmp/report.md").read_text()
+    for text in ("| base |", "| SFT |", "| RLHF |", "Win rate of RLHF over SFT", "KL(RLHF", s["rm"], "step_3",
+                 "temperature 1.0", "PPO iteration 3", "Reward-model anchors"):
+        assert text in report
+    assert json.loads((tmp_path / "cmp/summary.json").read_text())["settings"]["samples_per_prompt"] == 2
+    printed = capsys.readouterr().out
+    assert "RLHF (score" in printed and "win rate RLHF over SFT" in printed
+
+
+def test_compare_identity_adapter_has_zero_kl_and_ties(tiny_stages, tmp_path):
+    """An RLHF adapter with B = 0 is the SFT model: same samples (same seed), KL exactly 0, prompts tie."""
+    s = tiny_stages
+    summary = inf.compare(sft_model=s["merged"], rlhf_model=s["identity"], reward_model=s["rm"],
+                          prompts=inf.PromptSource(val_set_size=3, max_prompt_length=128),
+                          sampling=inf.SamplingSpec(max_new_tokens=5, temperature=1.0),
+                          report_dir=str(tmp_path))
+    assert summary["kl_rlhf_to_sft"]["mean"] == 0.0
+    assert summary["rlhf_vs_sft"]["win_rate"] == 0.5
+    assert "base" not in summary["stages"]
+
+
+def test_held_out_prompts_are_ppo_validation_prompts(tiny_tokenizer):
+    from alpaca_rlhf.data import PromptDataModule
+
+    source = inf.PromptSource(val_set_size=16, seed=7, max_prompt_length=80)
+    dm = PromptDataModule(data_path=source.data_path, max_prompt_length=80, val_set_size=16, batch_size=4,
+                          seed=7)
+    dm.connect(tiny_tokenizer)
+    dm.setup("fit")
+    held_out = inf.held_out_records(source, tiny_tokenizer, PromptTemplate.load())
+    assert [r["prompt"] for r in held_out] == [e["prompt"] for e in dm.val_data]
+    assert all(r["instruction"] in r["prompt"] for r in held_out)
+
+
+def test_win_rate_and_template_following():
+    assert inf.win_rate([1.0, 2.0, 3.0, 0.0], [0.0, 2.0, 4.0, -1.0]) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    t = PromptTemplate.load()
+    assert inf.follows_template("Eat well.", True, t)
+    assert not inf.follows_template("Eat well.", False, t)  # ran out of tokens
+    assert not inf.follows_template("Eat well.\n\n### Instruction:\nmore", True, t)  # started a new section
+    assert not inf.follows_template("", True, t)
+
+
+def test_shipped_compare_configs_parse(capsys):
+    from cli import cli_main
+
+    for config in ("configs/tiny/compare.yaml", "configs/compare.yaml"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["compare", "--config", str(ROOT / config), "--print_config"])
+        assert exit_info.value.code in (0, None)
+        assert "report_dir" in capsys.readouterr().out
