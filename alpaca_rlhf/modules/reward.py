@@ -26,11 +26,11 @@ from alpaca_rlhf.models import (
     REWARD_STATS_FILE,
     LoraSpec,
     ModelSpec,
+    adapter_sized,
     apply_lora,
     export_adapter,
     load_sequence_classifier,
     load_tokenizer,
-    trainable_state_dict,
 )
 from alpaca_rlhf.schedules import scheduler_config
 
@@ -186,7 +186,7 @@ class RewardModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = trainable_state_dict(self, checkpoint["state_dict"])
+        adapter_sized(self, checkpoint)  # trainable weights only; hyper-parameters as plain types
 
     def on_train_end(self) -> None:
         if not self.trainer.is_global_zero:

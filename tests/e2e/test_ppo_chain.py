@@ -67,7 +67,8 @@ def test_tiny_ppo_ddp_two_cpu_processes(tiny_sft_run, tmp_path):
         "      init_args: {words: [the, a, and]}\n")
     run_cli(["fit", "--config", str(ROOT / "configs/tiny/ppo.yaml"), "--config", "rule.yaml",
              "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
-             "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "0"], cwd=work)
+             "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "0"],
+            cwd=work)
     exports = sorted(p.name for p in (work / "output/tiny/ppo_checkpoints").iterdir())
     assert exports == ["step_3"]
     ckpt = torch.load(work / "output/tiny/checkpoints/ppo/last.ckpt", weights_only=True)
