@@ -292,6 +292,17 @@ def export_adapter(peft_model, tokenizer, output_dir: str | os.PathLike, extra_f
     return Path(output_dir)
 
 
+def resolve_base(base: str, adapter: Path) -> str:
+    """The adapter's recorded base: as given if it exists (or is a hub id), else a relative folder found from an
+    ancestor of the adapter (a run started in another working directory records `output/tiny/base`)."""
+    if Path(base).exists() or Path(base).is_absolute():
+        return base
+    for parent in Path(adapter).resolve().parents:
+        if (parent / base / "config.json").is_file():
+            return str(parent / base)
+    return base
+
+
 def merge_adapter(adapter_path: str, output_dir: str | None = None, dtype: str = "float32",
                   base_model: str | None = None) -> Path:
     """Folds a LoRA adapter into its base and saves a standalone checkpoint plain `transformers` loads.
@@ -313,7 +324,7 @@ def merge_adapter(adapter_path: str, output_dir: str | None = None, dtype: str =
         raise FileNotFoundError(f"{adapter}: no adapter_config.json (is this a PEFT adapter folder?)")
     output = Path(output_dir) if output_dir else adapter.with_name(adapter.name + "-adapter-merged")
     config = PeftConfig.from_pretrained(str(adapter))
-    base = base_model or config.base_model_name_or_path
+    base = base_model or resolve_base(config.base_model_name_or_path, adapter)
     tokenizer = AutoTokenizer.from_pretrained(str(adapter) if (adapter / "tokenizer_config.json").exists() else base)
     task = str(getattr(config, "task_type", "CAUSAL_LM"))
     if task.endswith("SEQ_CLS"):
