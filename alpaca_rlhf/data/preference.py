@@ -177,34 +177,19 @@ class PreferenceCollator:
 
 
 def build_shuffled_pairs(records: list[dict], seed: int = 0) -> list[dict]:
-    """Seed-format pairs from Alpaca records: the real output preferred over the same words shuffled.
-
-    A pair a tiny model can learn (word order, where the sentence ends) with no labelling. Records whose
-    output has fewer than two distinct words cannot be shuffled into something different and are left out. The
-    instruction and a non-empty input are joined by a blank line into `user_input`.
-    """
-    rng = random.Random(seed)
-    pairs = []
-    for record in records:
-        words = record["output"].split()
-        if len(set(words)) < 2:
-            continue
-        shuffled = words[:]
-        while shuffled == words:
-            rng.shuffle(shuffled)
-        user_input = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-        pairs.append({"user_input": user_input, "completion_a": record["output"],
-                      "completion_b": " ".join(shuffled)})
-    return pairs
+    """Seed-format pairs from Alpaca records: the real output preferred over the same words shuffled."""
+    return build_preference_pairs(records, seed, truncate_fraction=0.0)
 
 
 def build_preference_pairs(records: list[dict], seed: int = 0, truncate_fraction: float = 0.5) -> list[dict]:
     """Seed-format pairs from Alpaca records: the real output preferred over a corrupted copy of it.
 
-    The corruption is, at random, the same words shuffled (word order matters) or only the first third or less
-    of the words (an answer must be complete: without such pairs a reward model trained on shuffles alone rates
-    an empty response above a real one, and PPO learns to say nothing). Records `build_shuffled_pairs` leaves out
-    are left out here too.
+    The corruption is, at random, the same words shuffled (word order matters) or, with probability
+    `truncate_fraction`, only the first third or less of the words (an answer must be complete: without such
+    pairs a reward model trained on shuffles alone rates an empty response above a real one, and PPO learns to
+    say nothing). Records whose output has fewer than two distinct words cannot be corrupted into something
+    different and are left out. The instruction and a non-empty input are joined by a blank line into
+    `user_input`.
     """
     rng = random.Random(seed)
     pairs = []
@@ -213,7 +198,7 @@ def build_preference_pairs(records: list[dict], seed: int = 0, truncate_fraction
         if len(set(words)) < 2:
             continue
         user_input = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-        if len(words) >= 3 and rng.random() < truncate_fraction:
+        if truncate_fraction > 0 and len(words) >= 3 and rng.random() < truncate_fraction:
             rejected = " ".join(words[: rng.randint(1, max(1, len(words) // 3))])
         else:
             shuffled = words[:]

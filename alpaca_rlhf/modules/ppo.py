@@ -234,7 +234,8 @@ class PPOModule(L.LightningModule):
         values = values.masked_fill(~response_mask, 0.0)
         sb = self.scoring_batch(batch["prompt"], query_responses, attention_mask, C)
         raw_scores = self.scorer(sb).to(values.device)
-        scores = F.process_scores(raw_scores, contains_eos=F.contains_eos(responses, self.tokenizer.eos_token_id),
+        has_eos = F.contains_eos(responses, self.tokenizer.eos_token_id)
+        scores = F.process_scores(raw_scores, contains_eos=has_eos,
                                   missing_eos_penalty=self.hp.missing_eos_penalty, score_clip=self.hp.score_clip,
                                   score_bias=-self.scorer.offset)
         rewards, kl = F.kl_penalized_rewards(scores, logprobs, ref_logprobs, response_mask, self.kl_ctl.value,
@@ -246,7 +247,7 @@ class PPOModule(L.LightningModule):
         timings["time/scoring_and_forwards"] = time.perf_counter() - t1
         rollout = Rollout(query_responses, attention_mask, response_mask, logprobs, ref_logprobs, values, scores,
                           rewards, kl, advantages, returns)
-        return rollout, {"raw_scores": raw_scores, "responses": sb.responses, "timings": timings}
+        return rollout, {"raw_scores": raw_scores, "has_eos": has_eos, "responses": sb.responses, "timings": timings}
 
     # ---- optimisation --------------------------------------------------------------------------------------
     def ppo_losses(self, mb: Rollout) -> tuple[Tensor, dict]:
@@ -309,8 +310,7 @@ class PPOModule(L.LightningModule):
             "rollout/score_raw": extra["raw_scores"].mean(), "rollout/kl": kl_per_seq,
             "rollout/non_score_reward": (-self.kl_ctl.value * rollout.kl).sum(1).mean(),
             "rollout/response_length": mask.sum(1).float().mean(),
-            "rollout/eos_fraction": F.contains_eos(rollout.query_responses[:, rollout.context_length:],
-                                                   self.tokenizer.eos_token_id).float().mean(),
+            "rollout/eos_fraction": extra["has_eos"].float().mean(),
             "ppo/kl_coef": self.kl_ctl.value, "ppo/lr": opt_lr(self.optimizers()),
             "ppo/explained_variance": F.explained_variance(rollout.values, rollout.returns, mask),
             **extra["timings"],
