@@ -250,7 +250,7 @@ def pad_prompt_responses(prompt_ids: list[list[int]], response_ids: list[list[in
 def response_logprob_sums(model, prompt_ids: list[list[int]], response_ids: list[list[int]],
                           pad_token_id: int, temperature: float = 1.0, batch_size: int = 8) -> Tensor:
     """(N,) sum over each response's tokens of log pi(y_t | x, y_<t), with logits / temperature as in PPO."""
-    from alpaca_rlhf.ppo import masked_sum, response_logits_slice, response_logprobs
+    from alpaca_rlhf.ppo import masked_sum, response_logprobs
     from alpaca_rlhf.ppo.rollout import position_ids_from_mask
 
     sums = []
@@ -259,9 +259,10 @@ def response_logprob_sums(model, prompt_ids: list[list[int]], response_ids: list
         ids, mask, C = pad_prompt_responses(prompt_ids[i : i + batch_size], response_ids[i : i + batch_size],
                                             pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
+        T = ids.shape[1] - C
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                       use_cache=False).logits  # (B, C+T, V)
-        logprobs = response_logprobs(response_logits_slice(logits, C), ids[:, C:], temperature)  # (B, T)
+                       use_cache=False, logits_to_keep=T + 1).logits[:, :-1]  # (B, T, V): response positions only
+        logprobs = response_logprobs(logits, ids[:, C:], temperature)  # (B, T)
         sums.append(masked_sum(logprobs, mask[:, C:].bool(), dim=1).cpu())
     return torch.cat(sums)
 

@@ -2,7 +2,7 @@
 
 The math lives in `alpaca_rlhf.ppo` (pure torch); this module wires it to the models: rollout (generate, one
 no-grad forward each for old log-probs + values and for the reference, scores, KL-penalised rewards, GAE,
-whitening) -> `ppo_epochs` x shuffled minibatches of clipped losses -> KL-controller update -> one log_dict.
+whitening) -> `ppo_epochs` x shuffled minibatches of clipped losses -> KL-controller update -> logging.
 Conventions follow ../shared/PPO.md section 6: score on the last valid token, masks through the first EOS,
 log-probs of logits / temperature in fp32, dropout off everywhere, reference = policy with its adapter off.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import json
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from alpaca_rlhf.models import (
 )
 from alpaca_rlhf.modules.policy import PolicyWithValue, ValueHead
 from alpaca_rlhf.modules.scorers import Scorer, ScoringBatch
-from alpaca_rlhf.ppo.rollout import Rollout, minibatch_indices
+from alpaca_rlhf.ppo.rollout import Rollout, minibatch_indices, position_ids_from_mask
 
 
 @dataclass
@@ -64,6 +63,9 @@ class PPOHParams:
         target_kl: KL (old -> new, per token) for early stopping.
         max_grad_norm: Gradient clipping by global norm; None = off.
         forward_batch_size: Rollouts per no-grad forward pass during the rollout (memory).
+        reuse_rollout_forward: When one micro-batch is the whole batch (mini_batch_size None or >= batch,
+            no accumulation), run the rollout's policy forward with autograd and let the first optimizer step
+            use it instead of repeating it: the same numbers, one forward less per iteration.
         negative_kl_warning: Warn when the rollout KL (per sequence) falls below this (biased sampling).
     """
 
@@ -83,6 +85,7 @@ class PPOHParams:
     target_kl: float = 1.0
     max_grad_norm: float | None = 1.0
     forward_batch_size: int = 16
+    reuse_rollout_forward: bool = True
     negative_kl_warning: float = -1.0
 
 
@@ -192,96 +195,135 @@ class PPOModule(L.LightningModule):
         return torch.where(response_mask, responses, self.tokenizer.pad_token_id), response_mask
 
     @torch.no_grad()
-    def _forward_old(self, query_responses: Tensor, attention_mask: Tensor, C: int):
-        """Old log-probs, values and reference log-probs, `forward_batch_size` rows at a time."""
+    def _forward_old(self, query_responses: Tensor, attention_mask: Tensor, C: int, policy: bool = True):
+        """Old log-probs and values (if `policy`) and reference log-probs, `forward_batch_size` rows at a time."""
         logprobs, values, ref_logprobs = [], [], []
         responses = query_responses[:, C:]
         for i in range(0, query_responses.shape[0], self.hp.forward_batch_size):
             rows = slice(i, i + self.hp.forward_batch_size)
-            logits, v = self.policy(query_responses[rows], attention_mask[rows])
-            logprobs.append(F.response_logprobs(F.response_logits_slice(logits, C), responses[rows],
-                                                self.gen.temperature))
-            values.append(v[:, C - 1 : -1])  # V(s_t) at the position that predicts token t
-            if self.ref_model is None:
-                ref_logits = self.policy.reference_logits(query_responses[rows], attention_mask[rows])
-            else:
-                ref_logits = self.ref_model(input_ids=query_responses[rows], attention_mask=attention_mask[rows],
-                                            position_ids=(attention_mask[rows].cumsum(-1) - 1).clamp(min=0)).logits
-            ref_logprobs.append(F.response_logprobs(F.response_logits_slice(ref_logits, C), responses[rows],
-                                                    self.gen.temperature))
-        return torch.cat(logprobs), torch.cat(values), torch.cat(ref_logprobs)
+            if policy:
+                logits, v = self.policy(query_responses[rows], attention_mask[rows], C)
+                logprobs.append(F.response_logprobs(logits, responses[rows], self.gen.temperature))
+                values.append(v)
+            ref_logprobs.append(F.response_logprobs(self.reference_logits(query_responses[rows], attention_mask[rows],
+                                                                          C), responses[rows], self.gen.temperature))
+        cat = lambda xs: torch.cat(xs) if xs else None  # noqa: E731
+        return cat(logprobs), cat(values), cat(ref_logprobs)
+
+    def reference_logits(self, input_ids: Tensor, attention_mask: Tensor, C: int) -> Tensor:
+        """Response-aligned logits of the reference: the policy with its adapter off, or `ref_model`."""
+        if self.ref_model is None:
+            return self.policy.reference_logits(input_ids, attention_mask, C)
+        T = input_ids.shape[1] - C
+        return self.ref_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                              position_ids=position_ids_from_mask(attention_mask), logits_to_keep=T + 1).logits[:, :-1]
 
     def scoring_batch(self, prompts: list[str], query_responses: Tensor, attention_mask: Tensor,
                       C: int) -> ScoringBatch:
         texts = self.tokenizer.batch_decode(query_responses[:, C:], skip_special_tokens=True)
         return ScoringBatch(prompts, texts, query_responses, attention_mask, C, self.tokenizer)
 
-    @torch.no_grad()
-    def make_rollout(self, batch: dict) -> tuple[Rollout, dict]:
-        self.policy.eval()  # no dropout either way; eval() lets generate use its cache under checkpointing
+    def make_rollout(self, batch: dict, keep_graph: bool = False) -> tuple[Rollout, dict]:
+        """Generate, score and turn one prompt batch into detached PPO experience.
+
+        With `keep_graph`, the policy's forward over the whole batch runs with autograd and its outputs come back
+        in `extra["graph"]`: the first optimisation step, when its micro-batch is the whole batch, takes them
+        instead of running the same forward again. Same weights, no dropout: the numbers are the ones a second
+        forward would give, so the first ratio is exactly 1 either way.
+        """
         timings = {}
         t0 = time.perf_counter()
         if self.gen.seed is not None:
-            torch.manual_seed(self.gen.seed + self.iteration * 1009 + self.global_rank * 100003)
+            self._seed_sampling(self.gen.seed + self.iteration * 1009 + self.global_rank * 100003)
         prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
         C = prompt_ids.shape[1]
+        checkpointing = is_checkpointing(self.policy.lm)
+        if checkpointing:
+            self.policy.eval()  # under gradient checkpointing, transformers generates without a cache in train mode
         responses, response_mask = self.generate(prompt_ids, prompt_mask)
+        if checkpointing:
+            self.policy.train()
         query_responses = torch.cat([prompt_ids, responses], 1)  # (B, C+T)
         attention_mask = torch.cat([prompt_mask, response_mask.long()], 1)
         timings["time/generation"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        logprobs, values, ref_logprobs = self._forward_old(query_responses, attention_mask, C)
-        values = values.masked_fill(~response_mask, 0.0)
-        sb = self.scoring_batch(batch["prompt"], query_responses, attention_mask, C)
-        raw_scores = self.scorer(sb).to(values.device)
-        has_eos = F.contains_eos(responses, self.tokenizer.eos_token_id)
-        scores = F.process_scores(raw_scores, contains_eos=has_eos,
-                                  missing_eos_penalty=self.hp.missing_eos_penalty, score_clip=self.hp.score_clip,
-                                  score_bias=-self.scorer.offset)
-        rewards, kl = F.kl_penalized_rewards(scores, logprobs, ref_logprobs, response_mask, self.kl_ctl.value,
-                                             self.estimator)
-        if self.hp.whiten_rewards:
-            rewards = F.whiten_rewards(rewards, response_mask)
-        advantages, returns = F.gae(values, rewards, response_mask, self.hp.gamma, self.hp.lam)
-        advantages = F.masked_whiten(advantages, response_mask)
+        graph = None
+        if keep_graph:
+            with torch.enable_grad():
+                graph = self.policy(query_responses, attention_mask, C)
+            logprobs = F.response_logprobs(graph[0].detach(), responses, self.gen.temperature)
+            values = graph[1].detach()
+            ref_logprobs = self._forward_old(query_responses, attention_mask, C, policy=False)[2]
+        else:
+            logprobs, values, ref_logprobs = self._forward_old(query_responses, attention_mask, C)
+        with torch.no_grad():
+            values = values.masked_fill(~response_mask, 0.0)
+            sb = self.scoring_batch(batch["prompt"], query_responses, attention_mask, C)
+            raw_scores = self.scorer(sb).to(values.device)
+            has_eos = F.contains_eos(responses, self.tokenizer.eos_token_id)
+            scores = F.process_scores(raw_scores, contains_eos=has_eos,
+                                      missing_eos_penalty=self.hp.missing_eos_penalty, score_clip=self.hp.score_clip,
+                                      score_bias=-self.scorer.offset)
+            rewards, kl = F.kl_penalized_rewards(scores, logprobs, ref_logprobs, response_mask, self.kl_ctl.value,
+                                                 self.estimator)
+            if self.hp.whiten_rewards:
+                rewards = F.whiten_rewards(rewards, response_mask)
+            advantages, returns = F.gae(values, rewards, response_mask, self.hp.gamma, self.hp.lam)
+            advantages = F.masked_whiten(advantages, response_mask)
         timings["time/scoring_and_forwards"] = time.perf_counter() - t1
         rollout = Rollout(query_responses, attention_mask, response_mask, logprobs, ref_logprobs, values, scores,
                           rewards, kl, advantages, returns)
-        return rollout, {"raw_scores": raw_scores, "has_eos": has_eos, "responses": sb.responses, "timings": timings}
+        return rollout, {"raw_scores": raw_scores, "has_eos": has_eos, "responses": sb.responses, "timings": timings,
+                         "graph": graph}
+
+    def _seed_sampling(self, seed: int) -> None:
+        if self.device.type == "cpu":  # torch.manual_seed also queues lazy CUDA seeding (a traceback per call)
+            torch.random.default_generator.manual_seed(seed)
+        else:
+            torch.manual_seed(seed)
 
     # ---- optimisation --------------------------------------------------------------------------------------
-    def ppo_losses(self, mb: Rollout) -> tuple[Tensor, dict]:
+    def micro_batch_size(self, batch_size: int) -> int:
+        mini = self.hp.mini_batch_size or batch_size
+        return max(1, mini // self.hp.gradient_accumulation_steps)
+
+    def ppo_losses(self, mb: Rollout, outputs: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, dict]:
+        """Clipped policy + value loss of a micro-batch; `outputs` = the policy's (logits, values) if already run."""
         C = mb.context_length
-        logits, values = self.policy(mb.query_responses, mb.attention_mask)
-        logits = F.response_logits_slice(logits, C)
+        logits, values = outputs if outputs is not None else self.policy(mb.query_responses, mb.attention_mask, C)
         logprobs = F.response_logprobs(logits, mb.query_responses[:, C:], self.gen.temperature)
         pg_loss, pg_stats = F.policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask, self.hp.clip_range)
-        vf_loss, vf_stats = F.value_loss(values[:, C - 1 : -1], mb.values, mb.returns, mb.response_mask,
-                                         self.hp.value_clip_range)
+        vf_loss, vf_stats = F.value_loss(values, mb.values, mb.returns, mb.response_mask, self.hp.value_clip_range)
         with torch.no_grad():
             entropy = F.masked_mean(F.entropy_from_logits(logits.detach(), self.gen.temperature), mb.response_mask)
         stats = {"ppo/policy_loss": pg_loss.detach(), "ppo/value_loss": vf_loss.detach(), "ppo/entropy": entropy,
                  **{f"ppo/{k}": v for k, v in {**pg_stats, **vf_stats}.items()}}
         return pg_loss + self.hp.vf_coef * vf_loss, stats
 
-    def optimize(self, rollout: Rollout) -> dict:
-        self.policy.train()
+    def optimize(self, rollout: Rollout, graph: tuple[Tensor, Tensor] | None = None) -> dict:
+        """`ppo_epochs` x shuffled minibatches; `graph` = the rollout forward's outputs for the first micro-batch."""
+        if not self.policy.training:
+            self.policy.train()
         opt = self.optimizers()
         B = len(rollout)
         mini = self.hp.mini_batch_size or B
-        micro = max(1, mini // self.hp.gradient_accumulation_steps)
+        micro = self.micro_batch_size(B)
         generator = torch.Generator().manual_seed(self.iteration)
-        sums, count, epochs_run = defaultdict(float), 0, 0
+        sums, count, epochs_run = {}, 0, 0
         for _ in range(self.hp.ppo_epochs):
             epochs_run += 1
             for idx in minibatch_indices(B, mini, generator):
                 for part in idx.split(micro):
-                    loss, stats = self.ppo_losses(rollout.select(part.to(rollout.logprobs.device)))
+                    if graph is not None and len(part) == B:  # the whole batch: order does not change the means
+                        loss, stats = self.ppo_losses(rollout, graph)
+                    else:
+                        loss, stats = self.ppo_losses(rollout.select(part.to(rollout.logprobs.device)))
+                    graph = None  # only ever the first step: the weights change after it
                     self.manual_backward(loss * len(part) / len(idx))
                     if count == 0:
                         self.last_stats["ppo/ratio_first_minibatch"] = stats["ppo/ratio"].item()
                     for k, v in stats.items():
-                        sums[k] += float(v)
+                        sums[k] = sums[k] + v if k in sums else v
                     count += 1
                 if self.hp.max_grad_norm:
                     self.clip_gradients(opt, gradient_clip_val=self.hp.max_grad_norm, gradient_clip_algorithm="norm")
@@ -290,20 +332,22 @@ class PPOModule(L.LightningModule):
             # TRL-old: early stop on the last minibatch's KL(old || new)
             if self.hp.early_stopping and stats["ppo/policy_kl"] > 1.5 * self.hp.target_kl:
                 break
-        out = {k: v / count for k, v in sums.items()}
+        out = {k: v / count for k, v in sums.items()}  # tensors: one device sync per iteration, at logging
         out["ppo/epochs_run"] = float(epochs_run)
         return out
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        rollout, extra = self.make_rollout(batch)
+        B = batch["input_ids"].shape[0]
+        reuse = self.hp.reuse_rollout_forward and self.micro_batch_size(B) >= B
+        rollout, extra = self.make_rollout(batch, keep_graph=reuse)
         t0 = time.perf_counter()
-        stats = self.optimize(rollout)
+        stats = self.optimize(rollout, extra.pop("graph"))
         stats["time/optimization"] = time.perf_counter() - t0
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()
         mask = rollout.response_mask
-        kl_per_seq = self.trainer.strategy.reduce(rollout.kl.sum(1).mean(), reduce_op="mean")
+        kl_per_seq = float(self.trainer.strategy.reduce(rollout.kl.sum(1).mean(), reduce_op="mean"))
         episodes = len(rollout) * self.trainer.world_size
         stats.update({
             "rollout/score": rollout.scores.mean(), "rollout/score_std": rollout.scores.std(unbiased=False),
@@ -316,16 +360,34 @@ class PPOModule(L.LightningModule):
             **extra["timings"],
         })
         if kl_per_seq < self.hp.negative_kl_warning:
-            rank_zero_warn(f"rollout KL is {float(kl_per_seq):.2f} nats per sequence: a clearly negative KL means "
+            rank_zero_warn(f"rollout KL is {kl_per_seq:.2f} nats per sequence: a clearly negative KL means "
                            "the sampling is biased (top_k/top_p/min_new_tokens set?)")
-        self.kl_ctl.update(float(kl_per_seq), episodes)  # after the optimisation; n = episodes (PPO.md 2.12)
+        self.kl_ctl.update(kl_per_seq, episodes)  # after the optimisation; n = episodes (PPO.md 2.12)
+        self.log_stats(stats, len(rollout))
         self.iteration += 1
-        self.last_stats.update({k: float(v) for k, v in stats.items()})
-        self.log_dict({k: float(v) for k, v in stats.items()}, on_step=True, batch_size=len(rollout))
         if self.log_samples_every and self.iteration % self.log_samples_every == 1 % self.log_samples_every:
             self._log_samples(batch["prompt"], extra["responses"], rollout.scores)
         if self.save_freq and self.iteration % self.save_freq == 0:
             self.export(f"step_{self.iteration}")
+
+    MONITORED = ("rollout/score", "rollout/kl")
+    """Logged through `self.log` (callbacks such as ModelCheckpoint or EarlyStopping can monitor them)."""
+
+    def log_stats(self, stats: dict, batch_size: int) -> None:
+        """Everything in `last_stats`; the monitored few via `self.log`, the rest straight to the loggers.
+
+        Lightning's `self.log` costs ~0.3 ms per key (result collection); two dozen scalars every iteration
+        were 3% of a tiny iteration. The x-axis is the iteration, as for `self.log` in `training_step`.
+        """
+        keys = list(stats)
+        values = torch.stack([torch.as_tensor(stats[k], dtype=torch.float64, device=self.device)
+                              for k in keys]).tolist()
+        flat = dict(zip(keys, values, strict=True))
+        self.last_stats.update(flat)
+        self.log_dict({k: flat[k] for k in self.MONITORED}, on_step=True, batch_size=batch_size)
+        rest = {k: v for k, v in flat.items() if k not in self.MONITORED}
+        for logger in self.loggers:
+            logger.log_metrics(rest, step=self.iteration)
 
     # ---- validation: mean score of the current policy on held-out prompts -----------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -396,6 +458,15 @@ class PPOModule(L.LightningModule):
             instruction = p.split("### Instruction:")[-1].split("### Response:")[0].strip()
             rows.append(f"| {md(instruction)} | {md(r)} | {s:.3f} |")
         self.logger.experiment.add_text("samples/rollout", "\n".join(rows), self.iteration)
+
+
+def is_checkpointing(model: nn.Module) -> bool:
+    """Whether transformers' gradient (activation) checkpointing is on, through a PEFT wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for flag in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # the first is transformers >= 5.x
+        if hasattr(type(base), flag):
+            return bool(getattr(base, flag))
+    return False
 
 
 def md(text: str, limit: int = 300) -> str:

@@ -79,6 +79,54 @@ def test_ratio_is_exactly_one_on_the_first_minibatch(tiny_sft_run, tmp_path):
     assert module.iteration == 1 and (tmp_path / "ppo_out/step_1/adapter_model.safetensors").is_file()
 
 
+def test_policy_forward_is_the_full_forward_at_response_positions(tiny_sft_run, tmp_path):
+    """Logits only for the T response positions (logits_to_keep) and values from a hook: same numbers as
+    slicing a full forward with every layer's hidden states."""
+    from alpaca_rlhf.ppo import response_logits_slice
+    from alpaca_rlhf.ppo.rollout import position_ids_from_mask
+
+    module = make_module(tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged", tmp_path)
+    torch.nn.init.normal_(module.policy.value_head.summary.weight, std=0.5)
+    batch = first_batch(module, make_data())
+    rollout, _ = module.make_rollout(batch)
+    qr, am, C = rollout.query_responses, rollout.attention_mask, rollout.context_length
+    T = qr.shape[1] - C
+    with torch.no_grad():
+        logits, values = module.policy(qr, am, C)
+        full = module.policy.lm(input_ids=qr, attention_mask=am, position_ids=position_ids_from_mask(am),
+                                output_hidden_states=True)
+        expected_values = module.policy.value_head(full.hidden_states[-1])[:, C - 1 : -1]
+    assert logits.shape == (qr.shape[0], T, full.logits.shape[-1]) and values.shape == (qr.shape[0], T)
+    torch.testing.assert_close(logits, response_logits_slice(full.logits, C), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(values, expected_values, rtol=1e-5, atol=1e-5)
+    assert values.abs().sum() > 0
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_reusing_the_rollout_forward_gives_the_same_update(tiny_sft_run, tmp_path, checkpointing):
+    """One micro-batch = the whole batch: the first step takes the rollout's own forward (with autograd)
+    instead of a second one. Ratio exactly 1, and the same adapter as with the second forward."""
+    base = tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged"
+    states = {}
+    for reuse in (True, False):
+        L.seed_everything(0)
+        module = make_module(base, tmp_path / str(reuse), mini_batch_size=None, reuse_rollout_forward=reuse)
+        module.policy.lm.get_base_model().config.use_cache = True
+        if checkpointing:
+            module.policy.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        calls = []
+        hook = module.policy.register_forward_hook(lambda m, a, o: calls.append(torch.is_grad_enabled()))
+        trainer(1).fit(module, make_data())
+        hook.remove()
+        assert module.last_stats["ppo/ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-6)
+        # the rollout's policy forward, then 2 epochs x 1 step: the first step reuses the rollout's forward
+        assert calls == ([True, True] if reuse else [False, True, True])
+        states[reuse] = {k: v.clone() for k, v in module.policy.state_dict().items() if "lora_B" in k}
+    assert any(v.abs().sum() > 0 for v in states[True].values())  # it did update
+    for k, v in states[True].items():
+        torch.testing.assert_close(v, states[False][k], rtol=1e-4, atol=1e-6)
+
+
 def test_reference_is_the_policy_without_its_adapter(tiny_sft_run, tmp_path):
     base = tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged"
     module = make_module(base, tmp_path)
