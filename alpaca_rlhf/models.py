@@ -142,9 +142,24 @@ def build_tiny_base(path: str | os.PathLike, config: dict | None = None, corpus:
     return Path(path)
 
 
+def looks_local(name_or_path: str) -> bool:
+    """A folder path rather than a hub id ("org/name"): ./x, ../x, /x, ~/x, or a/b/c."""
+    return name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or os.sep != "/" and \
+        os.sep in name_or_path
+
+
 def ensure_base(spec: ModelSpec) -> None:
-    """Builds the tiny base folder if the spec asks for one and it is not there yet."""
-    if spec.tiny is not None and not Path(spec.name_or_path, "config.json").is_file():
+    """Builds the tiny base folder if the spec asks for one and it is not there yet; a missing local folder
+    (an earlier stage's output) is an error that says so, not the hub's "repo id" message."""
+    if spec.tiny is None:
+        for path in (spec.name_or_path, spec.tokenizer):
+            if path and looks_local(path) and not Path(path).expanduser().exists():
+                raise FileNotFoundError(
+                    f"model folder {path!r} does not exist (working directory {os.getcwd()}). It is written by an "
+                    "earlier stage: SFT or reward-model training then `python cli.py merge --adapter_path ...` "
+                    "(see README: the pipeline); run that first, or run from the folder that holds it.")
+        return
+    if not Path(spec.name_or_path, "config.json").is_file():
         try:
             build_tiny_base(spec.name_or_path, spec.tiny, spec.tiny_corpus, spec.tiny_vocab_size, spec.seed)
         except OSError:
@@ -218,6 +233,13 @@ def load_causal_lm(spec: ModelSpec, trainable: bool = True):
     from transformers import AutoModelForCausalLM
 
     return _load(AutoModelForCausalLM, spec, trainable)
+
+
+def load_trunk(spec: ModelSpec, trainable: bool = True):
+    """The bare decoder (`AutoModel`: no output layer or head) of any causal-LM or sequence-classifier folder."""
+    from transformers import AutoModel
+
+    return _load(AutoModel, spec, trainable)
 
 
 def load_sequence_classifier(spec: ModelSpec, pad_token_id: int | None = None, trainable: bool = True):

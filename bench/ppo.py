@@ -19,7 +19,9 @@ What differs is each framework's design, reported as it is:
   values). TRL: a separate value model (here a copy of the RM, trained in full), so every training forward
   and backward runs two networks, and its optimizer holds the whole value model.
 - Old log-probs. TRL takes them from the sampling scores of `generate`; ours recomputes them with a forward
-  (so that the ratio is exactly 1 before the first update; that forward also gives the values).
+  (so that the ratio is exactly 1 before the first update; that forward also gives the values). With one
+  minibatch (as here) that forward keeps its autograd graph and serves the first optimizer step
+  (`reuse_rollout_forward`, our default), so ours runs 3 training forwards per iteration and TRL 4.
 - Stopping. Both generate up to `--max-new-tokens` and cut after the first EOS; `generate` stops early only
   when every row has finished. The table reports each side's mean response length (tokens through the first
   EOS) and generated width.

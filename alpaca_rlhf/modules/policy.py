@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from alpaca_rlhf.models import LoraSpec, ModelSpec
 from alpaca_rlhf.ppo.rollout import position_ids_from_mask
 
 
@@ -26,6 +27,65 @@ class ValueHead(nn.Module):
 
     def forward(self, hidden_states: Tensor, **_) -> Tensor:
         return self.summary(hidden_states.float()).squeeze(-1)  # (B, L)
+
+
+class SeparateCritic(nn.Module):
+    """A value model with a trunk of its own, as TRL-new and N+ implementation details warm-start it from the
+    reward model (PPO.md §3 item 12), instead of a head on the policy's trunk.
+
+    It ignores the policy's hidden states and runs its own decoder over the same token ids (so it must share
+    the policy's tokenizer: an RM trained from the same base does). A LoRA adapter on that trunk and an fp32
+    scalar head train with the policy's optimizer, are saved in the Lightning checkpoint, and land in the
+    exports' `value_head.safetensors` (trainable tensors only; the trunk is `model`). Cost: a second set of
+    trunk weights (`model.quantization: 4bit` or `8bit` shrinks it) and a second trunk in every forward.
+
+    YAML::
+
+        value_head:
+          class_path: alpaca_rlhf.modules.policy.SeparateCritic
+          init_args:
+            model: {name_or_path: output/tiny/reward_model-adapter-merged}
+            init_from_score: true
+
+    Args:
+        hidden_size: The policy's hidden size (given by `PolicyWithValue`; the critic uses its own).
+        model: The critic's weights: a merged reward model (sequence classifier) or any causal-LM folder.
+        lora: Adapter on the critic's trunk; None = only the head trains.
+        init_from_score: Start the head from the folder's `score` layer (the RM's head, bias 0) instead of 0.
+    """
+
+    def __init__(self, hidden_size: int, model: ModelSpec,
+                 lora: LoraSpec | None = LoraSpec(r=16, alpha=32, dropout=0.0,
+                                                  target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]),
+                 init_from_score: bool = False) -> None:
+        super().__init__()
+        from alpaca_rlhf.models import apply_lora, load_trunk
+
+        trunk = load_trunk(model, trainable=lora is not None)
+        self.trunk = apply_lora(trunk, lora, task_type="FEATURE_EXTRACTION") if lora is not None else trunk
+        self.summary = nn.Linear(trunk.config.hidden_size, 1, dtype=torch.float32)
+        nn.init.zeros_(self.summary.weight)
+        nn.init.zeros_(self.summary.bias)
+        if init_from_score:
+            self.summary.weight.data.copy_(_score_weight(model.name_or_path).float().reshape(1, -1))
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, **_) -> Tensor:
+        out = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        return self.summary(out.last_hidden_state.float()).squeeze(-1)  # (B, L)
+
+
+def _score_weight(folder: str) -> Tensor:
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            if "score.weight" in f.keys():
+                return f.get_tensor("score.weight")
+    raise ValueError(f"{folder}: init_from_score needs a sequence-classifier folder with a 'score.weight' tensor "
+                     "(a merged reward model); none of its *.safetensors files has one")
 
 
 class PolicyWithValue(nn.Module):

@@ -385,6 +385,9 @@ class PPOModule(L.LightningModule):
         flat = dict(zip(keys, values, strict=True))
         self.last_stats.update(flat)
         self.log_dict({k: flat[k] for k in self.MONITORED}, on_step=True, batch_size=batch_size)
+        every = max(1, self.trainer.log_every_n_steps)  # as Lightning decides for self.log
+        if (self.iteration + 1) % every and not self.trainer.should_stop:
+            return
         rest = {k: v for k, v in flat.items() if k not in self.MONITORED}
         for logger in self.loggers:
             logger.log_metrics(rest, step=self.iteration)
@@ -437,8 +440,9 @@ class PPOModule(L.LightningModule):
         with atomic_dir(target) as tmp:
             self.policy.lm.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.policy.value_head.state_dict().items()},
-                      str(tmp / "value_head.safetensors"))
+            head = {k: p.detach().cpu().contiguous() for k, p in self.policy.value_head.named_parameters()
+                    if p.requires_grad}  # a separate critic's frozen trunk stays in its own folder
+            save_file(head, str(tmp / "value_head.safetensors"))
             (tmp / "template.json").write_text(json.dumps(self.template.to_json(), indent=2))
             (tmp / "ppo_state.json").write_text(json.dumps({
                 "iteration": self.iteration, "finished": finished, "kl_coef": self.kl_ctl.value,

@@ -107,3 +107,15 @@ def test_bad_spec_values_are_rejected():
 
 def test_load_tokenizer_padding_side(tiny_base):
     assert load_tokenizer(ModelSpec(name_or_path=str(tiny_base)), padding_side="left").padding_side == "left"
+
+
+def test_a_missing_stage_output_is_named_not_sent_to_the_hub(tmp_path, monkeypatch):
+    from alpaca_rlhf.models import looks_local
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="'output/tiny/reward_model-adapter-merged' does not exist.*merge"):
+        load_causal_lm(ModelSpec(name_or_path="output/tiny/reward_model-adapter-merged"))
+    with pytest.raises(FileNotFoundError, match="earlier stage"):
+        load_tokenizer(ModelSpec(name_or_path="./output/lora-alpaca-adapter-merged"))
+    assert looks_local("./x") and looks_local("/abs/x") and looks_local("output/tiny/x")
+    assert not looks_local("meta-llama/Llama-3.1-8B")  # a hub id keeps transformers' own handling

@@ -9,6 +9,7 @@ import torch
 from alpaca_rlhf.data import PromptDataModule
 from alpaca_rlhf.models import LoraSpec, ModelSpec
 from alpaca_rlhf.modules import PPOModule
+from alpaca_rlhf.modules.policy import ValueHead
 from alpaca_rlhf.modules.ppo import GenerationHParams, PPOHParams
 from alpaca_rlhf.modules.scorers import TokenIdScorer
 from alpaca_rlhf.ppo import FixedKLController
@@ -17,12 +18,13 @@ SAMPLE = "alpaca_rlhf/data/samples/alpaca_sample.json"
 LORA = LoraSpec(r=8, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
 
 
-def make_module(base, tmp_path, scorer=None, lr=1e-3, lora=LORA, **ppo):
+def make_module(base, tmp_path, scorer=None, lr=1e-3, lora=LORA, value_head=ValueHead, **ppo):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base)
     targets = [tok.convert_tokens_to_ids(t) for t in [".", ",", "Ġa", "Ġand", "Ġthe", "Ġin"]]
     return PPOModule(policy=ModelSpec(name_or_path=str(base)), scorer=scorer or TokenIdScorer(targets), lora=lora,
+                     value_head=value_head,
                      ppo=PPOHParams(**{"ppo_epochs": 2, "mini_batch_size": 4, **ppo}),
                      generation=GenerationHParams(max_new_tokens=12), kl_controller=FixedKLController(0.01),
                      optimizer=lambda p: torch.optim.AdamW(p, lr=lr, eps=1e-5), save_freq=2,
@@ -115,7 +117,7 @@ def test_reusing_the_rollout_forward_gives_the_same_update(tiny_sft_run, tmp_pat
         if checkpointing:
             module.policy.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         calls = []
-        hook = module.policy.register_forward_hook(lambda m, a, o: calls.append(torch.is_grad_enabled()))
+        hook = module.policy.register_forward_hook(lambda m, a, o, calls=calls: calls.append(torch.is_grad_enabled()))
         trainer(1).fit(module, make_data())
         hook.remove()
         assert module.last_stats["ppo/ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-6)
@@ -137,6 +139,44 @@ def test_reference_is_the_policy_without_its_adapter(tiny_sft_run, tmp_path):
     assert frozen == n_base and module.ref_model is None  # one copy of the base weights, no more
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or "value_head" in n for n in trainable)
+
+
+def test_separate_critic_warm_started_from_a_reward_model_trains_its_own_trunk(tiny_sft_run, tmp_path):
+    from functools import partial
+
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from alpaca_rlhf.models import load_sequence_classifier
+    from alpaca_rlhf.modules.policy import SeparateCritic
+
+    base = tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged"
+    # an RM-shaped folder: the merged SFT model as a one-score sequence classifier with a random head
+    rm = load_sequence_classifier(ModelSpec(name_or_path=str(base)),
+                                  pad_token_id=AutoTokenizer.from_pretrained(base).pad_token_id)
+    torch.nn.init.normal_(rm.score.weight, std=0.5)
+    rm.save_pretrained(tmp_path / "rm")
+    critic = partial(SeparateCritic, model=ModelSpec(name_or_path=str(tmp_path / "rm")), init_from_score=True)
+    module = make_module(base, tmp_path, value_head=critic, mini_batch_size=None)
+    head = module.policy.value_head
+    assert torch.equal(head.summary.weight, rm.score.weight.float())  # warm start from the RM's head
+    trainable = {n for n, p in head.named_parameters() if p.requires_grad}
+    assert "summary.weight" in trainable and any("lora_" in n for n in trainable)
+    assert all("lora_" in n or n.startswith("summary.") for n in trainable)  # the critic's trunk is frozen
+
+    batch = first_batch(module, make_data())
+    rollout, _ = module.make_rollout(batch)
+    C, mask = rollout.context_length, rollout.response_mask
+    with torch.no_grad():  # the values are the critic's own, from its trunk, not the policy's hidden states
+        expected = head(input_ids=rollout.query_responses, attention_mask=rollout.attention_mask)[:, C - 1 : -1]
+    torch.testing.assert_close(rollout.values, expected.masked_fill(~mask, 0.0))
+    assert rollout.values[mask].abs().min() > 0
+
+    trainer(2).fit(module, make_data())
+    lora_b = [p for n, p in head.named_parameters() if "lora_B" in n]
+    assert any(p.abs().sum() > 0 for p in lora_b)  # the critic's adapter learned
+    exported = load_file(tmp_path / "ppo_out/step_2/value_head.safetensors")
+    assert set(exported) == trainable  # adapter + head, not the critic's frozen trunk
 
 
 def test_kl_estimator_swaps_by_dotted_path(tiny_sft_run, tmp_path):
