@@ -58,22 +58,25 @@ def test_tiny_chain_ppo_raises_the_held_out_reward(tiny_sft_run, tmp_path):
     assert any("samples/rollout" in t for t in tags["tensors"])
 
 
-def test_tiny_ppo_ddp_two_cpu_processes(tiny_sft_run, tmp_path):
-    """Each rank generates its own rollouts, gradients are averaged, rank 0 writes one set of exports."""
-    from alpaca_rlhf.modules.scorers import TokenSetScorer  # noqa: F401  (the class_path below)
-
-    work = tmp_path / "ddp"
+def short_rule_run(tiny_sft_run, work, iterations: int, extra_yaml: str, *args):
+    """`fit` of configs/tiny/ppo.yaml for a few iterations with a rule-based scorer from YAML instead of the
+    reward model (no RM stage needed), plus `extra_yaml` under `model.init_args`; returns the work folder."""
     shutil.copytree(tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged",
                     work / "output/tiny/lora-alpaca-adapter-merged")
-    # a rule-based scorer from YAML instead of a reward model: no RM stage needed here
-    (work / "rule.yaml").write_text(
+    (work / "override.yaml").write_text(
         "model:\n  init_args:\n    scorer:\n      class_path: alpaca_rlhf.modules.scorers.TokenSetScorer\n"
-        "      init_args: {words: [the, a, and]}\n"
-        "    ppo: {mini_batch_size: null, ppo_epochs: 2}\n")  # one minibatch: the rollout forward is reused
-    run_cli(["fit", "--config", str(ROOT / "configs/tiny/ppo.yaml"), "--config", "rule.yaml",
-             "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
-             "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "0"],
-            cwd=work)
+        "      init_args: {words: [the, a, and]}\n" + extra_yaml)
+    run_cli(["fit", "--config", str(ROOT / "configs/tiny/ppo.yaml"), "--config", "override.yaml", *args,
+             "--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(iterations),
+             "--trainer.limit_val_batches", "0"], cwd=work)
+    return work
+
+
+def test_tiny_ppo_ddp_two_cpu_processes(tiny_sft_run, tmp_path):
+    """Each rank generates its own rollouts, gradients are averaged, rank 0 writes one set of exports."""
+    # one minibatch: the rollout forward is reused for the first step
+    work = short_rule_run(tiny_sft_run, tmp_path / "ddp", 3, "    ppo: {mini_batch_size: null, ppo_epochs: 2}\n",
+                          "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu")
     exports = sorted(p.name for p in (work / "output/tiny/ppo_checkpoints").iterdir())
     assert exports == ["step_3"]
     ckpt = torch.load(work / "output/tiny/checkpoints/ppo/last.ckpt", weights_only=True)
@@ -84,19 +87,10 @@ def test_value_head_and_scorer_swap_from_yaml(tiny_sft_run, tmp_path):
     """A researcher's swap without forking: a rule-based scorer and a separate critic, by class_path."""
     from safetensors.torch import load_file
 
-    work = tmp_path / "swap"
-    shutil.copytree(tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged",
-                    work / "output/tiny/lora-alpaca-adapter-merged")
-    (work / "swap.yaml").write_text(
-        "model:\n  init_args:\n"
-        "    scorer:\n      class_path: alpaca_rlhf.modules.scorers.TokenSetScorer\n"
-        "      init_args: {words: [the, a, and]}\n"
-        "    value_head:\n      class_path: alpaca_rlhf.modules.policy.SeparateCritic\n"
-        "      init_args:\n        model: {name_or_path: output/tiny/lora-alpaca-adapter-merged}\n"
-        "        lora: {r: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj, v_proj]}\n")
-    run_cli(["fit", "--config", str(ROOT / "configs/tiny/ppo.yaml"), "--config", "swap.yaml", *QUIET,
-             "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "0"],
-            cwd=work)
+    work = short_rule_run(tiny_sft_run, tmp_path / "swap", 2,
+                          "    value_head:\n      class_path: alpaca_rlhf.modules.policy.SeparateCritic\n"
+                          "      init_args:\n        model: {name_or_path: output/tiny/lora-alpaca-adapter-merged}\n"
+                          "        lora: {r: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj, v_proj]}\n", *QUIET)
     ckpt = torch.load(work / "output/tiny/checkpoints/ppo/last.ckpt", weights_only=True)
     critic = [k for k in ckpt["state_dict"] if k.startswith("policy.value_head.")]
     assert any("lora_A" in k for k in critic) and "policy.value_head.summary.weight" in critic

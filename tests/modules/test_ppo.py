@@ -18,13 +18,13 @@ SAMPLE = "alpaca_rlhf/data/samples/alpaca_sample.json"
 LORA = LoraSpec(r=8, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
 
 
-def make_module(base, tmp_path, scorer=None, lr=1e-3, lora=LORA, value_head=ValueHead, **ppo):
+def make_module(base, tmp_path, scorer=None, lr=1e-3, lora=LORA, value_head=ValueHead, ref_model=None, **ppo):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base)
     targets = [tok.convert_tokens_to_ids(t) for t in [".", ",", "Ġa", "Ġand", "Ġthe", "Ġin"]]
     return PPOModule(policy=ModelSpec(name_or_path=str(base)), scorer=scorer or TokenIdScorer(targets), lora=lora,
-                     value_head=value_head,
+                     value_head=value_head, ref_model=ref_model,
                      ppo=PPOHParams(**{"ppo_epochs": 2, "mini_batch_size": 4, **ppo}),
                      generation=GenerationHParams(max_new_tokens=12), kl_controller=FixedKLController(0.01),
                      optimizer=lambda p: torch.optim.AdamW(p, lr=lr, eps=1e-5), save_freq=2,
@@ -177,6 +177,32 @@ def test_separate_critic_warm_started_from_a_reward_model_trains_its_own_trunk(t
     assert any(p.abs().sum() > 0 for p in lora_b)  # the critic's adapter learned
     exported = load_file(tmp_path / "ppo_out/step_2/value_head.safetensors")
     assert set(exported) == trainable  # adapter + head, not the critic's frozen trunk
+
+
+def test_a_separate_reference_model_is_frozen_and_scores_the_reference_log_probs(tiny_sft_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from alpaca_rlhf.ppo import response_logprobs
+    from alpaca_rlhf.ppo.rollout import position_ids_from_mask
+
+    merged = tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged"
+    before_sft = tiny_sft_run / "output/tiny/base"  # same tokenizer, other weights
+    module = make_module(merged, tmp_path, ref_model=ModelSpec(name_or_path=str(before_sft)))
+    assert module.ref_model is not None and not any(p.requires_grad for p in module.ref_model.parameters())
+    assert not any(n.startswith("ref_model.") for n, p in module.named_parameters() if p.requires_grad)
+    rollout, _ = module.make_rollout(first_batch(module, make_data()))
+    qr, am, C = rollout.query_responses, rollout.attention_mask, rollout.context_length
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(before_sft)(
+            input_ids=qr, attention_mask=am, position_ids=position_ids_from_mask(am)).logits[:, C - 1 : -1]
+    expected = response_logprobs(logits, qr[:, C:], 1.0)
+    mask = rollout.response_mask
+    torch.testing.assert_close(rollout.ref_logprobs[mask], expected[mask], rtol=1e-5, atol=1e-5)
+    assert rollout.kl[mask].abs().mean() > 0.1  # SFT moved the policy away from the untuned base
+
+    same = make_module(merged, tmp_path, ref_model=ModelSpec(name_or_path=str(merged)))  # a copy of the start
+    rollout, _ = same.make_rollout(first_batch(same, make_data()))
+    torch.testing.assert_close(rollout.ref_logprobs, rollout.logprobs, rtol=1e-6, atol=1e-6)
 
 
 def test_kl_estimator_swaps_by_dotted_path(tiny_sft_run, tmp_path):
