@@ -129,9 +129,7 @@ def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None, load_in_8b
             fit; without a GPU there is nothing to offload from, so the model simply runs on the CPU.
         offload_folder: Where weights that fit neither GPU nor CPU memory are offloaded to disk.
     """
-    from transformers import AutoModelForCausalLM
-
-    from alpaca_rlhf.models import ModelSpec, _load, load_tokenizer
+    from alpaca_rlhf.models import ModelSpec, load_causal_lm, load_tokenizer
 
     cuda = torch.cuda.is_available()
     spec = ModelSpec(name_or_path=checkpoint.base, tokenizer=checkpoint.tokenizer,
@@ -152,8 +150,7 @@ def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None, load_in_8b
         placement = {"device_map": {"": torch.cuda.current_device()}}
     else:  # CPU, or 8-bit (models.py places quantized weights itself)
         placement = {}
-    # models.py stays the only caller of transformers' from_pretrained: its loader takes placement keywords
-    model = _load(AutoModelForCausalLM, spec, trainable=False, **placement)
+    model = load_causal_lm(spec, trainable=False, **placement)  # models.py: the one place that loads weights
     if checkpoint.adapter:
         from peft import PeftModel
 

@@ -228,11 +228,14 @@ def _load(auto_cls, spec: ModelSpec, trainable: bool, **kwargs):
     return model
 
 
-def load_causal_lm(spec: ModelSpec, trainable: bool = True):
-    """A causal LM per the spec; frozen and in eval mode unless `trainable`."""
+def load_causal_lm(spec: ModelSpec, trainable: bool = True, **placement):
+    """A causal LM per the spec; frozen and in eval mode unless `trainable`.
+
+    `placement`: transformers' `device_map` / `offload_folder` for inference (training leaves placement to
+    Lightning; quantized weights are placed here either way)."""
     from transformers import AutoModelForCausalLM
 
-    return _load(AutoModelForCausalLM, spec, trainable)
+    return _load(AutoModelForCausalLM, spec, trainable, **placement)
 
 
 def load_trunk(spec: ModelSpec, trainable: bool = True):
