@@ -216,6 +216,8 @@ def _load(auto_cls, spec: ModelSpec, trainable: bool, **kwargs):
     if quant is not None and trainable:
         from peft import prepare_model_for_kbit_training
 
+        keep_4bit_layers_differentiable(model)
+
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     elif spec.gradient_checkpointing and trainable:
@@ -226,6 +228,23 @@ def _load(auto_cls, spec: ModelSpec, trainable: bool, **kwargs):
         model.requires_grad_(False)
         model.eval()
     return model
+
+
+def keep_4bit_layers_differentiable(model: torch.nn.Module) -> int:
+    """Turns off bitsandbytes' CPU inference packing in the model's 4-bit layers; returns how many.
+
+    On CPUs with AVX512-bf16, bitsandbytes (0.50) repacks a `Linear4bit` weight for its inference kernel the
+    first time the layer runs in eval mode without grad (validation, PPO's generation), and from then on the
+    layer's backward passes no gradient to its input: LoRA adapters upstream of any 4-bit layer (q/v behind
+    o_proj) silently stop learning. Trainable models never take that path; frozen ones (a 4-bit reward model)
+    keep the faster kernel. Nothing changes on a GPU.
+    """
+    n = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 def load_causal_lm(spec: ModelSpec, trainable: bool = True, **placement):

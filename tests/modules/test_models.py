@@ -119,3 +119,21 @@ def test_a_missing_stage_output_is_named_not_sent_to_the_hub(tmp_path, monkeypat
         load_tokenizer(ModelSpec(name_or_path="./output/lora-alpaca-adapter-merged"))
     assert looks_local("./x") and looks_local("/abs/x") and looks_local("output/tiny/x")
     assert not looks_local("meta-llama/Llama-3.1-8B")  # a hub id keeps transformers' own handling
+
+
+def test_4bit_lora_still_learns_after_an_eval_forward(tiny_base, tiny_tokenizer):
+    """bitsandbytes repacks 4-bit CPU weights on an eval-mode no-grad forward (validation, generation) and its
+    backward then stops at those layers; trainable models must not take that path (models.py)."""
+    spec = ModelSpec(name_or_path=str(tiny_base), quantization="4bit")
+    model = apply_lora(load_causal_lm(spec), LoraSpec(r=4, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    batch = _batch(tiny_tokenizer)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    model.train()
+    model(**batch).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())

@@ -205,6 +205,54 @@ def test_a_separate_reference_model_is_frozen_and_scores_the_reference_log_probs
     torch.testing.assert_close(rollout.ref_logprobs, rollout.logprobs, rtol=1e-6, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def kbit_base(tmp_path_factory):
+    from alpaca_rlhf.models import build_tiny_base
+
+    # every linear layer's out_features divisible by 32: bitsandbytes' CPU 4-bit inference kernel, which the
+    # frozen 4-bit reward model uses, needs it (trainable models do not use it: models.py)
+    return build_tiny_base(tmp_path_factory.mktemp("kbit") / "base", {"intermediate_size": 192})
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_quantized_policy_with_checkpointing_and_quantized_reward_model(kbit_base, tmp_path, quantization):
+    """The consumer-GPU shape of configs/ppo.yaml on a tiny model: k-bit policy + LoRA + gradient checkpointing,
+    a k-bit reward model, the rollout forward reused: finite, ratio 1, the adapter and value head learn."""
+    from transformers import AutoTokenizer
+
+    from alpaca_rlhf.models import load_sequence_classifier
+    from alpaca_rlhf.modules.scorers import RewardModelScorer
+
+    rm = load_sequence_classifier(ModelSpec(name_or_path=str(kbit_base)),
+                                  pad_token_id=AutoTokenizer.from_pretrained(kbit_base).pad_token_id)
+    torch.nn.init.normal_(rm.score.weight, std=0.5)
+    rm.save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(kbit_base).save_pretrained(tmp_path / "rm")
+    scorer = RewardModelScorer(ModelSpec(name_or_path=str(tmp_path / "rm"), quantization=quantization))
+    L.seed_everything(0)
+    module = PPOModule(
+        policy=ModelSpec(name_or_path=str(kbit_base), quantization=quantization, gradient_checkpointing=True),
+        scorer=scorer, lora=LoraSpec(r=4, alpha=8, dropout=0.05, target_modules=["q_proj", "v_proj"]),
+        ppo=PPOHParams(ppo_epochs=2, mini_batch_size=None), generation=GenerationHParams(max_new_tokens=8),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2, eps=1e-5), output_dir=str(tmp_path / "out"),
+        save_freq=0, log_samples_every=0)
+    kinds = {type(m).__name__ for m in module.modules()}
+    assert ("Linear4bit" if quantization == "4bit" else "Linear8bitLt") in kinds
+    head_before = module.policy.value_head.summary.weight.detach().clone()
+    history = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            history.append(dict(pl_module.last_stats))
+
+    trainer(2, callbacks=[Record()]).fit(module, make_data())
+    assert history[0]["ppo/ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-6)
+    assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in history)
+    assert any(p.abs().sum() > 0 for n, p in module.policy.named_parameters() if "lora_B" in n)
+    assert not torch.equal(module.policy.value_head.summary.weight, head_before)
+    assert (tmp_path / "out/step_2/adapter_model.safetensors").is_file()
+
+
 def test_kl_estimator_swaps_by_dotted_path(tiny_sft_run, tmp_path):
     module = make_module(tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged", tmp_path,
                          kl_estimator="alpaca_rlhf.ppo.rewards.kl_k3")
