@@ -213,10 +213,10 @@ def _load(auto_cls, spec: ModelSpec, trainable: bool, **kwargs):
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     model = auto_cls.from_pretrained(spec.name_or_path, dtype=spec.torch_dtype, quantization_config=quant,
                                      **kwargs)
+    if spec.quantization == "4bit":
+        guard_cpu_4bit_kernel(model, trainable)
     if quant is not None and trainable:
         from peft import prepare_model_for_kbit_training
-
-        keep_4bit_layers_differentiable(model)
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -230,21 +230,29 @@ def _load(auto_cls, spec: ModelSpec, trainable: bool, **kwargs):
     return model
 
 
-def keep_4bit_layers_differentiable(model: torch.nn.Module) -> int:
-    """Turns off bitsandbytes' CPU inference packing in the model's 4-bit layers; returns how many.
+def guard_cpu_4bit_kernel(model: torch.nn.Module, trainable: bool) -> int:
+    """Keeps bitsandbytes' CPU 4-bit inference repacking away from layers it breaks; returns how many.
 
     On CPUs with AVX512-bf16, bitsandbytes (0.50) repacks a `Linear4bit` weight for its inference kernel the
-    first time the layer runs in eval mode without grad (validation, PPO's generation), and from then on the
-    layer's backward passes no gradient to its input: LoRA adapters upstream of any 4-bit layer (q/v behind
-    o_proj) silently stop learning. Trainable models never take that path; frozen ones (a 4-bit reward model)
-    keep the faster kernel. Nothing changes on a GPU.
+    first time the layer runs in eval mode without grad (validation, PPO's generation). From then on the layer's
+    backward passes no gradient to its input, so LoRA adapters upstream of any 4-bit layer (q/v behind o_proj)
+    silently stop learning; and the repacking fails unless the output size is a multiple of 32 and the input size
+    one of the quantization block size (64; the tiny configs' 176-wide MLP and tiny test models). Trainable
+    models never repack; frozen ones (a 4-bit reward model) keep the faster kernel where the shape allows.
+    Nothing changes on a GPU.
     """
     n = 0
     for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
+        if getattr(module, "support_avx512bf16_for_cpu", False) and (trainable or not _cpu_kernel_fits(module)):
             module.support_avx512bf16_for_cpu = False
             n += 1
     return n
+
+
+def _cpu_kernel_fits(layer) -> bool:
+    state = getattr(layer.weight, "quant_state", None)
+    block = getattr(state, "blocksize", 64) or 64
+    return layer.out_features % 32 == 0 and layer.in_features % block == 0
 
 
 def load_causal_lm(spec: ModelSpec, trainable: bool = True, **placement):

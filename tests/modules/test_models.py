@@ -123,7 +123,8 @@ def test_a_missing_stage_output_is_named_not_sent_to_the_hub(tmp_path, monkeypat
 
 def test_4bit_lora_still_learns_after_an_eval_forward(tiny_base, tiny_tokenizer):
     """bitsandbytes repacks 4-bit CPU weights on an eval-mode no-grad forward (validation, generation) and its
-    backward then stops at those layers; trainable models must not take that path (models.py)."""
+    backward then stops at those layers; trainable models must not take that path (models.py). This base's
+    k/v projections have 16 outputs, which the repacked kernel also rejects."""
     spec = ModelSpec(name_or_path=str(tiny_base), quantization="4bit")
     model = apply_lora(load_causal_lm(spec), LoraSpec(r=4, dropout=0.0, target_modules=["q_proj", "v_proj"]))
     for name, p in model.named_parameters():
@@ -137,3 +138,20 @@ def test_4bit_lora_still_learns_after_an_eval_forward(tiny_base, tiny_tokenizer)
     model(**batch).loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_frozen_4bit_model_with_odd_layer_sizes_scores(tiny_base):
+    """A frozen 4-bit model (the reward model in PPO) whose k/v projections have 16 outputs runs in eval mode."""
+    from alpaca_rlhf.models import load_sequence_classifier
+
+    ids = torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]])
+    scores = {}
+    for quantization in (None, "4bit"):
+        model = load_sequence_classifier(ModelSpec(name_or_path=str(tiny_base), quantization=quantization),
+                                         pad_token_id=0, trainable=False)
+        torch.manual_seed(0)
+        torch.nn.init.normal_(model.score.weight, std=0.5)
+        with torch.no_grad():
+            scores[quantization] = model(input_ids=ids).logits.squeeze(-1)
+    assert torch.isfinite(scores["4bit"]).all()
+    torch.testing.assert_close(scores["4bit"], scores[None], rtol=0, atol=0.25)  # nf4 rounding only

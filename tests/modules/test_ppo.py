@@ -205,17 +205,8 @@ def test_a_separate_reference_model_is_frozen_and_scores_the_reference_log_probs
     torch.testing.assert_close(rollout.ref_logprobs, rollout.logprobs, rtol=1e-6, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def kbit_base(tmp_path_factory):
-    from alpaca_rlhf.models import build_tiny_base
-
-    # every linear layer's out_features divisible by 32: bitsandbytes' CPU 4-bit inference kernel, which the
-    # frozen 4-bit reward model uses, needs it (trainable models do not use it: models.py)
-    return build_tiny_base(tmp_path_factory.mktemp("kbit") / "base", {"intermediate_size": 192})
-
-
 @pytest.mark.parametrize("quantization", ["4bit", "8bit"])
-def test_quantized_policy_with_checkpointing_and_quantized_reward_model(kbit_base, tmp_path, quantization):
+def test_quantized_policy_with_checkpointing_and_quantized_reward_model(tiny_base, tmp_path, quantization):
     """The consumer-GPU shape of configs/ppo.yaml on a tiny model: k-bit policy + LoRA + gradient checkpointing,
     a k-bit reward model, the rollout forward reused: finite, ratio 1, the adapter and value head learn."""
     from transformers import AutoTokenizer
@@ -223,15 +214,15 @@ def test_quantized_policy_with_checkpointing_and_quantized_reward_model(kbit_bas
     from alpaca_rlhf.models import load_sequence_classifier
     from alpaca_rlhf.modules.scorers import RewardModelScorer
 
-    rm = load_sequence_classifier(ModelSpec(name_or_path=str(kbit_base)),
-                                  pad_token_id=AutoTokenizer.from_pretrained(kbit_base).pad_token_id)
+    rm = load_sequence_classifier(ModelSpec(name_or_path=str(tiny_base)),
+                                  pad_token_id=AutoTokenizer.from_pretrained(tiny_base).pad_token_id)
     torch.nn.init.normal_(rm.score.weight, std=0.5)
     rm.save_pretrained(tmp_path / "rm")
-    AutoTokenizer.from_pretrained(kbit_base).save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(tmp_path / "rm")
     scorer = RewardModelScorer(ModelSpec(name_or_path=str(tmp_path / "rm"), quantization=quantization))
     L.seed_everything(0)
     module = PPOModule(
-        policy=ModelSpec(name_or_path=str(kbit_base), quantization=quantization, gradient_checkpointing=True),
+        policy=ModelSpec(name_or_path=str(tiny_base), quantization=quantization, gradient_checkpointing=True),
         scorer=scorer, lora=LoraSpec(r=4, alpha=8, dropout=0.05, target_modules=["q_proj", "v_proj"]),
         ppo=PPOHParams(ppo_epochs=2, mini_batch_size=None), generation=GenerationHParams(max_new_tokens=8),
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2, eps=1e-5), output_dir=str(tmp_path / "out"),

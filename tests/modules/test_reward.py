@@ -24,8 +24,7 @@ LORA = LoraSpec(r=8, alpha=16, dropout=0.0,
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory) -> Path:
-    # intermediate_size 192: bitsandbytes' CPU 4-bit inference kernel needs out_features divisible by 32
-    return build_tiny_base(tmp_path_factory.mktemp("rm") / "base", {"intermediate_size": 192})
+    return build_tiny_base(tmp_path_factory.mktemp("rm") / "base")  # the tiny configs' model (MLP 176 wide)
 
 
 def make_module(base_dir: Path, adapter_dir: Path, **kwargs) -> RewardModule:
