@@ -380,7 +380,7 @@ class PPOModule(L.LightningModule):
         were 3% of a tiny iteration. The x-axis is the iteration, as for `self.log` in `training_step`.
         """
         keys = list(stats)
-        values = torch.stack([torch.as_tensor(stats[k], dtype=torch.float64, device=self.device)
+        values = torch.stack([torch.as_tensor(stats[k], dtype=torch.float32, device=self.device)
                               for k in keys]).tolist()
         flat = dict(zip(keys, values, strict=True))
         self.last_stats.update(flat)
