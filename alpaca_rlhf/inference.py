@@ -593,8 +593,8 @@ def _score_all(scorer, prompts: list[str], gens: list[Generation], tokenizer, ba
     for i in range(0, len(gens), batch_size):
         chunk = gens[i : i + batch_size]
         ids, mask, C = pad_prompt_responses(*_ids(chunk), tokenizer.pad_token_id)
-        batch = ScoringBatch(prompts[i : i + batch_size], [g.text for g in chunk], ids.to(device),
-                             mask.to(device), C, tokenizer)
+        batch = ScoringBatch(prompts[i : i + batch_size], ids.to(device), mask.to(device), C, tokenizer,
+                             texts=[g.text for g in chunk])
         values.extend(scorer(batch).tolist())
     return values
 

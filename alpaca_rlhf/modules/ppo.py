@@ -195,16 +195,19 @@ class PPOModule(L.LightningModule):
         return torch.where(response_mask, responses, self.tokenizer.pad_token_id), response_mask
 
     @torch.no_grad()
-    def _forward_old(self, query_responses: Tensor, attention_mask: Tensor, C: int, policy: bool = True):
-        """Old log-probs and values (if `policy`) and reference log-probs, `forward_batch_size` rows at a time."""
+    def _forward_old(self, query_responses: Tensor, attention_mask: Tensor, C: int, policy: bool = True,
+                     with_values: bool = True):
+        """Old log-probs and values (if `policy`; values if `with_values`) and reference log-probs (always),
+        `forward_batch_size` rows at a time; what is not computed comes back as None."""
         logprobs, values, ref_logprobs = [], [], []
         responses = query_responses[:, C:]
         for i in range(0, query_responses.shape[0], self.hp.forward_batch_size):
             rows = slice(i, i + self.hp.forward_batch_size)
             if policy:
-                logits, v = self.policy(query_responses[rows], attention_mask[rows], C)
+                logits, v = self.policy(query_responses[rows], attention_mask[rows], C, with_values=with_values)
                 logprobs.append(F.response_logprobs(logits, responses[rows], self.gen.temperature))
-                values.append(v)
+                if v is not None:
+                    values.append(v)
             ref_logprobs.append(F.response_logprobs(self.reference_logits(query_responses[rows], attention_mask[rows],
                                                                           C), responses[rows], self.gen.temperature))
         cat = lambda xs: torch.cat(xs) if xs else None  # noqa: E731
@@ -220,8 +223,7 @@ class PPOModule(L.LightningModule):
 
     def scoring_batch(self, prompts: list[str], query_responses: Tensor, attention_mask: Tensor,
                       C: int) -> ScoringBatch:
-        texts = self.tokenizer.batch_decode(query_responses[:, C:], skip_special_tokens=True)
-        return ScoringBatch(prompts, texts, query_responses, attention_mask, C, self.tokenizer)
+        return ScoringBatch(prompts, query_responses, attention_mask, C, self.tokenizer)
 
     def make_rollout(self, batch: dict, keep_graph: bool = False) -> tuple[Rollout, dict]:
         """Generate, score and turn one prompt batch into detached PPO experience.
@@ -273,7 +275,7 @@ class PPOModule(L.LightningModule):
         timings["time/scoring_and_forwards"] = time.perf_counter() - t1
         rollout = Rollout(query_responses, attention_mask, response_mask, logprobs, ref_logprobs, values, scores,
                           rewards, kl, advantages, returns)
-        return rollout, {"raw_scores": raw_scores, "has_eos": has_eos, "responses": sb.responses, "timings": timings,
+        return rollout, {"raw_scores": raw_scores, "has_eos": has_eos, "scoring_batch": sb, "timings": timings,
                          "graph": graph}
 
     def _seed_sampling(self, seed: int) -> None:
@@ -366,7 +368,7 @@ class PPOModule(L.LightningModule):
         self.log_stats(stats, len(rollout))
         self.iteration += 1
         if self.log_samples_every and self.iteration % self.log_samples_every == 1 % self.log_samples_every:
-            self._log_samples(batch["prompt"], extra["responses"], rollout.scores)
+            self._log_samples(batch["prompt"], extra["scoring_batch"].responses, rollout.scores)
         if self.save_freq and self.iteration % self.save_freq == 0:
             self.export(f"step_{self.iteration}")
 
@@ -403,7 +405,7 @@ class PPOModule(L.LightningModule):
             qr = torch.cat([batch["input_ids"], responses], 1)
             am = torch.cat([batch["attention_mask"], mask.long()], 1)
             raw = self.scorer(self.scoring_batch(batch["prompt"], qr, am, C)).to(qr.device)
-            logprobs, _, ref_logprobs = self._forward_old(qr, am, C)
+            logprobs, _, ref_logprobs = self._forward_old(qr, am, C, with_values=False)
             kl = F.masked_sum(logprobs - ref_logprobs, mask, dim=1)
         n = len(raw)
         self.log("val/score", (raw + self.scorer.offset).mean(), batch_size=n, sync_dist=True)

@@ -23,11 +23,20 @@ class ScoringBatch:
     """What a scorer sees of one rollout. B responses."""
 
     prompts: list[str]          # rendered prompts (template included)
-    responses: list[str]        # decoded responses, truncated after the first EOS, special tokens dropped
     query_responses: Tensor     # (B, C+T) policy token ids: left-padded prompt, response, pad after EOS
     attention_mask: Tensor      # (B, C+T) 1 on real prompt and response tokens
     context_length: int         # C: responses start at this column
     policy_tokenizer: object    # the policy's tokenizer (for scorers that re-tokenise)
+    texts: list[str] | None = None  # the responses as text if already known; else decoded on first use
+
+    @property
+    def responses(self) -> list[str]:
+        """Decoded responses, truncated after the first EOS, special tokens dropped. Decoded only when a scorer
+        (or the sample log) asks: a reward model sharing the policy's vocabulary scores the ids directly."""
+        if self.texts is None:
+            self.texts = self.policy_tokenizer.batch_decode(self.query_responses[:, self.context_length :],
+                                                            skip_special_tokens=True)
+        return self.texts
 
 
 class Scorer(nn.Module):
