@@ -55,6 +55,29 @@ def quiet() -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
+def lightning_trainer(tmp: str, callbacks: list, precision: str | None = None, **limits):
+    """Our side's Trainer: one device, no logger, checkpoints, progress bar, summary or validation.
+    `limits`: max_steps, or max_epochs + limit_train_batches. Precision: bf16-mixed on a GPU, fp32 on the CPU."""
+    import lightning as L
+    import torch
+
+    gpu = torch.cuda.is_available()
+    return L.Trainer(accelerator="gpu" if gpu else "cpu", devices=1,
+                     precision=precision or ("bf16-mixed" if gpu else "32-true"), logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks, default_root_dir=tmp,
+                     **limits)
+
+
+def trl_lora_config(lora: dict, task_type: str):
+    """TRL's side of the same LoRA (`peft.LoraConfig` from our LoraSpec fields)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                      target_modules=list(lora["target_modules"]), bias=lora.get("bias", "none"),
+                      task_type=task_type)
+
+
 def tiny_config() -> dict:
     """What both sides take from configs/tiny/sft.yaml: the tiny model, LoRA, learning rate, batch, length."""
     import yaml

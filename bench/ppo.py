@@ -67,8 +67,10 @@ from common import (  # noqa: E402
     MemoryMeter,
     build_bases,
     device_description,
+    lightning_trainer,
     quiet,
     run_isolated,
+    trl_lora_config,
 )
 
 TINY_PPO_CONFIG = ROOT / "configs" / "tiny" / "ppo.yaml"
@@ -322,7 +324,6 @@ def run_ours(path: str, rm_path: str, cfg: dict, batch_size: int, max_prompt_len
 
     quiet()
     L.seed_everything(cfg["seed"], verbose=False)
-    gpu = torch.cuda.is_available()
     probe, memory, out = Probe(), MemoryMeter(), {}
     total = warmup + steps
 
@@ -360,10 +361,8 @@ def run_ours(path: str, rm_path: str, cfg: dict, batch_size: int, max_prompt_len
         probe.attach_models(module.policy, module.scorer)
         probe.wrap_generate(module.policy.lm)
         probe.patch_backward()
-        trainer = L.Trainer(accelerator="gpu" if gpu else "cpu", devices=1, precision="32-true", max_epochs=1,
-                            limit_train_batches=total, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                            limit_val_batches=0, callbacks=[Iterations()], default_root_dir=tmp)
+        trainer = lightning_trainer(tmp, [Iterations()], precision="32-true", max_epochs=1,
+                                    limit_train_batches=total)
         if profile:
             probe.profile(warmup, steps, profile if isinstance(profile, str) else None)
         memory.start()
@@ -379,7 +378,6 @@ def run_trl(path: str, rm_path: str, cfg: dict, batch_size: int, max_prompt_leng
             steps: int, gc_off: bool = False, profile: bool | str = False) -> dict:
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from torch.utils.data import DataLoader
     from transformers import (
         AutoModelForCausalLM,
@@ -466,9 +464,7 @@ def run_trl(path: str, rm_path: str, cfg: dict, batch_size: int, max_prompt_leng
         trainer = PPOTrainer(
             args=args, processing_class=tokenizer, model=policy, ref_model=None, reward_model=reward,
             train_dataset=dataset, value_model=value,
-            peft_config=LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                                   target_modules=list(lora["target_modules"]), bias=lora.get("bias", "none"),
-                                   task_type="CAUSAL_LM"),
+            peft_config=trl_lora_config(lora, "CAUSAL_LM"),
             callbacks=[Iterations()],
         )
         trainer.remove_callback(PrinterCallback)

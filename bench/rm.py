@@ -31,7 +31,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, MemoryMeter, StepMeter, build_bases, compare, device_description, median_of  # noqa: E402
+from common import (  # noqa: E402
+    ROOT,
+    MemoryMeter,
+    StepMeter,
+    build_bases,
+    compare,
+    device_description,
+    lightning_trainer,
+    median_of,
+    trl_lora_config,
+)
 
 PREFERENCES = ROOT / "alpaca_rlhf" / "data" / "samples" / "preferences_sample.jsonl"
 TINY_RM_CONFIG = ROOT / "configs" / "tiny" / "rm.yaml"
@@ -85,7 +95,6 @@ def run_ours(path: str, lora: dict, lr: float, batch_size: int, max_length: int,
     from alpaca_rlhf.modules import RewardModule
 
     L.seed_everything(seed, verbose=False)
-    gpu = torch.cuda.is_available()
     meter, memory = StepMeter(), MemoryMeter()
 
     class Steps(L.Callback):
@@ -98,11 +107,7 @@ def run_ours(path: str, lora: dict, lr: float, batch_size: int, max_length: int,
                               adapter_dir=f"{tmp}/adapter", optimizer=optimizer, scheduler=None)
         data = preference_data(module.tokenizer, batch_size, max_length, seed)
         meter.attach(module.model)
-        trainer = L.Trainer(accelerator="gpu" if gpu else "cpu", devices=1,
-                            precision="bf16-mixed" if gpu else "32-true", max_steps=warmup + steps,
-                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                            callbacks=[Steps()], default_root_dir=tmp)
+        trainer = lightning_trainer(tmp, [Steps()], max_steps=warmup + steps)
         memory.start()
         trainer.fit(module, datamodule=data)
         return _result(meter, memory, warmup, steps, batch_size)
@@ -112,7 +117,6 @@ def run_trl(path: str, lora: dict, lr: float, batch_size: int, max_length: int, 
             steps: int) -> dict:
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import PrinterCallback, TrainerCallback, set_seed
     from trl import RewardConfig, RewardTrainer
 
@@ -147,9 +151,7 @@ def run_trl(path: str, lora: dict, lr: float, batch_size: int, max_length: int, 
         trainer = RewardTrainer(
             model=load_sequence_classifier(spec, pad_token_id=tokenizer.pad_token_id), args=args,
             train_dataset=dataset, processing_class=tokenizer,
-            peft_config=LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                                   target_modules=list(lora["target_modules"]), bias=lora.get("bias", "none"),
-                                   task_type="SEQ_CLS"),
+            peft_config=trl_lora_config(lora, "SEQ_CLS"),
             callbacks=[Steps()],
         )
         trainer.remove_callback(PrinterCallback)

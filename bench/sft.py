@@ -38,9 +38,11 @@ from common import (  # noqa: E402
     build_bases,
     compare,
     device_description,
+    lightning_trainer,
     markdown_table,
     quiet,
     tiny_config,
+    trl_lora_config,
 )
 
 
@@ -100,7 +102,6 @@ def run_ours(path: str, lora: dict, lr: float, batch_size: int, max_length: int,
 
     quiet()
     L.seed_everything(seed, verbose=False)
-    gpu = torch.cuda.is_available()
     meter, memory = StepMeter(), MemoryMeter()
 
     class Steps(L.Callback):
@@ -114,11 +115,7 @@ def run_ours(path: str, lora: dict, lr: float, batch_size: int, max_length: int,
                            scheduler=None)
         data = alpaca_datamodule(module.tokenizer, batch_size, max_length, seed)
         meter.attach(module.model)
-        trainer = L.Trainer(accelerator="gpu" if gpu else "cpu", devices=1,
-                            precision="bf16-mixed" if gpu else "32-true", max_steps=warmup + steps,
-                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                            callbacks=[Steps()], default_root_dir=tmp)
+        trainer = lightning_trainer(tmp, [Steps()], max_steps=warmup + steps)
         memory.start()
         trainer.fit(module, datamodule=data)
         return {**meter.window(warmup, steps), **memory.stop()}
@@ -128,7 +125,6 @@ def run_trl(path: str, lora: dict, lr: float, batch_size: int, max_length: int, 
             steps: int, records: dict, loss_type: str | None = None) -> dict:
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import PrinterCallback, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
@@ -158,9 +154,7 @@ def run_trl(path: str, lora: dict, lr: float, batch_size: int, max_length: int, 
         trainer = SFTTrainer(
             model=load_causal_lm(spec), args=args, train_dataset=Dataset.from_list(records["rows"]),
             processing_class=load_tokenizer(spec),
-            peft_config=LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                                   target_modules=list(lora["target_modules"]), bias=lora.get("bias", "none"),
-                                   task_type="CAUSAL_LM"),
+            peft_config=trl_lora_config(lora, "CAUSAL_LM"),
             callbacks=[Steps()],
         )
         trainer.remove_callback(PrinterCallback)  # it prints the end-of-training summary
