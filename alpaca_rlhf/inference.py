@@ -208,12 +208,14 @@ def generate_responses(model, tokenizer, prompts: list[str], sampling: SamplingS
 
     if tokenizer.padding_side != "left":
         raise ValueError("batched generation needs a left-padding tokenizer (load_checkpoint gives one)")
+    from alpaca_rlhf.data.sft import adds_special_tokens
+
     config = sampling.generation_config(tokenizer)
     device = model_device(model)
     out: list[Generation] = []
     for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True,
-                        add_special_tokens=True)  # with BOS, as every stage encodes prompts
+        enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True,  # BOS once, as encode_prompt
+                        add_special_tokens=adds_special_tokens(tokenizer, prompts[i]))
         enc = {k: v.to(device) for k, v in enc.items()}
         ids = model.generate(**enc, generation_config=config, streamer=streamer)
         C = enc["input_ids"].shape[1]
@@ -331,7 +333,7 @@ def generate(
     checkpoint = resolve_checkpoint(mode, model_name, adapter_path, merged_model_path, ppo_model_path,
                                     tokenizer_name)
     model, tokenizer = load_checkpoint(checkpoint, dtype, load_in_8bit, allow_cpu_offload)
-    template = PromptTemplate.load(checkpoint.template)
+    template = PromptTemplate.load(checkpoint.template).bind(tokenizer)
     prompts = [template.render(r["instruction"], r["input"]) for r in records]
     sampling = SamplingSpec(max_new_tokens, temperature, top_p, top_k)
     if seed is not None:
@@ -365,6 +367,8 @@ class PromptSource:
             file of held-out instructions).
         seed: Seed of the hold-out split.
         max_prompt_length: Longer prompts (in tokens) are dropped before the split, as PPO's data does.
+        skip_bad_records: Drop malformed records before the split, as PPO's data does with the same option.
+        max_records: Only the first N valid records before the split, as PPO's data does with the same option.
         max_prompts: Compare on the first N of them only; None = all.
     """
 
@@ -372,33 +376,43 @@ class PromptSource:
     val_set_size: int | float = 32
     seed: int = 42
     max_prompt_length: int = 256
+    skip_bad_records: bool = False
+    max_records: int | None = None
     max_prompts: int | None = None
 
 
 def held_out_records(source: PromptSource, tokenizer, template: PromptTemplate) -> list[dict]:
-    """{instruction, input, prompt, reference} records, selected exactly as `PromptDataModule.setup` does."""
-    from alpaca_rlhf.data.prompts import check_prompt, render_prompt
-    from alpaca_rlhf.data.records import read_raw_records, validate_records
-    from alpaca_rlhf.data.sft import encode_prompt, seeded_split
+    """{instruction, input, prompt, reference} records: PPO's held-out prompts, from the very function
+    (`prompt_split`) and arguments `PromptDataModule` uses, or a file's records in order (`val_set_size: 0`)."""
+    from alpaca_rlhf.data.prompts import prompt_split
 
-    records, _ = validate_records(read_raw_records(source.data_path), source.data_path, check_prompt)
-    kept = []
-    for record in records:
-        prompt = render_prompt(record, template)
-        if len(encode_prompt(tokenizer, prompt)) <= source.max_prompt_length:
-            kept.append({"instruction": record.get("instruction", record.get("user_input")),
-                         "input": record.get("input") or "", "prompt": prompt,
-                         "reference": record.get("output", record.get("completion_a"))})
-    if source.val_set_size:
-        kept = [kept[i] for i in seeded_split(len(kept), source.val_set_size, source.seed)[1]]
+    train, val, _ = prompt_split(source.data_path, tokenizer, template, source.max_prompt_length,
+                                 source.val_set_size, source.seed, source.skip_bad_records, source.max_records)
+    kept = [_describe(e) for e in (val if source.val_set_size else train)]
     return kept[: source.max_prompts] if source.max_prompts else kept
+
+
+def _describe(example: dict) -> dict:
+    record = example["record"]
+    if "messages" in record and "instruction" not in record:
+        from alpaca_rlhf.data.prompts import prompt_messages
+
+        turns = prompt_messages(record["messages"])
+        users = [m["content"] for m in turns if m["role"] == "user"]
+        reference = record["messages"][-1]["content"] if record["messages"][-1]["role"] == "assistant" else None
+        return {"instruction": users[-1], "input": "", "prompt": example["prompt"], "reference": reference}
+    if "chosen" in record and "instruction" not in record:  # an HH dialogue: its last human turn
+        from alpaca_rlhf.data.preference import split_hh_dialogue
+
+        instruction, context, chosen, _ = split_hh_dialogue(record["chosen"], record["rejected"])
+        return {"instruction": instruction, "input": context, "prompt": example["prompt"], "reference": chosen}
+    return {"instruction": record.get("instruction", record.get("user_input")), "input": record.get("input") or "",
+            "prompt": example["prompt"], "reference": record.get("output", record.get("completion_a"))}
 
 
 def follows_template(text: str, ended: bool, template: PromptTemplate) -> bool:
     """Answered and stopped: EOS within the budget, and no template section (`### ...:`) in the reply."""
-    sections = {line for t in (template.prompt_input, template.prompt_no_input) for line in t.splitlines()
-                if line.startswith("#")}
-    return ended and bool(text) and not any(s.strip() in text for s in sections)
+    return ended and bool(text) and not any(s in text for s in template.section_markers())
 
 
 def win_rate(a: list[float], b: list[float]) -> float:
@@ -493,6 +507,7 @@ def compare(
         model, tokenizer = load_checkpoint(checkpoints[stage], **load_kwargs)
         vocabularies[stage] = tokenizer.get_vocab()
         if records is None:
+            template = template.bind(tokenizer)
             records = held_out_records(prompts, tokenizer, template)
             if not records:
                 raise ValueError(f"{prompts.data_path}: no held-out prompts selected")
@@ -557,6 +572,7 @@ def score_generations(reward_model: str, records: list[dict], generations: dict[
     Returns:
         ({stage: scores in generation order, "anchor/<name>": scores per prompt}, the RM's reward_stats.json).
     """
+    from alpaca_rlhf.data.sft import encode_prompt
     from alpaca_rlhf.models import ModelSpec
     from alpaca_rlhf.modules.scorers import RewardModelScorer
 
@@ -574,7 +590,7 @@ def score_generations(reward_model: str, records: list[dict], generations: dict[
     if all(r.get("reference") for r in records):
         anchors["dataset answer"] = [r["reference"] for r in records]
     tok = scorer.tokenizer
-    prompt_ids = [tok(r["prompt"], add_special_tokens=True)["input_ids"] for r in records]
+    prompt_ids = [encode_prompt(tok, r["prompt"]) for r in records]
     for name, texts in anchors.items():
         gens = [Generation(p, tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id], t, True)
                 for p, t in zip(prompt_ids, texts, strict=True)]

@@ -39,7 +39,8 @@ class LoraSpec:
         r: Rank of the update matrices.
         alpha: Scaling numerator; the update is scaled by alpha / r.
         dropout: Dropout on the adapter's input during training.
-        target_modules: Names of the linear layers that get adapters.
+        target_modules: Names of the linear layers that get adapters, or "all-linear" (every linear layer
+            but the output layer; TRL's "LoRA Without Regret" advice for small ranks and RL).
         bias: Which biases train: "none", "all" or "lora_only".
         modules_to_save: Modules trained in full and saved with the adapter (e.g. `lm_head` for a tiny random
             base); the reward model's `score` head is added for you.
@@ -48,7 +49,7 @@ class LoraSpec:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
     bias: str = "none"
     modules_to_save: list[str] | None = None
 
@@ -58,8 +59,18 @@ class ModelSpec:
     """Which weights to load and how.
 
     Attributes:
-        name_or_path: Hub id (e.g. `meta-llama/Llama-3.1-8B`) or local folder.
+        name_or_path: Hub id (e.g. `meta-llama/Llama-3.1-8B`), local folder, or a local `.gguf` file: that is
+            dequantized once into an ordinary Hugging Face folder (safetensors + tokenizer) under `gguf_cache`,
+            which every later load, adapter and merge uses.
         tokenizer: Tokenizer hub id or folder; defaults to `name_or_path`.
+        pad_token: The token to pad with (a token string of the vocabulary, or "eos"); None = the rule of
+            `ensure_pad_token`: the tokenizer's own pad if distinct from EOS, else a reserved pad token, else
+            unk, else EOS (safe: every mask here is built from positions, never from pad ids).
+        revision: Hub revision (branch, tag or commit) of `name_or_path`.
+        trust_remote_code: Allow a hub model's own Python code (off by default: it runs code from the hub).
+        attn_implementation: transformers attention kernel: "eager", "sdpa", "flash_attention_2"; None = default.
+        gguf_cache: Where `.gguf` files are converted to; None = `$ALPACA_RLHF_CACHE/gguf` or
+            `~/.cache/alpaca_rlhf/gguf`.
         dtype: Weight dtype: float32, bfloat16 or float16.
         quantization: None, "8bit" or "4bit" (bitsandbytes). Frozen weights only; adapters stay in `dtype`.
         bnb_4bit_quant_type: "nf4" or "fp4" for 4-bit loading.
@@ -74,6 +85,11 @@ class ModelSpec:
 
     name_or_path: str = "meta-llama/Llama-3.1-8B"
     tokenizer: str | None = None
+    pad_token: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+    gguf_cache: str | None = None
     dtype: str = "float32"
     quantization: str | None = None
     bnb_4bit_quant_type: str = "nf4"
@@ -142,15 +158,83 @@ def build_tiny_base(path: str | os.PathLike, config: dict | None = None, corpus:
     return Path(path)
 
 
+OUTPUT_ROOTS = ("output",)  # where stages write: a path under one is a local folder, never a hub id
+
+
 def looks_local(name_or_path: str) -> bool:
-    """A folder path rather than a hub id ("org/name"): ./x, ../x, /x, ~/x, or a/b/c."""
-    return name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or os.sep != "/" and \
-        os.sep in name_or_path
+    """A folder or file path rather than a hub id ("org/name"): it exists, starts with `.`, `/` or `~`, has more
+    than one slash, ends in `.gguf`, or sits under a known output root (`output/lora-alpaca-adapter-merged`)."""
+    path = Path(name_or_path).expanduser()
+    return (path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+            or name_or_path.endswith(".gguf") or path.parts[:1] in [(root,) for root in OUTPUT_ROOTS]
+            or (os.sep != "/" and os.sep in name_or_path))
 
 
-def ensure_base(spec: ModelSpec) -> None:
-    """Builds the tiny base folder if the spec asks for one and it is not there yet; a missing local folder
-    (an earlier stage's output) is an error that says so, not the hub's "repo id" message."""
+def gguf_cache_dir(spec: ModelSpec) -> Path:
+    if spec.gguf_cache:
+        return Path(spec.gguf_cache).expanduser()
+    root = os.environ.get("ALPACA_RLHF_CACHE") or Path.home() / ".cache" / "alpaca_rlhf"
+    return Path(root) / "gguf"
+
+
+def convert_gguf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+    """Dequantizes a GGUF checkpoint into an ordinary Hugging Face folder (fp32 safetensors, config, tokenizer).
+
+    transformers reads GGUF (with the `gguf` package) but refuses to save such a model, and its config keeps
+    a `quantization_config` naming the GGUF file; so the weights go into a plain model of the same config,
+    without that entry. Written whole or not at all, so an interrupted conversion is redone.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path).expanduser().resolve()
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file {str(gguf_path)!r} does not exist")
+    try:
+        import gguf  # noqa: F401 - transformers needs it to read the file
+    except ImportError as e:
+        raise ImportError(f"reading {gguf_path.name} needs the `gguf` package: pip install gguf") from e
+    folder, name = str(gguf_path.parent), gguf_path.name
+    log.info("dequantizing %s into %s (once; later runs reuse the folder)", gguf_path, output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()
+    model.generation_config = loaded.generation_config
+    with atomic_dir(output_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "converted_from.json").write_text(json.dumps(
+            {"gguf_file": str(gguf_path), "size": gguf_path.stat().st_size}, indent=2))
+    return Path(output_dir)
+
+
+def gguf_folder(spec: ModelSpec, gguf_path: str) -> Path:
+    """The converted folder of a `.gguf` spec, converting it on first use."""
+    path = Path(gguf_path).expanduser()
+    folder = gguf_cache_dir(spec) / path.stem
+    record = folder / "converted_from.json"
+    if record.is_file():  # converted before: reuse it unless the .gguf file changed
+        recorded = json.loads(record.read_text())
+        if not path.is_file() or recorded.get("size") == path.stat().st_size:
+            return folder
+    try:
+        convert_gguf(path, folder)
+    except OSError:
+        if not record.is_file():  # another process may have won the rename
+            raise
+    return folder
+
+
+def ensure_base(spec: ModelSpec) -> str:
+    """The weights folder (or hub id) to load: builds the tiny base or converts a `.gguf` file on first use.
+
+    A missing local folder (an earlier stage's output) is an error that says so, not the hub's "repo id"
+    message."""
     if spec.tiny is None:
         for path in (spec.name_or_path, spec.tokenizer):
             if path and looks_local(path) and not Path(path).expanduser().exists():
@@ -158,40 +242,64 @@ def ensure_base(spec: ModelSpec) -> None:
                     f"model folder {path!r} does not exist (working directory {os.getcwd()}). It is written by an "
                     "earlier stage: SFT or reward-model training then `python cli.py merge --adapter_path ...` "
                     "(see README: the pipeline); run that first, or run from the folder that holds it.")
-        return
+        if spec.name_or_path.endswith(".gguf"):
+            return str(gguf_folder(spec, spec.name_or_path))
+        return spec.name_or_path
     if not Path(spec.name_or_path, "config.json").is_file():
         try:
             build_tiny_base(spec.name_or_path, spec.tiny, spec.tiny_corpus, spec.tiny_vocab_size, spec.seed)
         except OSError:
             if not Path(spec.name_or_path, "config.json").is_file():  # another rank may have won the rename
                 raise
+    return spec.name_or_path
 
 
-def ensure_pad_token(tokenizer):
-    """Gives the tokenizer a pad token distinct from EOS, from tokens it already has (no new embedding rows)."""
-    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
-        return tokenizer
-    vocab = tokenizer.get_vocab()
-    for candidate in PAD_CANDIDATES:
-        if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
-            tokenizer.pad_token = candidate
-            return tokenizer
-    if tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
-        tokenizer.pad_token = tokenizer.unk_token
-        return tokenizer
-    raise ValueError(
-        f"tokenizer {tokenizer.name_or_path!r} has no token to pad with other than EOS; add one and resize the "
-        "model's embeddings first (pad == EOS breaks the masks that find the end of a response)"
-    )
+def ensure_pad_token(tokenizer, pad_token: str | None = None):
+    """Sets the tokenizer's pad token by one documented rule and logs which token pads.
+
+    `pad_token` ("eos" or a token of the vocabulary) wins. Otherwise: the tokenizer's own pad if it differs from
+    EOS; else a reserved pad token it already has (Llama 3.1's `<|finetune_right_pad_id|>`); else its unk token;
+    else EOS itself (Qwen2.5 ships pad == EOS and no unk). No new embedding rows are ever added.
+
+    pad == EOS is safe in this project: every attention mask, label mask and response mask is built from
+    positions (collators, `first_eos_mask`, the reward model's last-token index), never by comparing ids with
+    the pad id, and a response's own EOS stays inside its mask. (A merged reward model scored by plain
+    transformers' `AutoModelForSequenceClassification` pools the token before the first pad id, so there use
+    `alpaca_rlhf.modules.reward.score`.)
+    """
+    name = getattr(tokenizer, "name_or_path", "?")
+    if pad_token is not None:
+        token = tokenizer.eos_token if pad_token == "eos" else pad_token
+        if token not in tokenizer.get_vocab():
+            raise ValueError(f"pad_token {pad_token!r} is not a token of tokenizer {name!r}")
+        tokenizer.pad_token = token
+        why = "configured"
+    elif tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        why = "the tokenizer's own"
+    else:
+        vocab = tokenizer.get_vocab()
+        candidates = [c for c in PAD_CANDIDATES if c in vocab]
+        if tokenizer.unk_token is not None:
+            candidates.append(tokenizer.unk_token)
+        candidates = [c for c in candidates if vocab.get(c) != tokenizer.eos_token_id]
+        tokenizer.pad_token = candidates[0] if candidates else tokenizer.eos_token
+        why = "no distinct pad: EOS (masks are built from positions, so this is safe)" if not candidates \
+            else "a reserved token"
+    log.info("tokenizer %s pads with %r (id %s; %s)", name, tokenizer.pad_token, tokenizer.pad_token_id, why)
+    return tokenizer
 
 
 def load_tokenizer(spec: ModelSpec, padding_side: str = "right"):
-    """The spec's tokenizer with a distinct pad token and the given padding side."""
+    """The spec's tokenizer with its pad token chosen by `ensure_pad_token` and the given padding side."""
     from transformers import AutoTokenizer
 
-    ensure_base(spec)
-    tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or spec.name_or_path, padding_side=padding_side)
-    return ensure_pad_token(tokenizer)
+    path = ensure_base(spec)
+    source = path if spec.tokenizer is None else spec.tokenizer
+    if source.endswith(".gguf"):
+        source = str(gguf_folder(spec, source))
+    tokenizer = AutoTokenizer.from_pretrained(source, padding_side=padding_side, revision=spec.revision,
+                                              trust_remote_code=spec.trust_remote_code)
+    return ensure_pad_token(tokenizer, spec.pad_token)
 
 
 def quantization_config(spec: ModelSpec):
@@ -206,13 +314,15 @@ def quantization_config(spec: ModelSpec):
 
 
 def _load(auto_cls, spec: ModelSpec, trainable: bool, **kwargs):
-    ensure_base(spec)
+    path = ensure_base(spec)
     quant = quantization_config(spec)
     if quant is not None and torch.cuda.is_available():
         # quantized weights are placed at load time; Lightning's later .to() leaves them where they are
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
-    model = auto_cls.from_pretrained(spec.name_or_path, dtype=spec.torch_dtype, quantization_config=quant,
-                                     **kwargs)
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    model = auto_cls.from_pretrained(path, dtype=spec.torch_dtype, quantization_config=quant,
+                                     revision=spec.revision, trust_remote_code=spec.trust_remote_code, **kwargs)
     if spec.quantization == "4bit":
         guard_cpu_4bit_kernel(model, trainable)
     if quant is not None and trainable:
@@ -286,8 +396,9 @@ def apply_lora(model, lora: LoraSpec, task_type: str = "CAUSAL_LM"):
     """Wraps the model with a fresh LoRA adapter (B = 0, so it starts as the identity)."""
     from peft import LoraConfig, get_peft_model
 
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=list(lora.target_modules), bias=lora.bias, task_type=task_type,
+                        target_modules=targets, bias=lora.bias, task_type=task_type,
                         modules_to_save=list(lora.modules_to_save) if lora.modules_to_save else None)
     return get_peft_model(model, config)
 
@@ -384,6 +495,8 @@ def merge_adapter(adapter_path: str, output_dir: str | None = None, dtype: str =
                                                                    pad_token_id=tokenizer.pad_token_id)
     else:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype])
+    if _touches_output_layer(config):
+        untie_output_embeddings(model)
     model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     model.config.pad_token_id = tokenizer.pad_token_id
     with atomic_dir(output) as tmp:
@@ -394,6 +507,30 @@ def merge_adapter(adapter_path: str, output_dir: str | None = None, dtype: str =
                 shutil.copy(side_file, tmp / side_file.name)
     log.info("merged %s into %s -> %s", adapter, base, output)
     return output
+
+
+def _touches_output_layer(peft_config) -> bool:
+    names = []
+    for value in (peft_config.target_modules, getattr(peft_config, "modules_to_save", None)):
+        names += [value] if isinstance(value, str) else list(value or [])
+    return any(n == "lm_head" or n.endswith(".lm_head") for n in names)
+
+
+def untie_output_embeddings(model) -> bool:
+    """Gives the output layer its own copy of a matrix it shares with the input embeddings; True if it did.
+
+    SmolLM2 and many small models tie the two. Merging a LoRA on `lm_head` (or saving a trained `lm_head` from
+    `modules_to_save`) into a tied model would write into the shared matrix and change the input embeddings
+    too, so merged and base + adapter logits would differ. Untied, the merge is exact and the saved config says
+    `tie_word_embeddings: false`.
+    """
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is None or inp is None or out.weight.data_ptr() != inp.weight.data_ptr():
+        return False
+    out.weight = torch.nn.Parameter(out.weight.detach().clone(), requires_grad=out.weight.requires_grad)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
+    return True
 
 
 REWARD_STATS_FILE = "reward_stats.json"

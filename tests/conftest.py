@@ -61,3 +61,22 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600):
         tail = f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         pytest.fail(f"cli.py {' '.join(args)} failed ({proc.returncode}):\n{tail}")
     return proc
+
+
+SMOL_GGUF = ROOT.parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smol_gguf() -> Path:
+    """The shared real SmolLM2-135M-Instruct GGUF file (skips when this checkout has no ../shared/models)."""
+    if not SMOL_GGUF.is_file():
+        pytest.skip(f"real-model test: {SMOL_GGUF} is absent (see README: the real model)")
+    return SMOL_GGUF
+
+
+@pytest.fixture(scope="session")
+def smol_folder(smol_gguf) -> Path:
+    """SmolLM2 dequantized into a Hugging Face folder (converted once per machine, in the gguf cache)."""
+    from alpaca_rlhf.models import ModelSpec, gguf_folder
+
+    return gguf_folder(ModelSpec(name_or_path=str(smol_gguf)), str(smol_gguf))

@@ -1,15 +1,19 @@
 """Preference pairs for the reward model: one prompt, a preferred and a rejected response.
 
-Three record shapes load by configuration alone (`format: auto` detects them from the keys):
+Four record shapes load by configuration alone (`format: auto` detects them from a sample of records):
 
 - `seed`: the seed's `comparision_data.json`, `{user_input, completion_a, completion_b}`. There is no label
   field: `completion_a` is always the preferred completion.
 - `prompt_chosen_rejected`: `{prompt, chosen, rejected}` (TRL's standard preference shape), plain strings.
 - `hh`: Anthropic HH-RLHF, `{chosen, rejected}`, each a whole `\\n\\nHuman: ... \\n\\nAssistant: ...`
   dialogue; the two share the prompt and differ in the last assistant turn.
+- `conversational`: TRL's conversational preference shape, `{chosen, rejected}` lists of `{role, content}`
+  messages ending in the assistant's response, with the prompt either shared by both or given as `prompt`
+  (a list of messages).
 
-Every shape is rendered with the same Alpaca template as SFT and PPO: the user's text is the instruction (for
-HH, the last human turn, with the earlier turns as the template's `input`), the responses follow the prompt.
+Every shape is rendered with the same template as SFT and PPO (Alpaca text, or the tokenizer's chat template
+with `template: chat`): the user's text is the instruction (the seed's optional `input` its Input section;
+for HH, the last human turn, with the earlier turns as the template's `input`), the responses follow it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +31,7 @@ from alpaca_rlhf.data.base import TokenizedDataModule
 from alpaca_rlhf.data.records import (
     DataValidationError,
     LoadReport,
+    check_messages,
     read_raw_records,
     string_field,
     validate_records,
@@ -40,7 +46,9 @@ FORMATS = {
     "seed": ("user_input", "completion_a", "completion_b"),
     "prompt_chosen_rejected": ("prompt", "chosen", "rejected"),
     "hh": (None, "chosen", "rejected"),
+    "conversational": (None, "chosen", "rejected"),
 }
+DETECT_SAMPLE = 100  # records `format: auto` looks at
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 
 
@@ -53,16 +61,41 @@ class PreferencePair:
     rejected: str
 
 
-def detect_format(record: dict) -> str:
-    """The shape a record has, from its keys: `seed`, `prompt_chosen_rejected` or `hh`."""
-    keys = set(record) if isinstance(record, dict) else set()
+def record_format(record: dict) -> str | None:
+    """The shape one record has, from its keys and value types, or None."""
+    if not isinstance(record, dict):
+        return None
+    keys = set(record)
+    if {"chosen", "rejected"} <= keys and isinstance(record["chosen"], list):
+        return "conversational"
     for name in ("seed", "prompt_chosen_rejected", "hh"):
         if {k for k in FORMATS[name] if k} <= keys:
             return name
-    raise DataValidationError(
-        f"cannot tell the preference format from keys {sorted(keys)}: expected {{user_input, completion_a, "
-        "completion_b}, {prompt, chosen, rejected} or HH dialogues {chosen, rejected}; set data.format"
-    )
+    return None
+
+
+def detect_format(records: list, source: str = "data") -> str:
+    """The shape of a file: the most common shape among the first records that are valid in their shape.
+
+    One malformed first record cannot decide it; the choice is logged.
+    """
+    votes: dict[str, int] = {}
+    for record in records[:DETECT_SAMPLE]:
+        fmt = record_format(record)
+        if fmt is not None and check_preference(record, fmt) is None:
+            votes[fmt] = votes.get(fmt, 0) + 1
+    if not votes:
+        first = records[0] if records else {}
+        keys = sorted(first) if isinstance(first, dict) else type(first).__name__
+        raise DataValidationError(
+            f"{source}: cannot tell the preference format: none of the first {min(len(records), DETECT_SAMPLE)} "
+            f"records is a valid {{user_input, completion_a, completion_b}}, {{prompt, chosen, rejected}}, "
+            f"HH dialogue {{chosen, rejected}} or conversational {{chosen: [messages], rejected: [messages]}} "
+            f"record (record 0 has keys {keys}); set data.format to see what is wrong with each record")
+    fmt = max(votes, key=votes.get)
+    log.info("%s: format auto -> %s (%d of the first %d records valid as such)", source, fmt, votes[fmt],
+             min(len(records), DETECT_SAMPLE))
+    return fmt
 
 
 class _BadDialogue(ValueError):
@@ -94,13 +127,41 @@ def split_hh_dialogue(chosen: str, rejected: str) -> tuple[str, str, str, str]:
     return instruction, context, chosen[response_start:].strip(), rejected[response_start:].strip()
 
 
+def hh_messages(chosen: str, rejected: str) -> list[dict]:
+    """The shared dialogue of an HH pair as chat messages (`Human:` -> user, `Assistant:` -> assistant), ending
+    with the human turn the two responses answer."""
+    shared = os.path.commonprefix([chosen, rejected])
+    prompt = chosen[: shared.rfind(ASSISTANT)]
+    messages = []
+    for part in re.split(r"(\n\nHuman:|\n\nAssistant:)", prompt)[1:]:
+        if part in (HUMAN, ASSISTANT):
+            messages.append({"role": "user" if part == HUMAN else "assistant", "content": ""})
+        elif messages:
+            messages[-1]["content"] += part
+    return [{**m, "content": m["content"].strip()} for m in messages]
+
+
+def render_hh_prompt(record: dict, template: PromptTemplate) -> str:
+    """An HH pair's prompt: as chat turns with a chat template; else the last human turn as the instruction and
+    the dialogue before it as the input."""
+    if template.chat:
+        return template.render_messages(hh_messages(record["chosen"], record["rejected"]))
+    instruction, context, _, _ = split_hh_dialogue(record["chosen"], record["rejected"])
+    return template.render(instruction, context)
+
+
 def check_preference(record: dict, fmt: str):
     """(field, problem) if the record is unusable in shape `fmt`, else None."""
+    if fmt == "conversational":
+        return check_conversational(record)
     prompt_key, chosen_key, rejected_key = FORMATS[fmt]
+    if fmt == "prompt_chosen_rejected" and isinstance(record.get(chosen_key), list):
+        return check_conversational(record)
     problem = (
         (prompt_key and string_field(record, prompt_key, non_empty=True))
         or string_field(record, chosen_key, non_empty=True)
         or string_field(record, rejected_key, non_empty=True)
+        or (fmt == "seed" and string_field(record, "input", required=False))
     )
     if problem:
         return problem
@@ -119,14 +180,54 @@ def check_preference(record: dict, fmt: str):
     return None
 
 
+def conversational_parts(record: dict) -> tuple[list[dict], str, str]:
+    """(prompt messages, chosen response, rejected response) of a conversational record."""
+    chosen, rejected = record["chosen"], record["rejected"]
+    prompt = list(record.get("prompt") or [])
+    return prompt + chosen[:-1], chosen[-1]["content"].strip(), rejected[-1]["content"].strip()
+
+
+def check_conversational(record: dict):
+    for name in ("chosen", "rejected"):
+        problem = check_messages(record, name, last_role="assistant") if record.get("prompt") is None \
+            else _check_turns(record, name)
+        if problem:
+            return problem
+    if record.get("prompt") is not None:
+        problem = check_messages(record, "prompt", last_role=None)
+        if problem:
+            return problem
+    elif record["chosen"][:-1] != record["rejected"][:-1]:
+        return "rejected", "does not share the conversation before the last turn with 'chosen'"
+    prompt, chosen, rejected = conversational_parts(record)
+    if not any(m["role"] == "user" for m in prompt):
+        return "prompt" if record.get("prompt") is not None else "chosen", "has no user turn before the response"
+    if chosen == rejected:
+        return "rejected", "equals 'chosen' (a pair needs two different responses)"
+    return None
+
+
+def _check_turns(record: dict, name: str):
+    problem = check_messages(record, name, last_role=None)
+    if problem:
+        return problem
+    last = record[name][-1]
+    if last["role"] != "assistant" or not last["content"].strip():
+        return f"{name}[{len(record[name]) - 1}]", "must be a non-empty assistant turn (the response)"
+    return None
+
+
 def render_pair(record: dict, fmt: str, template: PromptTemplate) -> PreferencePair:
-    """The rendered prompt and the two responses of a validated record."""
+    """The rendered prompt and the two responses of a validated record (`template` bound for chat)."""
+    if fmt == "conversational" or isinstance(record.get("chosen"), list):
+        prompt, chosen, rejected = conversational_parts(record)
+        return PreferencePair(template.render_messages(prompt), chosen, rejected)
     if fmt == "hh":
-        instruction, context, chosen, rejected = split_hh_dialogue(record["chosen"], record["rejected"])
-        return PreferencePair(template.render(instruction, context), chosen, rejected)
+        _, _, chosen, rejected = split_hh_dialogue(record["chosen"], record["rejected"])
+        return PreferencePair(render_hh_prompt(record, template), chosen, rejected)
     prompt_key, chosen_key, rejected_key = FORMATS[fmt]
-    return PreferencePair(template.render(record[prompt_key].strip()), record[chosen_key].strip(),
-                          record[rejected_key].strip())
+    return PreferencePair(template.render(record[prompt_key].strip(), (record.get("input") or "").strip()),
+                          record[chosen_key].strip(), record[rejected_key].strip())
 
 
 def tokenize_pair(
@@ -188,8 +289,8 @@ def build_preference_pairs(records: list[dict], seed: int = 0, truncate_fraction
     `truncate_fraction`, only the first third or less of the words (an answer must be complete: without such
     pairs a reward model trained on shuffles alone rates an empty response above a real one, and PPO learns to
     say nothing). Records whose output has fewer than two distinct words cannot be corrupted into something
-    different and are left out. The instruction and a non-empty input are joined by a blank line into
-    `user_input`.
+    different and are left out. The instruction is `user_input` and a non-empty input stays `input`, so the
+    prompt renders with the template's Input section exactly as SFT and PPO render it.
     """
     rng = random.Random(seed)
     pairs = []
@@ -197,7 +298,6 @@ def build_preference_pairs(records: list[dict], seed: int = 0, truncate_fraction
         words = record["output"].split()
         if len(set(words)) < 2:
             continue
-        user_input = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
         if truncate_fraction > 0 and len(words) >= 3 and rng.random() < truncate_fraction:
             rejected = " ".join(words[: rng.randint(1, max(1, len(words) // 3))])
         else:
@@ -205,7 +305,10 @@ def build_preference_pairs(records: list[dict], seed: int = 0, truncate_fraction
             while shuffled == words:
                 rng.shuffle(shuffled)
             rejected = " ".join(shuffled)
-        pairs.append({"user_input": user_input, "completion_a": record["output"], "completion_b": rejected})
+        pair = {"user_input": record["instruction"], "completion_a": record["output"], "completion_b": rejected}
+        if record.get("input"):
+            pair["input"] = record["input"]
+        pairs.append(pair)
     return pairs
 
 
@@ -214,8 +317,9 @@ class PreferenceDataModule(TokenizedDataModule):
 
     Args:
         data_path: Local `.json`/`.jsonl`/`.jsonl.gz` file or hub dataset name (e.g. `comparision_data.json`).
-        format: Record shape: "auto" (from the keys), "seed", "prompt_chosen_rejected" or "hh".
-        template: Bundled template name or a template JSON path (the same as SFT's and PPO's).
+        format: Record shape: "auto" (the most common valid shape among the first records), "seed",
+            "prompt_chosen_rejected", "hh" or "conversational".
+        template: Bundled template name (`alpaca`, `chat`) or a template JSON path (the same as SFT's and PPO's).
         max_length: Maximum tokens of prompt + response; prompts are cut from the left, pairs whose response
             alone does not fit are dropped and counted.
         add_eos_token: Append EOS to every response (the score is read at the last token).
@@ -256,13 +360,12 @@ class PreferenceDataModule(TokenizedDataModule):
     def load_pairs(self) -> list[PreferencePair]:
         """Validated, rendered pairs; raises `DataValidationError` on the first bad record unless skipping."""
         raw = read_raw_records(self.data_path)
-        fmt = self.format
-        if fmt == "auto":
-            fmt = detect_format(next((r for r in raw if isinstance(r, dict)), {}))
+        fmt = detect_format(raw, self.data_path) if self.format == "auto" else self.format
         records, self.report = validate_records(raw, self.data_path, lambda r: check_preference(r, fmt),
                                                 self.skip_bad_records)
         records = records[: self.max_records] if self.max_records else records
-        return [render_pair(r, fmt, self.template) for r in records]
+        template = self.template.bind(self._require_tokenizer())
+        return [render_pair(r, fmt, template) for r in records]
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_data is not None:

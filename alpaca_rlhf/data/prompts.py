@@ -8,22 +8,45 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from alpaca_rlhf.data.base import TokenizedDataModule
-from alpaca_rlhf.data.records import read_raw_records, string_field, validate_records
+from alpaca_rlhf.data.records import LoadReport, check_messages, read_raw_records, string_field, validate_records
 from alpaca_rlhf.data.sft import encode_prompt, seeded_split
 from alpaca_rlhf.data.templates import PromptTemplate
 
 
 def check_prompt(record: dict):
-    """An Alpaca record (`instruction`, optional `input`) or a seed preference record (`user_input`)."""
+    """An Alpaca record (`instruction`, optional `input`), a seed preference record (`user_input`), or a
+    conversation `{messages}` (a final assistant turn, if any, is dropped: the policy answers the rest), or an
+    HH preference record `{chosen, rejected}` (its shared dialogue up to the last assistant turn)."""
+    if "instruction" not in record and "messages" not in record and {"chosen", "rejected"} <= set(record):
+        from alpaca_rlhf.data.preference import check_preference
+
+        return check_preference(record, "hh")
+    if "instruction" not in record and "messages" in record:
+        problem = check_messages(record, last_role=None)
+        if problem is None and not [m for m in prompt_messages(record["messages"]) if m["role"] == "user"]:
+            return "messages", "has no user turn to answer"
+        return problem
     if "instruction" not in record and "user_input" in record:
         return string_field(record, "user_input", non_empty=True)
     return string_field(record, "instruction", non_empty=True) or string_field(record, "input", required=False)
 
 
+def prompt_messages(messages: list[dict]) -> list[dict]:
+    """The turns the policy answers: a conversation without its final assistant turn."""
+    return messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
+
+
 def render_prompt(record: dict, template: PromptTemplate) -> str:
+    """A prompt record rendered with `template` (bound to the tokenizer for chat templates)."""
     if "instruction" in record:
         return template.render(record["instruction"], record.get("input") or "")
-    return template.render(record["user_input"])
+    if "messages" in record:
+        return template.render_messages(prompt_messages(record["messages"]))
+    if "chosen" in record:
+        from alpaca_rlhf.data.preference import render_hh_prompt
+
+        return render_hh_prompt(record, template)
+    return template.render(record["user_input"], record.get("input") or "")
 
 
 @dataclass
@@ -41,6 +64,32 @@ class PromptCollator:
             input_ids[i, width - n :] = torch.tensor(e["input_ids"])
             attention_mask[i, width - n :] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "prompt": [e["prompt"] for e in examples]}
+
+
+def prompt_split(data_path: str, tokenizer, template: PromptTemplate, max_prompt_length: int,
+                 val_set_size: int | float, seed: int, skip_bad_records: bool = False,
+                 max_records: int | None = None) -> tuple[list[dict], list[dict], LoadReport]:
+    """(train, held-out, report) prompt examples `{input_ids, prompt, record}`: PPO's split, and the one
+    `compare` evaluates on, from this one function so the two can never disagree.
+
+    Order: validate (drop bad records if `skip_bad_records`), keep the first `max_records`, render, drop prompts
+    longer than `max_prompt_length` tokens, then take a seeded hold-out of `val_set_size`.
+    """
+    records, report = validate_records(read_raw_records(data_path), data_path, check_prompt, skip_bad_records)
+    records = records[:max_records] if max_records else records
+    template = template.bind(tokenizer)
+    examples = []
+    for record in records:
+        prompt = render_prompt(record, template)
+        ids = encode_prompt(tokenizer, prompt)
+        if len(ids) > max_prompt_length:
+            report.dropped_too_long += 1
+            continue
+        examples.append({"input_ids": ids, "prompt": prompt, "record": record})
+    if not val_set_size:
+        return examples, [], report
+    train_idx, val_idx = seeded_split(len(examples), val_set_size, seed)
+    return [examples[i] for i in train_idx], [examples[i] for i in val_idx], report
 
 
 class PromptDataModule(TokenizedDataModule):
@@ -82,22 +131,9 @@ class PromptDataModule(TokenizedDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_data is not None:
             return
-        tokenizer = self._require_tokenizer()
-        records, self.report = validate_records(read_raw_records(self.data_path), self.data_path, check_prompt,
-                                                self.skip_bad_records)
-        records = records[: self.max_records] if self.max_records else records
-        examples = []
-        for record in records:
-            prompt = render_prompt(record, self.template)
-            ids = encode_prompt(tokenizer, prompt)
-            if len(ids) > self.max_prompt_length:
-                self.report.dropped_too_long += 1
-                continue
-            examples.append({"input_ids": ids, "prompt": prompt})
-        train_idx, val_idx = (seeded_split(len(examples), self.val_set_size, self.seed) if self.val_set_size
-                              else (list(range(len(examples))), []))
-        self.train_data = [examples[i] for i in train_idx]
-        self.val_data = [examples[i] for i in val_idx]
+        self.train_data, self.val_data, self.report = prompt_split(
+            self.data_path, self._require_tokenizer(), self.template, self.max_prompt_length, self.val_set_size,
+            self.seed, self.skip_bad_records, self.max_records)
         if len(self.train_data) < self.batch_size:
             raise ValueError(f"{self.data_path}: {len(self.train_data)} usable prompts, fewer than one batch "
                              f"of {self.batch_size} ({self.report.summary()})")

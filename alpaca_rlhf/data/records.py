@@ -141,8 +141,38 @@ def string_field(record: dict, name: str, *, required: bool = True, non_empty: b
     return None
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def check_messages(record: dict, name: str = "messages", last_role: str | None = "assistant"):
+    """(field, problem) unless `record[name]` is a conversation: a non-empty list of `{role, content}` with
+    roles system/user/assistant, string contents, and (if given) `last_role` as the final turn's role."""
+    messages = record.get(name)
+    if not isinstance(messages, list) or not messages:
+        return name, "must be a non-empty list of {role, content} messages"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            return f"{name}[{i}]", f"must be {{role: one of {list(ROLES)}, content: a string}}"
+    if last_role and messages[-1]["role"] != last_role:
+        return f"{name}[{len(messages) - 1}]", f"must be the {last_role}'s turn (the response), got " \
+                                               f"{messages[-1]['role']!r}"
+    if last_role == "assistant" and not messages[-1]["content"].strip():
+        return f"{name}[{len(messages) - 1}]", "is empty"
+    if last_role == "assistant" and not any(m["role"] == "user" for m in messages[:-1]):
+        return name, "has no user turn before the response"
+    return None
+
+
+def split_conversation(messages: list[dict]) -> tuple[list[dict], str]:
+    """(the turns before the response, the response): the last assistant turn is the response."""
+    return messages[:-1], messages[-1]["content"]
+
+
 def check_alpaca(record: dict):
-    """An Alpaca record: `instruction` and `output` non-empty strings, `input` an optional string."""
+    """An Alpaca record (`instruction` and `output` non-empty strings, `input` an optional string), or a
+    conversation `{messages: [{role, content}, ...]}` whose last turn, the assistant's, is the response."""
+    if "messages" in record and "instruction" not in record:
+        return check_messages(record)
     return (
         string_field(record, "instruction", non_empty=True)
         or string_field(record, "input", required=False)

@@ -9,16 +9,29 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from alpaca_rlhf.data.base import TokenizedDataModule
-from alpaca_rlhf.data.records import LoadReport, check_alpaca, read_raw_records, validate_records
+from alpaca_rlhf.data.records import (
+    LoadReport,
+    check_alpaca,
+    read_raw_records,
+    split_conversation,
+    validate_records,
+)
 from alpaca_rlhf.data.templates import PromptTemplate
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 
+def adds_special_tokens(tokenizer, text: str) -> bool:
+    """False when the text already starts with the tokenizer's BOS (a chat template writes its own)."""
+    bos = tokenizer.bos_token
+    return not (bos and text.startswith(bos))
+
+
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """Prompt ids, with the tokenizer's BOS if it adds one. Every stage encodes prompts this way."""
-    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    """Prompt ids, with the tokenizer's BOS if it adds one (once: not when a chat template wrote it). Every
+    stage encodes prompts this way."""
+    return tokenizer(prompt, add_special_tokens=adds_special_tokens(tokenizer, prompt))["input_ids"]
 
 
 def encode_response(tokenizer, response: str, add_eos_token: bool = True) -> list[int]:
@@ -78,11 +91,12 @@ def seeded_split(n: int, val_size: int | float, seed: int) -> tuple[list[int], l
 
 
 class AlpacaDataModule(TokenizedDataModule):
-    """Alpaca records `{instruction, input, output}` rendered with the prompt template for SFT.
+    """Alpaca records `{instruction, input, output}` (or conversations `{messages: [...]}`, the last assistant
+    turn being the response) rendered with the prompt template for SFT.
 
     Args:
         data_path: Hub dataset name (e.g. `yahma/alpaca-cleaned`) or a local `.json`/`.jsonl` file.
-        template: Bundled template name or a template JSON path.
+        template: Bundled template name (`alpaca`; `chat` = the tokenizer's chat template) or a JSON path.
         cutoff_len: Maximum tokens per example; longer ones are truncated and counted.
         train_on_inputs: Put loss on the prompt too (default: on the response only).
         add_eos_token: Append EOS to every response so the model learns to stop.
@@ -126,7 +140,16 @@ class AlpacaDataModule(TokenizedDataModule):
         return records[: self.max_records] if self.max_records else records
 
     def prompt_of(self, record: dict) -> str:
-        return self.template.render(record["instruction"], record.get("input") or "")
+        if "messages" in record and "instruction" not in record:
+            return self.template.bind(self._require_tokenizer()).render_messages(split_conversation(
+                record["messages"])[0])
+        return self.template.bind(self._require_tokenizer()).render(record["instruction"], record.get("input") or "")
+
+    @staticmethod
+    def response_of(record: dict) -> str:
+        if "messages" in record and "instruction" not in record:
+            return split_conversation(record["messages"])[1]
+        return record["output"]
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_data is not None:
@@ -135,7 +158,7 @@ class AlpacaDataModule(TokenizedDataModule):
         records = self.load_records()
         examples = []
         for record in records:
-            ex = tokenize_example(tokenizer, self.prompt_of(record), record["output"], self.cutoff_len,
+            ex = tokenize_example(tokenizer, self.prompt_of(record), self.response_of(record), self.cutoff_len,
                                   self.train_on_inputs, self.add_eos_token)
             self.report.truncated += ex["truncated"]
             if all(label == IGNORE_INDEX for label in ex["labels"]):

@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
-from alpaca_rlhf.data.sft import IGNORE_INDEX
+from alpaca_rlhf.data.sft import IGNORE_INDEX, encode_prompt
 from alpaca_rlhf.data.templates import PromptTemplate
 from alpaca_rlhf.models import (
     LoraSpec,
@@ -67,16 +67,18 @@ class SFTModule(L.LightningModule):
     def response_logits(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (N, V) in fp32, targets (N,)) at the N positions that carry a label.
 
-        The output layer runs on those positions only (as TRL's default loss does): a full (B, T, V) logits tensor
-        is ~1 GiB in fp32 for a batch of 8 x 256 with Llama 3's 128k vocabulary.
+        The model's own forward makes the logits, so whatever it does after the output layer (Gemma 2's final
+        soft-capping, Granite's logit scaling) is kept; `logits_to_keep` limits the output layer to the columns
+        where some row has a label (as TRL's default loss limits it): a full (B, T, V) logits tensor is ~1 GiB
+        in fp32 for a batch of 8 x 256 with Llama 3's 128k vocabulary.
         """
-        base = self.model.get_base_model()  # LoRA layers are injected in place, so this is the adapted network
-        trunk = getattr(base, base.base_model_prefix)
-        hidden = trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         targets = batch["labels"][:, 1:]  # token t is predicted at position t-1
-        keep = targets != IGNORE_INDEX
-        logits = base.get_output_embeddings()(hidden[:, :-1][keep])
-        return logits.float(), targets[keep]
+        keep = targets != IGNORE_INDEX  # (B, T-1)
+        columns = keep.any(0).nonzero().squeeze(-1)  # (K,) positions that predict some row's label
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                            logits_to_keep=columns).logits  # (B, K, V)
+        keep = keep[:, columns]
+        return logits[keep].float(), targets[:, columns][keep]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits, targets = self.response_logits(batch)
@@ -100,8 +102,9 @@ class SFTModule(L.LightningModule):
     def _log_sample(self) -> None:
         if not isinstance(self.logger, TensorBoardLogger):
             return
-        prompt = self.template.render(self.sample_instruction)
-        ids = self.tokenizer(prompt, return_tensors="pt").to(self.device)
+        prompt = self.template.bind(self.tokenizer).render(self.sample_instruction)
+        ids = torch.tensor([encode_prompt(self.tokenizer, prompt)], device=self.device)
+        ids = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         with torch.no_grad():
             out = self.model.generate(**ids, max_new_tokens=self.sample_max_new_tokens, do_sample=False,
                                       use_cache=True, pad_token_id=self.tokenizer.pad_token_id,

@@ -58,7 +58,7 @@ def test_every_shape_renders_the_same_pair_with_the_alpaca_template():
     pcr = {"prompt": "Name a primary color.", "chosen": "Red.", "rejected": "Banana."}
     hh = {"chosen": "\n\nHuman: Name a primary color.\n\nAssistant: Red.",
           "rejected": "\n\nHuman: Name a primary color.\n\nAssistant: Banana."}
-    assert [detect_format(r) for r in (seed, pcr, hh)] == ["seed", "prompt_chosen_rejected", "hh"]
+    assert [detect_format([r]) for r in (seed, pcr, hh)] == ["seed", "prompt_chosen_rejected", "hh"]
     pairs = {render_pair(seed, "seed", template), render_pair(pcr, "prompt_chosen_rejected", template),
              render_pair(hh, "hh", template)}
     assert pairs == {PreferencePair(EXPECTED_PROMPT, "Red.", "Banana.")}
@@ -66,7 +66,7 @@ def test_every_shape_renders_the_same_pair_with_the_alpaca_template():
 
 def test_unknown_shape_names_the_known_ones():
     with pytest.raises(DataValidationError, match="user_input, completion_a"):
-        detect_format({"question": "q", "answer": "a"})
+        detect_format([{"question": "q", "answer": "a"}])
 
 
 def test_hh_multi_turn_takes_the_last_human_turn_as_instruction_and_the_rest_as_context():
@@ -212,7 +212,8 @@ def test_shuffled_pairs_are_seeded_word_permutations_and_the_bundled_sample_is_t
     assert pairs == build_shuffled_pairs(records, seed=3) and len(pairs) == 1
     a, b = pairs[0]["completion_a"], pairs[0]["completion_b"]
     assert a != b and sorted(a.split()) == sorted(b.split())
-    assert build_shuffled_pairs([{**records[1], "output": "x y"}])[0]["user_input"] == "Rate it.\n\nA movie"
+    with_input = build_shuffled_pairs([{**records[1], "output": "x y"}])[0]
+    assert with_input["user_input"] == "Rate it." and with_input["input"] == "A movie"  # rendered as ### Input:
     alpaca = read_raw_records("alpaca_rlhf/data/samples/alpaca_sample.json")
     assert read_raw_records(SAMPLE) == build_preference_pairs(alpaca, seed=0)
     mixed = build_preference_pairs(alpaca, seed=0)

@@ -9,6 +9,7 @@ from alpaca_rlhf.models import (
     ensure_pad_token,
     load_causal_lm,
     load_tokenizer,
+    merge_adapter,
 )
 
 
@@ -155,3 +156,36 @@ def test_frozen_4bit_model_with_odd_layer_sizes_scores(tiny_base):
             scores[quantization] = model(input_ids=ids).logits.squeeze(-1)
     assert torch.isfinite(scores["4bit"]).all()
     torch.testing.assert_close(scores["4bit"], scores[None], rtol=0, atol=0.25)  # nf4 rounding only
+
+
+@pytest.mark.parametrize("how", ["lora_on_lm_head", "modules_to_save"])
+def test_merge_is_exact_on_a_model_with_tied_embeddings(tmp_path, tiny_tokenizer, how):
+    """SmolLM2 ties input and output embeddings; an lm_head adapter merged into the shared matrix changed the
+    input embeddings too (logits off by 1.74 on a tiny tied model)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         pad_token_id=tiny_tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    tiny_tokenizer.save_pretrained(tmp_path / "base")
+    lora = (LoraSpec(r=4, target_modules=["q_proj", "lm_head"]) if how == "lora_on_lm_head"
+            else LoraSpec(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    model = apply_lora(load_causal_lm(ModelSpec(name_or_path=str(tmp_path / "base"))), lora)
+    with torch.no_grad():  # a trained adapter: every trainable tensor moved
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.5)
+    model.save_pretrained(tmp_path / "adapter")
+    merged_dir = merge_adapter(str(tmp_path / "adapter"), str(tmp_path / "merged"))
+    ids = torch.tensor([[1, 5, 9, 14, 30, 2]])
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        expected = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+        got = merged(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    torch.testing.assert_close(merged.get_input_embeddings().weight, fresh.get_input_embeddings().weight)

@@ -128,3 +128,39 @@ def test_response_only_loss_equals_the_full_logits_loss(tiny_base):
     for n, p in module.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "granite"])
+def test_sft_loss_is_the_models_own_loss_with_its_logit_post_processing(tmp_path, tiny_tokenizer, family):
+    """Gemma 2 soft-caps its final logits and Granite scales them: the loss must go through the model's own
+    output path (a hand-applied lm_head gave 33.25 vs 23.81 on Gemma 2 and 29.96 vs 7.46 on Granite)."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, GraniteConfig
+
+    common = dict(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=tiny_tokenizer.pad_token_id,
+                  bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id)
+    config = (Gemma2Config(**common, head_dim=8, final_logit_softcapping=2.0) if family == "gemma2"
+              else GraniteConfig(**common, logits_scaling=0.25))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # large logits, so capping/scaling changes the loss a lot
+        model.get_output_embeddings().weight.mul_(50.0)
+    model.save_pretrained(tmp_path / family)
+    tiny_tokenizer.save_pretrained(tmp_path / family)
+    module = SFTModule(ModelSpec(name_or_path=str(tmp_path / family)), LoraSpec(r=4, target_modules=["q_proj"]))
+    module.eval()
+    dm = AlpacaDataModule("alpaca_rlhf/data/samples/alpaca_sample.json", val_set_size=0, batch_size=4,
+                          cutoff_len=96, max_records=4)
+    dm.connect(module.tokenizer)
+    dm.setup()
+    batch = dm.collator()(dm.train_data)
+    with torch.no_grad():
+        ours = torch.nn.functional.cross_entropy(*module.response_logits(batch))
+        theirs = module.model(**batch).loss
+        raw = module.model.get_base_model()
+        hidden = getattr(raw, raw.base_model_prefix)(input_ids=batch["input_ids"],
+                                                     attention_mask=batch["attention_mask"]).last_hidden_state
+        by_hand = torch.nn.functional.cross_entropy(raw.lm_head(hidden[:, :-1]).flatten(0, 1),
+                                                    batch["labels"][:, 1:].flatten())
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert abs(by_hand - theirs) > 0.5  # the post-processing matters at these logits

@@ -1,0 +1,183 @@
+"""Real tokenizers and a real model: SmolLM2 (GGUF, pad shipped as EOS, ChatML, tied embeddings), the real Llama 3
+tokenizer (from Meta's `llama-models` package), and a Qwen-like tokenizer (pad == EOS, no unk)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from alpaca_rlhf.data.sft import IGNORE_INDEX, SFTCollator, tokenize_example
+from alpaca_rlhf.data.templates import PromptTemplate
+from alpaca_rlhf.models import ModelSpec, ensure_pad_token, load_causal_lm, load_tokenizer
+from alpaca_rlhf.ppo import first_eos_mask
+
+SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+
+
+# ---- SmolLM2 ------------------------------------------------------------------------------------------------
+def test_gguf_is_dequantized_once_into_a_plain_folder(smol_gguf, smol_folder):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = json.loads((smol_folder / "config.json").read_text())
+    assert "quantization_config" not in config and config["tie_word_embeddings"] is True
+    assert (smol_folder / "model.safetensors").is_file()
+    cfg = AutoConfig.from_pretrained(smol_folder)
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size) == (30, 576, 49152)
+    stamp = (smol_folder / "model.safetensors").stat().st_mtime
+    spec = ModelSpec(name_or_path=str(smol_gguf))
+    model = load_causal_lm(spec, trainable=False)  # the .gguf name resolves to the same folder, no new conversion
+    assert (smol_folder / "model.safetensors").stat().st_mtime == stamp
+    assert model.num_parameters() == pytest.approx(134.5e6, rel=0.01)
+    plain = AutoModelForCausalLM.from_pretrained(smol_folder)  # plain transformers loads the folder
+    assert plain.get_output_embeddings().weight.data_ptr() == plain.get_input_embeddings().weight.data_ptr()
+
+
+def test_smollm2_answers_sensibly_with_the_alpaca_template(smol_gguf):
+    spec = ModelSpec(name_or_path=str(smol_gguf))
+    tokenizer, model = load_tokenizer(spec), load_causal_lm(spec, trainable=False)
+    prompt = PromptTemplate.load("alpaca").render("Give three tips for staying healthy.")
+    ids = tokenizer(prompt, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "balanced diet" in answer.lower()
+
+
+def test_smollm2_pad_rule_and_option(smol_gguf, caplog):
+    with caplog.at_level(logging.INFO, logger="alpaca_rlhf.models"):
+        tokenizer = load_tokenizer(ModelSpec(name_or_path=str(smol_gguf)))
+    # shipped pad == EOS (<|im_end|>); the rule takes its unk <|endoftext|> instead, and says so
+    assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.pad_token_id) == ("<|im_end|>", "<|endoftext|>", 0)
+    assert "pads with '<|endoftext|>'" in caplog.text
+    as_eos = load_tokenizer(ModelSpec(name_or_path=str(smol_gguf), pad_token="eos"))
+    assert as_eos.pad_token_id == as_eos.eos_token_id == 2
+    with pytest.raises(ValueError, match="not a token"):
+        load_tokenizer(ModelSpec(name_or_path=str(smol_gguf), pad_token="<nope>"))
+
+
+def test_chat_template_renders_chatml_exactly(smol_gguf):
+    tokenizer = load_tokenizer(ModelSpec(name_or_path=str(smol_gguf)))
+    chat = PromptTemplate.load("chat").bind(tokenizer)
+    assert chat.render("Name a primary color.") == (
+        SMOL_SYSTEM + "<|im_start|>user\nName a primary color.<|im_end|>\n<|im_start|>assistant\n")
+    assert chat.render("Summarize.", "A long text.") == (
+        SMOL_SYSTEM + "<|im_start|>user\nSummarize.\n\nA long text.<|im_end|>\n<|im_start|>assistant\n")
+    convo = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "A color?"}]
+    assert chat.render_messages(convo) == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                                           "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nA color?"
+                                           "<|im_end|>\n<|im_start|>assistant\n")
+    # the response is labelled and ends with the template's own end of turn (EOS = <|im_end|>)
+    ex = tokenize_example(tokenizer, chat.render("Name a primary color."), "Red.", cutoff_len=256)
+    labelled = [t for t in ex["labels"] if t != IGNORE_INDEX]
+    assert tokenizer.decode(labelled) == "Red.<|im_end|>" and ex["input_ids"][-1] == 2
+    assert tokenizer.decode(ex["input_ids"][: len(ex["input_ids"]) - len(labelled)]).endswith("assistant\n")
+    with pytest.raises(RuntimeError, match="bind"):
+        PromptTemplate.load("chat").render("x")
+
+
+# ---- Llama 3 ------------------------------------------------------------------------------------------------
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
+                   "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>"]
+
+
+@pytest.fixture(scope="module")
+def llama3_folder(tmp_path_factory) -> Path:
+    """Meta's Llama 3 tokenizer.model (tiktoken, shipped in `llama-models`) converted by transformers, saved with a
+    tiny random LLaMA of that vocabulary."""
+    llama_models = pytest.importorskip("llama_models", reason="pip install llama-models (dev extra)")
+    from tokenizers import processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    model_file = Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
+    specials = LLAMA3_SPECIALS + [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(LLAMA3_SPECIALS))]
+    from llama_models.llama3.tokenizer import Tokenizer
+
+    backend = TikTokenConverter(vocab_file=str(model_file), pattern=Tokenizer.pat_str,
+                                extra_special_tokens=specials).converted()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", 128000)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>",
+                                        eos_token="<|end_of_text|>", model_max_length=8192)
+    folder = tmp_path_factory.mktemp("llama3") / "tiny-llama3"
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, bos_token_id=128000, eos_token_id=128001)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_llama3_tokenizer_conventions(llama3_folder):
+    tokenizer = load_tokenizer(ModelSpec(name_or_path=str(llama3_folder)))
+    assert len(tokenizer) == 128256
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|begin_of_text|>", "<|end_of_text|>")
+    assert (tokenizer.pad_token, tokenizer.pad_token_id) == ("<|finetune_right_pad_id|>", 128004)
+    assert tokenizer("Hello world")["input_ids"] == [128000, 9906, 1917]  # as Meta's own tiktoken encoder
+
+
+def test_sft_steps_on_a_tiny_model_with_the_llama3_vocabulary(llama3_folder):
+    from alpaca_rlhf.data import AlpacaDataModule
+    from alpaca_rlhf.models import LoraSpec
+    from alpaca_rlhf.modules import SFTModule
+
+    module = SFTModule(ModelSpec(name_or_path=str(llama3_folder)),
+                       LoraSpec(r=4, alpha=8, dropout=0.0, target_modules="all-linear", modules_to_save=["lm_head"]))
+    data = AlpacaDataModule("alpaca_rlhf/data/samples/alpaca_sample.json", cutoff_len=192, val_set_size=0,
+                            batch_size=4, max_records=4)
+    data.connect(module.tokenizer)
+    data.setup()
+    batch = data.collator()(data.train_data)
+    assert batch["input_ids"][0, 0] == 128000 and (batch["labels"] == 128001).sum() == 4  # BOS once, EOS per row
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=3e-2)
+    losses = []
+    for _ in range(6):
+        loss = torch.nn.functional.cross_entropy(*module.response_logits(batch))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5 and abs(losses[0] - torch.log(torch.tensor(128256.0)).item()) < 1.0
+
+
+# ---- a Qwen-like tokenizer: pad == EOS, no unk --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def qwen_like():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from alpaca_rlhf.models import _corpus_texts
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus_texts("alpaca_rlhf/data/samples/alpaca_sample.json")[:50], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def test_pad_equal_to_eos_is_allowed_logged_and_the_masks_stay_right(qwen_like, caplog):
+    assert qwen_like.unk_token is None and qwen_like.pad_token_id == qwen_like.eos_token_id
+    with caplog.at_level(logging.INFO, logger="alpaca_rlhf.models"):
+        tokenizer = ensure_pad_token(qwen_like)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id and "EOS" in caplog.text
+    eos = tokenizer.eos_token_id
+    # SFT: the response's EOS is labelled once; padding (the same id) is neither attended nor labelled
+    short = tokenize_example(tokenizer, "Say hi.\n", "Hi", 64)
+    long = tokenize_example(tokenizer, "Say hello to everyone here.\n", "Hello to all of you", 64)
+    batch = SFTCollator(tokenizer.pad_token_id)([short, long])
+    n = len(short["input_ids"])
+    assert batch["input_ids"][0, n - 1] == eos and (batch["input_ids"][0, n:] == eos).all()
+    assert batch["attention_mask"][0, :n].all() and not batch["attention_mask"][0, n:].any()
+    assert (batch["labels"][0] == eos).sum() == 1 and (batch["labels"][0, n:] == IGNORE_INDEX).all()
+    # PPO: generated padding after EOS is EOS too; the response mask runs through the first EOS only
+    responses = torch.tensor([[5, 6, eos, eos, eos], [7, eos, eos, eos, eos], [8, 9, 10, 11, 12]])
+    assert first_eos_mask(responses, eos).tolist() == [[True, True, True, False, False],
+                                                        [True, True, False, False, False], [True] * 5]
