@@ -57,7 +57,8 @@ def _template_of(folder: Path) -> str:
 
 
 def latest_export(path: str | Path) -> Path:
-    """A PPO export folder: `path` itself if it holds an adapter, else its `step_<n>` with the largest n."""
+    """A PPO export folder: `path` itself if it holds an adapter, else the run's final export (the one its
+    `ppo_state.json` marks finished; the most recently written if several are), else the largest `step_<n>`."""
     path = Path(path)
     if (path / "adapter_config.json").is_file():
         return path
@@ -65,6 +66,9 @@ def latest_export(path: str | Path) -> Path:
     if not steps:
         raise FileNotFoundError(f"{path}: neither a PPO export (adapter_config.json) nor a folder of "
                                 "step_<n> exports")
+    finished = [p for p in steps if (_read_json(p / "ppo_state.json") or {}).get("finished") is True]
+    if finished:
+        return max(finished, key=lambda p: (p / "ppo_state.json").stat().st_mtime)
     return max(steps, key=lambda p: int(p.name[5:]))
 
 
@@ -442,6 +446,7 @@ def compare(
     sft_model: str | None = None,
     rlhf_model: str | None = None,
     reward_model: str | None = None,
+    judge_model: str | None = None,
     prompts: PromptSource = PromptSource(),  # noqa: B008 - read-only default, shown by --help
     sampling: SamplingSpec = SamplingSpec(temperature=1.0),  # noqa: B008 - PPO's sampling
     samples_per_prompt: int = 1,
@@ -465,6 +470,9 @@ def compare(
         sft_model: The merged SFT folder, or the SFT adapter folder (on its recorded base).
         rlhf_model: A PPO export step_<n>, or the PPO output_dir (its latest step_<n>).
         reward_model: The merged reward-model folder; None compares without scores.
+        judge_model: An independent merged reward model (trained on a disjoint part of the preference data) that
+            scores every stage too: the optimised RM's score rising while the judge's falls flags
+            over-optimisation (Gao et al., 2022). None = no judge.
         prompts: Which held-out instructions.
         sampling: Decoding of every stage. PPO samples at temperature 1 with no top-k/top-p truncation;
             comparing under the same sampling shows what PPO optimised.
@@ -530,13 +538,18 @@ def compare(
     if reward_model:
         scores, rm_stats = score_generations(reward_model, records, generations, tokenizers,
                                              samples_per_prompt, batch_size, load_kwargs)
+    judge: dict[str, list[float]] = {}
+    if judge_model:
+        judge, _ = score_generations(judge_model, records, generations, tokenizers, samples_per_prompt, batch_size,
+                                     load_kwargs)
     kl = (rlhf_logprobs - sft_logprobs).tolist() if sft_logprobs is not None else None
 
-    rows = build_rows(records, generations, scores, kl, samples_per_prompt, template)
-    summary = summarize(stages, rows, scores, kl, samples_per_prompt, sampling)
+    rows = build_rows(records, generations, scores, kl, samples_per_prompt, template, judge)
+    summary = summarize(stages, rows, scores, kl, samples_per_prompt, sampling, judge)
     ppo_state = checkpoints["rlhf"].ppo_state if "rlhf" in checkpoints else None
     settings = {
         "checkpoints": {s: checkpoints[s].describe() for s in stages}, "reward_model": reward_model,
+        "judge_model": judge_model,
         "reward_stats": rm_stats,
         "ppo_state": ({k: ppo_state.get(k) for k in ("iteration", "kl_coef", "base_model")} if ppo_state
                       else None),
@@ -616,7 +629,8 @@ def _score_all(scorer, prompts: list[str], gens: list[Generation], tokenizer, ba
 
 
 def build_rows(records: list[dict], generations: dict[str, list[Generation]], scores: dict[str, list[float]],
-               kl: list[float] | None, samples_per_prompt: int, template: PromptTemplate) -> list[dict]:
+               kl: list[float] | None, samples_per_prompt: int, template: PromptTemplate,
+               judge: dict[str, list[float]] | None = None) -> list[dict]:
     """One row per prompt, stage and sample: what outputs.jsonl holds."""
     rows = []
     for stage, gens in generations.items():
@@ -626,6 +640,7 @@ def build_rows(records: list[dict], generations: dict[str, list[Generation]], sc
                 "instruction": records[j // samples_per_prompt]["instruction"],
                 "input": records[j // samples_per_prompt]["input"], "response": g.text,
                 "score": scores[stage][j] if stage in scores else None,
+                "judge_score": judge[stage][j] if judge and stage in judge else None,
                 "response_tokens": len(g.response_ids),
                 "ended_with_eos": g.ended, "follows_template": follows_template(g.text, g.ended, template),
                 "kl_to_sft": kl[j] if stage == "rlhf" and kl is not None else None,
@@ -635,33 +650,96 @@ def build_rows(records: list[dict], generations: dict[str, list[Generation]], sc
 
 
 def summarize(stages: list[str], rows: list[dict], scores: dict[str, list[float]], kl: list[float] | None,
-              samples_per_prompt: int, sampling: SamplingSpec) -> dict:
-    """Per stage: score mean/std, template-following and EOS rates, length; RLHF vs SFT: win rate and KL."""
+              samples_per_prompt: int, sampling: SamplingSpec, judge: dict[str, list[float]] | None = None) -> dict:
+    """Per stage: score mean/std, template-following and EOS rates, length and the reward-hacking diagnostics;
+    RLHF vs SFT: win rate (by the reward model and the judge) and KL."""
+    judge = judge or {}
     per_stage = {}
     for stage in stages:
         mine = [r for r in rows if r["stage"] == stage]
+        lengths = [float(r["response_tokens"]) for r in mine]
+        texts = [r["response"] for r in mine]
         per_stage[stage] = {
             "score_mean": _mean(scores[stage]) if stage in scores else None,
             "score_std": _std(scores[stage]) if stage in scores else None,
+            "judge_mean": _mean(judge[stage]) if stage in judge else None,
             "follows_template": _mean([float(r["follows_template"]) for r in mine]),
             "ended_with_eos": _mean([float(r["ended_with_eos"]) for r in mine]),
-            "response_tokens": _mean([float(r["response_tokens"]) for r in mine]),
+            "max_length_hit": _mean([float(not r["ended_with_eos"] and r["response_tokens"] >= sampling.max_new_tokens)
+                                     for r in mine]),
+            "response_tokens": _mean(lengths),
             "empty": _mean([float(not r["response"]) for r in mine]),
+            "length_score_corr": _corr([r["score"] for r in mine], lengths) if stage in scores else None,
+            "distinct_1": distinct_n(texts, 1),
+            "distinct_2": distinct_n(texts, 2),
+            "repeated_3gram": _mean([float(has_repeated_ngram(t, 3)) for t in texts]),
         }
     summary: dict = {"stages": per_stage}
     anchors = {k.split("/", 1)[1]: _mean(v) for k, v in scores.items() if k.startswith("anchor/")}
     if anchors:
         summary["reward_anchors"] = anchors
-    if "rlhf" in scores and "sft" in scores:
-        def per_prompt(xs: list[float]) -> list[float]:  # mean over a prompt's samples
-            return [_mean(xs[i : i + samples_per_prompt]) for i in range(0, len(xs), samples_per_prompt)]
 
+    def per_prompt(xs: list[float]) -> list[float]:  # mean over a prompt's samples
+        return [_mean(xs[i : i + samples_per_prompt]) for i in range(0, len(xs), samples_per_prompt)]
+
+    if "rlhf" in scores and "sft" in scores:
         summary["rlhf_vs_sft"] = {"win_rate": win_rate(per_prompt(scores["rlhf"]), per_prompt(scores["sft"])),
                                   "score_gain": _mean(scores["rlhf"]) - _mean(scores["sft"]),
                                   "n_prompts": len(per_prompt(scores["rlhf"]))}
+        if "rlhf" in judge and "sft" in judge:
+            summary["rlhf_vs_sft"]["judge_win_rate"] = win_rate(per_prompt(judge["rlhf"]), per_prompt(judge["sft"]))
+            summary["rlhf_vs_sft"]["judge_gain"] = _mean(judge["rlhf"]) - _mean(judge["sft"])
     if kl is not None:
         summary["kl_rlhf_to_sft"] = {"mean": _mean(kl), "std": _std(kl), "n": len(kl)}
+    summary["reward_hacking"] = hacking_flags(summary)
     return summary
+
+
+def _corr(xs: list[float], ys: list[float]) -> float | None:
+    """Pearson correlation; None when either side is constant."""
+    mx, my = _mean(xs), _mean(ys)
+    sx, sy = _std(xs), _std(ys)
+    if not xs or sx == 0 or sy == 0:
+        return None
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / (len(xs) * sx * sy)
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct-n (Li et al., 2016): unique word n-grams over all n-grams of a stage's responses."""
+    grams = [tuple(words[i : i + n]) for t in texts for words in [t.split()] for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def has_repeated_ngram(text: str, n: int) -> bool:
+    words = text.split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def hacking_flags(summary: dict) -> list[str]:
+    """Plain-language signs that RLHF games its reward model, from the comparison's own numbers."""
+    stages, flags = summary["stages"], []
+    if "rlhf" not in stages or "sft" not in stages:
+        return flags
+    rlhf, sft = stages["rlhf"], stages["sft"]
+    versus = summary.get("rlhf_vs_sft", {})
+    if versus.get("score_gain", 0) > 0 and versus.get("judge_gain", 0) < 0:
+        flags.append(f"the optimised reward model's score rose ({versus['score_gain']:+.3f}) while the independent "
+                     f"judge's fell ({versus['judge_gain']:+.3f}): over-optimisation (Gao et al., 2022)")
+    ratio = rlhf["response_tokens"] / max(sft["response_tokens"], 1e-9)
+    corr = rlhf["length_score_corr"]
+    if (ratio > 1.5 or ratio < 0.5) and corr is not None and abs(corr) > 0.3:
+        flags.append(f"RLHF responses are {ratio:.1f}x the SFT length and the score correlates with length "
+                     f"(r = {corr:+.2f}): the policy may be buying reward with length")
+    if rlhf["empty"] > sft["empty"] + 0.05:
+        flags.append(f"empty responses rose from {sft['empty']:.0%} to {rlhf['empty']:.0%}")
+    if sft["distinct_2"] - rlhf["distinct_2"] > 0.15:
+        flags.append(f"distinct-2 fell from {sft['distinct_2']:.2f} to {rlhf['distinct_2']:.2f}: the policy repeats "
+                     "itself or collapsed onto a few phrasings")
+    if rlhf["max_length_hit"] > sft["max_length_hit"] + 0.2:
+        flags.append(f"responses that run to the length limit rose from {sft['max_length_hit']:.0%} to "
+                     f"{rlhf['max_length_hit']:.0%}")
+    return flags
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -716,15 +794,33 @@ def markdown_report(stages: list[str], rows: list[dict], summary: dict, settings
                       "near the empty response by answering with almost nothing is gaming the reward model."]
     if "rlhf_vs_sft" in summary:
         w = summary["rlhf_vs_sft"]
+        judged = (f" By the independent judge: win rate {w['judge_win_rate']:.1%}, mean gain {w['judge_gain']:+.3f}."
+                  if "judge_win_rate" in w else "")
         lines += ["", f"**Win rate of RLHF over SFT: {w['win_rate']:.1%}** of {w['n_prompts']} prompts (the "
                       "RLHF response's score beats the SFT one's, averaged over a prompt's samples; ties "
-                      f"count half); mean score gain {w['score_gain']:+.3f}."]
+                      f"count half); mean score gain {w['score_gain']:+.3f}.{judged}"]
     if "kl_rlhf_to_sft" in summary:
         k = summary["kl_rlhf_to_sft"]
         lines += ["", f"**KL(RLHF ‖ SFT) = {k['mean']:.3f} nats per response** (std {k['std']:.3f}, "
                       f"{k['n']} RLHF responses): the sum over response tokens of log π_RLHF − log π_SFT on "
                       "the RLHF model's own samples (the k1 estimator PPO penalises), logits / "
                       f"{settings['kl_temperature']}."]
+    lines += ["", "## Reward-hacking diagnostics", "",
+              "| stage | judge score | score~length r | distinct-1 | distinct-2 | repeats a 3-gram | hits max length |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for stage in stages:
+        st = summary["stages"][stage]
+        corr = _fmt(st.get("length_score_corr"), 2)
+        lines.append(f"| {STAGE_TITLES[stage]} | {_fmt(st.get('judge_mean'))} | {corr} | "
+                     f"{st['distinct_1']:.2f} | {st['distinct_2']:.2f} | {st['repeated_3gram']:.0%} | "
+                     f"{st['max_length_hit']:.0%} |")
+    judge_note = (f" The judge is `{settings['judge_model']}`, a reward model trained on a disjoint part of the "
+                  "preference data." if settings.get("judge_model") else " No judge model was given.")
+    flags = summary.get("reward_hacking", [])
+    verdict = ("**RLHF looks like it games the reward model:** " + "; ".join(flags) + "." if flags else
+               "**No sign of reward hacking by these checks** (judge vs reward model, length, emptiness, "
+               "diversity, length-limit hits).")
+    lines += ["", verdict + judge_note]
     lines += ["", "## Responses", "", "| # | instruction | " + " | ".join(titles) + " |",
               "| --- | --- | " + " | ".join("---" for _ in stages) + " |"]
     first = [r for r in rows if r["sample"] == 0]
@@ -771,7 +867,11 @@ def terminal_table(stages: list[str], rows: list[dict], summary: dict, show: int
     for name, value in summary.get("reward_anchors", {}).items():
         out.append(f"{'':8s} {value:>10.3f}  <- {name} (reward-model anchor)")
     if "rlhf_vs_sft" in summary:
-        out.append(f"win rate RLHF over SFT: {summary['rlhf_vs_sft']['win_rate']:.1%}")
+        judge = summary["rlhf_vs_sft"].get("judge_win_rate")
+        out.append(f"win rate RLHF over SFT: {summary['rlhf_vs_sft']['win_rate']:.1%}"
+                   + (f" (by the judge: {judge:.1%})" if judge is not None else ""))
+    for flag in summary.get("reward_hacking", []):
+        out.append(f"reward hacking? {flag}")
     if "kl_rlhf_to_sft" in summary:
         kl = summary["kl_rlhf_to_sft"]["mean"]
         out.append(f"KL(RLHF || SFT) on RLHF responses: {kl:.3f} nats per response")

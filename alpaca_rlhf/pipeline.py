@@ -24,10 +24,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_NAMES = ("sft", "merge_sft", "rm", "merge_rm", "ppo", "compare")
+STAGE_NAMES = ("sft", "merge_sft", "rm", "merge_rm", "ppo", "judge", "merge_judge", "compare")
 
 
 @dataclass
@@ -74,13 +72,19 @@ class CompareStage:
 
 @dataclass
 class Stages:
-    """Every stage's config; the defaults are the real (Llama-3.1-8B, GPU) configs."""
+    """Every stage's config; the defaults are the real (Llama-3.1-8B, GPU) configs.
+
+    `judge` (optional) is a second reward model, trained like `rm` but on a disjoint part of the preference data
+    (`data.train_part`), whose merged copy scores every stage in `compare` as an independent judge.
+    """
 
     sft: FitStage = field(default_factory=lambda: FitStage("configs/sft.yaml"))
     merge_sft: MergeStage = field(default_factory=MergeStage)
     rm: FitStage = field(default_factory=lambda: FitStage("configs/rm.yaml"))
     merge_rm: MergeStage = field(default_factory=MergeStage)
     ppo: FitStage = field(default_factory=lambda: FitStage("configs/ppo.yaml"))
+    judge: FitStage | None = None
+    merge_judge: MergeStage = field(default_factory=MergeStage)
     compare: CompareStage = field(default_factory=lambda: CompareStage("configs/compare.yaml"))
 
 
@@ -97,68 +101,50 @@ def find_file(path: str) -> Path:
     raise PipelineError(f"pipeline: config file {path!r} not found (looked in . and {ROOT})")
 
 
-def _deep_merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 class StageConfig:
-    """A stage's YAML (stacked configs merged) with its command-line overrides, for looking up a few values.
+    """A stage's config as the stage's own parser resolves it (stacked YAML files, then the command-line
+    arguments, every spelling LightningCLI or jsonargparse accepts), for looking up output folders and the split.
 
-    Only what the pipeline needs to know (output folders, the data split) is read; jsonargparse in the stage's
-    own process remains the authority on the full config.
+    `command` is "fit" (LightningCLI) or "compare"; nothing is instantiated.
     """
 
-    def __init__(self, configs: str | list[str] | None, overrides: list[str] = ()) -> None:
+    def __init__(self, command: str, configs: str | list[str] | None, overrides: list[str] = (),
+                 stage: str = "") -> None:
+        from alpaca_rlhf.cli import parse_fit_config, parse_function_config
+
         self.paths = [find_file(c) for c in ([configs] if isinstance(configs, str) else configs or [])]
-        self.data: dict = {}
-        for p in self.paths:
-            self.data = _deep_merge(self.data, yaml.safe_load(p.read_text()) or {})
-        self.overrides = _parse_overrides(overrides)
+        args = [a for p in self.paths for a in ("--config", str(p))] + list(overrides)
+        try:
+            self.config = parse_fit_config(args) if command == "fit" else parse_function_config(command, args)
+        except (SystemExit, Exception) as e:  # jsonargparse exits on a bad config: name the stage's files
+            raise PipelineError(f"pipeline stopped before running anything: stage '{stage or command}': its config "
+                                f"{[str(p) for p in self.paths]} with arguments {list(overrides)} does not parse: "
+                                f"{e}") from None
 
     def get(self, dotted: str, default=None):
-        if dotted in self.overrides:
-            return yaml.safe_load(self.overrides[dotted])
-        node = self.data
-        for key in dotted.split("."):
-            if not isinstance(node, dict) or key not in node:
-                return default
-            node = node[key]
-        return default if node is None else node
+        value = self.config.get(dotted, None) if dotted in self.config else None
+        return default if value is None else value
 
     def checkpoint_dir(self) -> Path | None:
         """The `ModelCheckpoint` dirpath, where `last.ckpt` is written."""
         for callback in self.get("trainer.callbacks", []) or []:
-            if isinstance(callback, dict) and str(callback.get("class_path", "")).endswith("ModelCheckpoint"):
-                dirpath = (callback.get("init_args") or {}).get("dirpath")
+            if str(_field(callback, "class_path")).endswith("ModelCheckpoint"):
+                dirpath = _field(_field(callback, "init_args") or {}, "dirpath")
                 if dirpath:
                     return Path(dirpath)
         return None
 
     def tensorboard_dir(self) -> Path | None:
         logger = self.get("trainer.logger")
-        if isinstance(logger, dict) and "TensorBoard" in str(logger.get("class_path", "")):
-            args = logger.get("init_args") or {}
-            return Path(args.get("save_dir", "."), args.get("name", "lightning_logs"))
+        logger = logger[0] if isinstance(logger, list) and logger else logger
+        if logger is not None and not isinstance(logger, bool) and "TensorBoard" in str(_field(logger, "class_path")):
+            args = _field(logger, "init_args") or {}
+            return Path(_field(args, "save_dir") or ".", _field(args, "name") or "lightning_logs")
         return None
 
 
-def _parse_overrides(tokens: list[str]) -> dict[str, str]:
-    """`["--a.b", "1", "--c=2"]` -> {"a.b": "1", "c": "2"} (the last occurrence wins, as in jsonargparse)."""
-    out, i = {}, 0
-    tokens = list(tokens)
-    while i < len(tokens):
-        token = tokens[i]
-        if token.startswith("--") and "=" in token:
-            key, value = token[2:].split("=", 1)
-            out[key] = value
-        elif token.startswith("--") and i + 1 < len(tokens):
-            out[token[2:]] = tokens[i + 1]
-            i += 1
-        i += 1
-    return out
+def _field(node, key: str):
+    return node.get(key) if isinstance(node, dict) else getattr(node, key, None)
 
 
 # ---- the plan ----------------------------------------------------------------------------------------------
@@ -179,57 +165,70 @@ class Stage:
         return last if last.is_file() else None
 
 
-def merged_dir(adapter_dir: str, stage: MergeStage) -> Path:
-    return Path(stage.output_dir) if stage.output_dir else Path(adapter_dir + "-adapter-merged")
+def merged_dir(adapter_dir: str, stage: MergeStage) -> str:
+    """The merge's output folder, spelled as the user spelled the adapter's (`./x` stays `./x-adapter-merged`)."""
+    return stage.output_dir if stage.output_dir else str(adapter_dir).rstrip("/") + "-adapter-merged"
+
+
+def fit_config(stage: FitStage, name: str, wiring: list[str] = ()) -> StageConfig:
+    return StageConfig("fit", stage.config, [*wiring, *stage.overrides], name)
 
 
 def plan(stages: Stages) -> tuple[list[Stage], dict]:
     """The six stages with their wiring, and the paths the final message shows."""
-    sft = StageConfig(stages.sft.config, stages.sft.overrides)
-    sft_adapter = sft.get("model.init_args.adapter_dir", "output/lora-alpaca")
+    sft = fit_config(stages.sft, "sft")
+    sft_adapter = str(sft.get("model.init_args.adapter_dir", "output/lora-alpaca"))
     sft_merged = merged_dir(sft_adapter, stages.merge_sft)
 
-    rm_wiring = ["--model.init_args.model.name_or_path", str(sft_merged)]
-    rm = StageConfig(stages.rm.config, rm_wiring + stages.rm.overrides)
-    rm_adapter = rm.get("model.init_args.adapter_dir", "output/reward_model")
+    rm_wiring = ["--model.init_args.model.name_or_path", sft_merged]
+    rm = fit_config(stages.rm, "rm", rm_wiring)
+    rm_adapter = str(rm.get("model.init_args.adapter_dir", "output/reward_model"))
     rm_merged = merged_dir(rm_adapter, stages.merge_rm)
 
-    ppo_wiring = ["--model.init_args.policy.name_or_path", str(sft_merged)]
-    ppo_yaml = StageConfig(stages.ppo.config)
-    if str(ppo_yaml.get("model.init_args.scorer.class_path", "")).endswith("RewardModelScorer"):
-        ppo_wiring += ["--model.init_args.scorer.init_args.model.name_or_path", str(rm_merged)]
-    ppo = StageConfig(stages.ppo.config, ppo_wiring + stages.ppo.overrides)
+    ppo_wiring = ["--model.init_args.policy.name_or_path", sft_merged]
+    if str(fit_config(stages.ppo, "ppo").get("model.init_args.scorer.class_path", "")).endswith("RewardModelScorer"):
+        ppo_wiring += ["--model.init_args.scorer.init_args.model.name_or_path", rm_merged]
+    ppo = fit_config(stages.ppo, "ppo", ppo_wiring)
     ppo_dir = Path(ppo.get("model.init_args.output_dir", "output/checkpoints/tuning_llama_rl"))
 
-    compare = StageConfig(stages.compare.config, stages.compare.overrides)
-    report_dir = Path(compare.get("report_dir", "output/compare"))
-    held_out = {"data_path": "yahma/alpaca-cleaned", "val_set_size": 64, "seed": 42, "max_prompt_length": 256}
-    base = sft.get("model.init_args.model.name_or_path", "meta-llama/Llama-3.1-8B")
-    compare_wiring = ["--base_model", str(base), "--sft_model", str(sft_merged), "--rlhf_model", str(ppo_dir),
-                      "--reward_model", str(rm_merged)]
-    for key, default in held_out.items():  # compare on PPO's validation prompts, held out of its training
-        compare_wiring += [f"--prompts.{key}", str(ppo.get(f"data.init_args.{key}", default))]
+    judge = judge_adapter = judge_merged = None
+    if stages.judge is not None:
+        judge = fit_config(stages.judge, "judge", rm_wiring)
+        judge_adapter = str(judge.get("model.init_args.adapter_dir", "output/judge"))
+        judge_merged = merged_dir(judge_adapter, stages.merge_judge)
 
-    def fit_args(stage: FitStage, wiring: list[str]) -> list[str]:
-        configs = [stage.config] if isinstance(stage.config, str) else stage.config
-        config_args = [a for c in configs for a in ("--config", str(find_file(c)))]
-        return ["fit", *config_args, *wiring, *stage.overrides]
+    base = sft.get("model.init_args.model.name_or_path", "meta-llama/Llama-3.1-8B")
+    compare_wiring = ["--base_model", str(base), "--sft_model", sft_merged, "--rlhf_model", str(ppo_dir),
+                      "--reward_model", rm_merged] + (["--judge_model", judge_merged] if judge_merged else [])
+    for key in ("data_path", "val_set_size", "seed", "max_prompt_length", "skip_bad_records", "max_records"):
+        value = ppo.get(f"data.init_args.{key}")  # compare on PPO's held-out prompts: PPO's own split arguments
+        compare_wiring += [f"--prompts.{key}", json.dumps(value) if value is None or isinstance(value, bool)
+                           else str(value)]
+    compare = StageConfig("compare", stages.compare.config, [*compare_wiring, *stages.compare.overrides], "compare")
+    report_dir = Path(compare.get("report_dir", "output/compare"))
+
+    def fit_args(config: StageConfig, wiring: list[str], stage: FitStage) -> list[str]:
+        return ["fit", *[a for p in config.paths for a in ("--config", str(p))], *wiring, *stage.overrides]
 
     compare_config = ["--config", str(find_file(stages.compare.config))] if stages.compare.config else []
     planned = [
-        Stage("sft", fit_args(stages.sft, []), Path(sft_adapter), sft.checkpoint_dir()),
-        Stage("merge_sft", ["merge", "--adapter_path", sft_adapter, "--output_dir", str(sft_merged),
-                            "--dtype", stages.merge_sft.dtype], sft_merged),
-        Stage("rm", fit_args(stages.rm, rm_wiring), Path(rm_adapter), rm.checkpoint_dir()),
-        Stage("merge_rm", ["merge", "--adapter_path", rm_adapter, "--output_dir", str(rm_merged),
-                           "--dtype", stages.merge_rm.dtype], rm_merged),
-        Stage("ppo", fit_args(stages.ppo, ppo_wiring), ppo_dir, ppo.checkpoint_dir()),
+        Stage("sft", fit_args(sft, [], stages.sft), Path(sft_adapter), sft.checkpoint_dir()),
+        Stage("merge_sft", ["merge", "--adapter_path", sft_adapter, "--output_dir", sft_merged,
+                            "--dtype", stages.merge_sft.dtype], Path(sft_merged)),
+        Stage("rm", fit_args(rm, rm_wiring, stages.rm), Path(rm_adapter), rm.checkpoint_dir()),
+        Stage("merge_rm", ["merge", "--adapter_path", rm_adapter, "--output_dir", rm_merged,
+                           "--dtype", stages.merge_rm.dtype], Path(rm_merged)),
+        Stage("ppo", fit_args(ppo, ppo_wiring, stages.ppo), ppo_dir, ppo.checkpoint_dir()),
+        *([Stage("judge", fit_args(judge, rm_wiring, stages.judge), Path(judge_adapter), judge.checkpoint_dir()),
+           Stage("merge_judge", ["merge", "--adapter_path", judge_adapter, "--output_dir", judge_merged,
+                                 "--dtype", stages.merge_judge.dtype], Path(judge_merged))] if judge else []),
         Stage("compare", ["compare", *compare_config, *compare_wiring, *stages.compare.overrides], report_dir,
               enabled=stages.compare.enabled),
     ]
-    tensorboard = [d for d in (sft.tensorboard_dir(), rm.tensorboard_dir(), ppo.tensorboard_dir()) if d]
-    paths = {"report": report_dir / "report.md", "tensorboard": tensorboard, "sft": sft_merged,
-             "rm": rm_merged, "ppo": ppo_dir}
+    configs = (sft, rm, ppo, judge) if judge else (sft, rm, ppo)
+    tensorboard = [d for d in (c.tensorboard_dir() for c in configs) if d]
+    paths = {"report": report_dir / "report.md", "tensorboard": tensorboard, "sft": Path(sft_merged),
+             "rm": Path(rm_merged), "ppo": ppo_dir, "judge": Path(judge_merged) if judge_merged else None}
     return planned, paths
 
 
@@ -240,7 +239,7 @@ def ppo_final_export(ppo_dir: Path, marker: Path) -> Path | None:
     finished = [p.parent for p in ppo_dir.glob("step_*/ppo_state.json")
                 if json.loads(p.read_text()).get("finished") is True]
     if finished:
-        return max(finished, key=lambda p: int(p.name.split("_")[-1]))
+        return max(finished, key=lambda p: (p / "ppo_state.json").stat().st_mtime)  # the newest run's
     if marker.is_file():
         recorded = json.loads(marker.read_text()).get("export")
         export = ppo_dir / Path(recorded).name if recorded else None  # paths are relative to the run's cwd
@@ -252,8 +251,8 @@ def ppo_final_export(ppo_dir: Path, marker: Path) -> Path | None:
 def finished_output(stage: Stage, logs: Path) -> Path | None:
     """The stage's finished output, or None if it has not finished."""
     out = stage.output
-    if stage.name in ("sft", "rm"):
-        files = ["adapter_model.safetensors"] + (["reward_stats.json"] if stage.name == "rm" else [])
+    if stage.name in ("sft", "rm", "judge"):
+        files = ["adapter_model.safetensors"] + (["reward_stats.json"] if stage.name != "sft" else [])
         return out if all((out / f).is_file() for f in files) else None
     if stage.name.startswith("merge"):
         return out if (out / "config.json").is_file() else None
@@ -359,8 +358,8 @@ def pipeline(
         stages: Each stage's config and overrides (see configs/pipeline.yaml).
         output_dir: Where `logs/<stage>.log` go.
         force: Rerun every stage from scratch, removing its previous output and last.ckpt first.
-        from_stage: Rerun from this stage on (sft, merge_sft, rm, merge_rm, ppo, compare); earlier finished
-            stages are kept.
+        from_stage: Rerun from this stage on (sft, merge_sft, rm, merge_rm, ppo, judge, merge_judge, compare);
+            earlier finished stages are kept.
         dry_run: Print what would run (skip / resume / run, and the commands) without running anything.
     """
     if from_stage is not None and from_stage not in STAGE_NAMES:

@@ -37,9 +37,11 @@ class TokenizedDataModule(L.LightningDataModule):
         return self.tokenizer
 
     def _train_loader(self, dataset: Dataset, collate_fn, drop_last: bool = False) -> DataLoader:
-        self._sampler = SeededSampler(len(dataset), seed=self.seed)
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        self._sampler = SeededSampler(len(dataset), seed=self.seed, num_replicas=world, rank=rank)
         if self._resume:
-            # resume mid-epoch: skip the batches the killed run already trained on
+            # resume mid-epoch: skip the batches this rank already trained on (its own count, its own share)
             self._sampler.skip(self._resume["epoch"], self._resume["batches_done"] * self.batch_size)
             self._resume = None
         return DataLoader(

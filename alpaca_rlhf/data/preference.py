@@ -312,6 +312,19 @@ def build_preference_pairs(records: list[dict], seed: int = 0, truncate_fraction
     return pairs
 
 
+def parse_part(part: str | None) -> tuple[int, int] | None:
+    """"k/n" -> (k, n) with 1 <= k <= n."""
+    if part is None:
+        return None
+    try:
+        k, n = (int(x) for x in str(part).split("/"))
+    except ValueError:
+        k = n = 0
+    if not 1 <= k <= n:
+        raise ValueError(f"train_part must be 'k/n' with 1 <= k <= n (e.g. '1/2'), got {part!r}")
+    return k, n
+
+
 class PreferenceDataModule(TokenizedDataModule):
     """Preference pairs rendered with the prompt template, batched as stacked chosen/rejected sequences.
 
@@ -329,6 +342,9 @@ class PreferenceDataModule(TokenizedDataModule):
         seed: Seed of the hold-out split and of the shuffling.
         skip_bad_records: Drop malformed records (counted and logged) instead of stopping with an error.
         max_records: Use only the first N valid records (quick runs).
+        train_part: "k/n" trains on the k-th of n disjoint parts of the training pairs (every n-th pair from the
+            k-th); the held-out pairs stay the same. Two reward models on "1/2" and "2/2" never share a pair:
+            the second is an independent judge of the first's optimisation. None = all training pairs.
     """
 
     def __init__(
@@ -344,8 +360,10 @@ class PreferenceDataModule(TokenizedDataModule):
         seed: int = 42,
         skip_bad_records: bool = False,
         max_records: int | None = None,
+        train_part: str | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, seed)
+        self.train_part = parse_part(train_part)
         if format not in ("auto", *FORMATS):
             raise ValueError(f"format must be 'auto' or one of {sorted(FORMATS)}, got {format!r}")
         self.save_hyperparameters()
@@ -383,6 +401,9 @@ class PreferenceDataModule(TokenizedDataModule):
             raise DataValidationError(f"{self.data_path}: no pair fits max_length={self.max_length}")
         train_idx, val_idx = (seeded_split(len(examples), self.val_set_size, self.seed) if self.val_set_size
                               else (list(range(len(examples))), []))
+        if self.train_part is not None:
+            k, n = self.train_part
+            train_idx = train_idx[k - 1 :: n]
         self.train_data = [examples[i] for i in train_idx]
         self.val_data = [examples[i] for i in val_idx]
         n_train, n_val = len(self.train_data), len(self.val_data)

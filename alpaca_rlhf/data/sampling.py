@@ -1,36 +1,41 @@
-"""A seeded, resumable sampler: the same order for the same (seed, epoch), restartable mid-epoch."""
+"""A seeded, resumable sampler that knows its rank: the same order for the same (seed, epoch), restartable
+mid-epoch, one process or many."""
 
 from __future__ import annotations
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler
 
 
-class SeededSampler(Sampler[int]):
-    """Shuffles with `seed + epoch`; Lightning calls `set_epoch` at each epoch start.
+class SeededSampler(DistributedSampler):
+    """Shuffles with `seed + epoch` and hands rank `rank` of `num_replicas` its share; Lightning calls `set_epoch`.
 
-    After a resume, `skip(epoch, n)` drops the first `n` indices of that epoch so that a run killed mid-epoch
-    continues with the very next batch instead of repeating the epoch (Lightning re-creates the loader but
-    cannot fast-forward a plain one). Under DDP Lightning substitutes its DistributedSampler, which replays
-    the interrupted epoch from its start.
+    It is a `DistributedSampler`, so under DDP Lightning keeps it instead of wrapping it in its own
+    `DistributedSamplerWrapper` (which indexes by the full length and cannot skip). Like `DistributedSampler`,
+    the epoch's permutation is padded by repetition to a multiple of `num_replicas` and rank r takes every
+    `num_replicas`-th index from position r. After a resume, `skip(epoch, n)` drops the first `n` indices of
+    this rank's share of that epoch: `n` = batches this rank trained x batch size, so a run killed mid-epoch
+    continues every rank with its very next batch.
     """
 
-    def __init__(self, length: int, seed: int = 42, shuffle: bool = True) -> None:
-        self.length, self.seed, self.shuffle = length, seed, shuffle
-        self.epoch = 0
+    def __init__(self, length: int, seed: int = 42, shuffle: bool = True, num_replicas: int = 1,
+                 rank: int = 0) -> None:
+        super().__init__(range(length), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.length = length
         self._skip: tuple[int, int] | None = None
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def skip(self, epoch: int, n: int) -> None:
         self._skip = (epoch, n)
 
     def order(self, epoch: int) -> list[int]:
+        """This rank's indices of `epoch`, before any skip."""
         if not self.shuffle:
-            return list(range(self.length))
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(self.length, generator=generator).tolist()
+            indices = list(range(self.length))
+        else:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            indices = torch.randperm(self.length, generator=generator).tolist()
+        indices += indices[: self.total_size - len(indices)]  # pad to a multiple of num_replicas
+        return indices[self.rank : self.total_size : self.num_replicas]
 
     def __iter__(self):
         indices = self.order(self.epoch)
@@ -40,4 +45,4 @@ class SeededSampler(Sampler[int]):
         return iter(indices)
 
     def __len__(self) -> int:
-        return self.length
+        return self.num_samples

@@ -136,6 +136,9 @@ class PPOModule(L.LightningModule):
         save_merged: Also write a merged standalone copy of the policy in each export (`merged/`).
         log_samples_every: Log a table of prompts, responses and scores every this many iterations.
         template: Prompt template (the SFT stage's).
+        overwrite_output_dir: A new run (not a resume) whose `output_dir` holds another run's `step_<n>` exports
+            stops with an error unless this is true, in which case those exports are removed first (an old
+            run's `step_30` must never pass for this run's result).
     """
 
     def __init__(
@@ -155,9 +158,11 @@ class PPOModule(L.LightningModule):
         save_merged: bool = False,
         log_samples_every: int = 10,
         template: str = "alpaca",
+        overwrite_output_dir: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["scorer", "value_head", "kl_controller"])
+        self.overwrite_output_dir = overwrite_output_dir
         self.automatic_optimization = False
         self.policy_spec, self.hp, self.gen = policy, ppo, generation
         self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
@@ -175,6 +180,27 @@ class PPOModule(L.LightningModule):
         self.iteration = 0
         self.last_stats: dict[str, float] = {}
         self.strict_loading = False  # checkpoints hold the adapter and value head only
+
+    def on_fit_start(self) -> None:
+        """A new run starts from an output folder without exports; a resume keeps its own."""
+        if self.trainer.ckpt_path is not None:
+            return
+        old = sorted(p.parent for p in self.output_dir.glob("step_*/ppo_state.json"))
+        if not old:
+            return
+        if not self.overwrite_output_dir:
+            raise FileExistsError(
+                f"PPO output_dir {str(self.output_dir)!r} holds exports of an earlier run "
+                f"({', '.join(p.name for p in old)}); "
+                "resume that run with --ckpt_path last, choose another output_dir, or set "
+                "model.init_args.overwrite_output_dir: true to remove them")
+        self.trainer.strategy.barrier()  # every rank has looked before rank 0 removes
+        if self.trainer.is_global_zero:
+            import shutil
+
+            for folder in old:
+                shutil.rmtree(folder)
+        self.trainer.strategy.barrier()
 
     # ---- rollout -------------------------------------------------------------------------------------------
     def generation_kwargs(self) -> dict:

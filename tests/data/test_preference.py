@@ -221,3 +221,16 @@ def test_shuffled_pairs_are_seeded_word_permutations_and_the_bundled_sample_is_t
     assert 0.3 * len(mixed) < len(truncated) < 0.7 * len(mixed)  # both corruptions are present
     assert all(p["completion_a"].split()[: len(p["completion_b"].split())] == p["completion_b"].split()
                for p in truncated)
+
+
+def test_train_parts_are_disjoint_and_share_the_held_out_pairs(tokenizer):
+    parts = []
+    for part in ("1/2", "2/2"):
+        dm = make_dm(tokenizer, SAMPLE, val_set_size=30, train_part=part)
+        dm.setup()
+        parts.append(dm)
+    a, b = ([tuple(e["chosen_input_ids"]) for e in dm.train_data] for dm in parts)
+    assert not set(a) & set(b) and len(a) + len(b) == 373 - 30
+    assert [e["chosen_input_ids"] for e in parts[0].val_data] == [e["chosen_input_ids"] for e in parts[1].val_data]
+    with pytest.raises(ValueError, match="k/n"):
+        make_dm(tokenizer, SAMPLE, train_part="3/2")

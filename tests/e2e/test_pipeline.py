@@ -84,6 +84,38 @@ def test_overrides_follow_the_wiring_and_win():
     assert "output/tiny/my_rm-adapter-merged" in " ".join(by_name["ppo"].args)
 
 
+@pytest.mark.parametrize("spelling", ["init_args", "short", "stacked_yaml"])
+def test_the_pipeline_reads_overrides_as_the_stage_does(tmp_path, spelling):
+    """`--model.adapter_dir X`, `--model.init_args.adapter_dir X` and a stacked `model: {adapter_dir: X}` all move
+    the SFT output, so the pipeline checks, merges and wires the folder the stage really writes."""
+    new = "output/tiny/lora-alpaca-v2"
+    if spelling == "stacked_yaml":
+        extra = tmp_path / "mine.yaml"
+        extra.write_text(f"model:\n  adapter_dir: {new}\ndata:\n  val_set_size: 32\n")
+        sft = FitStage(["configs/tiny/sft.yaml", str(extra)])
+    else:
+        key = "--model.init_args.adapter_dir" if spelling == "init_args" else "--model.adapter_dir"
+        sft = FitStage("configs/tiny/sft.yaml", [key, new])
+    planned, paths = plan(tiny_stages(sft=sft))
+    by_name = {s.name: s for s in planned}
+    assert by_name["sft"].output == Path(new)
+    assert by_name["merge_sft"].args[1:5] == ["--adapter_path", new, "--output_dir", new + "-adapter-merged"]
+    assert f"{new}-adapter-merged" in " ".join(by_name["ppo"].args) and paths["sft"] == Path(new + "-adapter-merged")
+
+
+def test_compare_gets_ppos_own_split_arguments():
+    ppo = FitStage("configs/tiny/ppo.yaml", ["--data.max_records", "200", "--data.skip_bad_records", "true"])
+    planned, _ = plan(tiny_stages(ppo=ppo))
+    compare = " ".join(next(s.args for s in planned if s.name == "compare"))
+    assert "--prompts.max_records 200" in compare and "--prompts.skip_bad_records true" in compare
+
+
+def test_local_paths_keep_their_spelling():
+    sft = FitStage("configs/tiny/sft.yaml", ["--model.adapter_dir", "./runs/sft"])
+    planned, _ = plan(tiny_stages(sft=sft))
+    assert "--model.init_args.model.name_or_path ./runs/sft-adapter-merged" in " ".join(planned[2].args)
+
+
 def test_wiring_arguments_are_accepted_by_the_stage_configs(capsys):
     from cli import cli_main
 
@@ -128,7 +160,7 @@ def test_interrupted_stage_resumes_and_later_stages_rerun(tmp_path, monkeypatch,
     assert all("would run" in line and "--ckpt_path" not in line for line in lines[3:6])
 
 
-def test_a_failed_stage_stops_the_pipeline_naming_it(tmp_path, monkeypatch, capsys):
+def test_a_bad_stage_config_stops_the_pipeline_before_anything_runs(tmp_path, monkeypatch, capsys):
     from cli import cli_main
 
     monkeypatch.chdir(tmp_path)
@@ -140,9 +172,22 @@ def test_a_failed_stage_stops_the_pipeline_naming_it(tmp_path, monkeypatch, caps
                  "config: configs/tiny/rm.yaml\n    overrides: [--model.init_args.nope, '1']"))
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["pipeline", "--config", str(config)])
+    message = str(exit_info.value.code)
+    assert message.startswith("pipeline stopped before running anything: stage 'rm'") and "nope" in message
+    assert not Path("output/tiny/logs").exists() and "running" not in capsys.readouterr().out
+
+
+def test_a_failed_stage_stops_the_pipeline_naming_it(tmp_path, monkeypatch, capsys):
+    from cli import cli_main
+
+    monkeypatch.chdir(tmp_path)
+    fake_outputs(tmp_path, "merge_sft")
+    # the config parses, but the merged SFT model is a fake ({} config.json): the stage itself fails
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["pipeline", "--config", str(ROOT / "configs/tiny/pipeline.yaml"), "--from_stage", "rm"])
     log = Path("output/tiny/logs/rm.log")
-    assert str(exit_info.value.code) == f"pipeline stopped: stage 'rm' failed (exit 2); see {log}"
-    assert "nope" in log.read_text()
+    assert str(exit_info.value.code) == f"pipeline stopped: stage 'rm' failed (exit 1); see {log}"
+    assert "lora-alpaca-adapter-merged" in log.read_text()
     assert not Path("output/tiny/logs/merge_rm.log").exists()  # nothing after the failed stage ran
     assert "[3/6] rm ... running" in capsys.readouterr().out
 

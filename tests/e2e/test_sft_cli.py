@@ -1,8 +1,10 @@
 """The SFT stage as a user runs it: the real `python cli.py` in a subprocess, on the tiny config."""
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.slow
@@ -51,3 +53,43 @@ def test_help_and_print_config_of_the_real_config(tmp_path):
     assert "sample_instruction" in module_help and "Instruction whose greedy generation" in module_help
     printed = run_cli(["fit", "--config", str(ROOT / "configs/sft.yaml"), "--print_config"], cwd=tmp_path).stdout
     assert "meta-llama/Llama-3.1-8B" in printed and "yahma/alpaca-cleaned" in printed and "8bit" in printed
+
+
+DDP_KILL = """
+trainer:
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {dirpath: output/tiny/checkpoints/sft, every_n_train_steps: 4, save_top_k: 1, save_last: true}
+    - class_path: tests.helpers.KillAtStep
+      init_args: {step: 9}
+"""
+
+
+@pytest.mark.slow
+def test_ddp_run_killed_mid_epoch_resumes_to_the_same_adapter(tmp_path):
+    """2 CPU processes: 14 steps straight == killed after step 9 (last.ckpt at step 8, mid-epoch: 22 steps per
+    epoch) and resumed. Lightning's DistributedSamplerWrapper used to crash here (IndexError) or skip too little."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+           "--trainer.max_steps", "14", "--trainer.limit_val_batches", "0", "--trainer.val_check_interval", "1000",
+           "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    config = ["fit", "--config", str(ROOT / "configs/tiny/sft.yaml"), *ddp]
+    run_cli([*config, "--model.init_args.adapter_dir", "straight"], cwd=tmp_path)
+    (tmp_path / "output/tiny/checkpoints/sft/last.ckpt").unlink()
+    (tmp_path / "kill.yaml").write_text(DDP_KILL)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    killed = subprocess.run([sys.executable, str(ROOT / "cli.py"), *config, "--config", "kill.yaml",
+                             "--model.init_args.adapter_dir", "killed"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode != 0 and "killed at step 9" in killed.stderr
+    assert torch.load(tmp_path / "output/tiny/checkpoints/sft/last.ckpt", weights_only=False)["global_step"] == 8
+    run_cli([*config, "--model.init_args.adapter_dir", "resumed", "--ckpt_path", "last"], cwd=tmp_path)
+    straight = load_file(tmp_path / "straight/adapter_model.safetensors")
+    resumed = load_file(tmp_path / "resumed/adapter_model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], rtol=1e-5, atol=1e-6)

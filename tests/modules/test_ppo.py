@@ -331,3 +331,28 @@ def test_rule_based_reward_rises(tiny_sft_run, tmp_path):
     assert last > first + 0.05 and last > 1.5 * first, scores
     assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in history)
     assert max(h["rollout/kl"] for h in history) < 50
+
+
+def test_a_new_run_never_mixes_with_an_old_runs_exports(tiny_sft_run, tmp_path):
+    """A shorter rerun into the same output_dir used to leave the old run's step_30 as the "latest" export."""
+    import json
+
+    from alpaca_rlhf.inference import latest_export
+
+    base = tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged"
+    old = tmp_path / "ppo_out/step_30"
+    old.mkdir(parents=True)
+    (old / "ppo_state.json").write_text(json.dumps({"iteration": 30, "finished": True}))
+    (old / "adapter_config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="step_30.*overwrite_output_dir"):
+        trainer(2).fit(make_module(base, tmp_path), make_data())
+    module = make_module(base, tmp_path)
+    module.overwrite_output_dir = True
+    trainer(2).fit(module, make_data())
+    exports = sorted(p.name for p in (tmp_path / "ppo_out").glob("step_*"))
+    assert exports == ["step_2"] and latest_export(tmp_path / "ppo_out").name == "step_2"
+    # an old run's higher step cannot win over the run's own finished export either
+    (old).mkdir()
+    (old / "ppo_state.json").write_text(json.dumps({"iteration": 30, "finished": False}))
+    (old / "adapter_config.json").write_text("{}")
+    assert latest_export(tmp_path / "ppo_out").name == "step_2"

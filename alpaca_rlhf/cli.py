@@ -1,0 +1,125 @@
+"""Command line of alpaca-rlhf (`python cli.py ...` at the repository root calls `cli_main`).
+
+    python cli.py fit --config configs/tiny/sft.yaml        # any stage: fit / validate / test (LightningCLI)
+    python cli.py merge --adapter_path output/tiny/lora-alpaca
+    python cli.py generate --mode ppo --ppo_model_path output/tiny/ppo_checkpoints --instruction "Hi"
+    python cli.py compare --config configs/tiny/compare.yaml        # base vs SFT vs RLHF, with reward scores
+    python cli.py pipeline --config configs/tiny/pipeline.yaml      # SFT, merge, RM, merge, PPO, compare
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+EXTRA_COMMANDS = {
+    "merge": "fold a LoRA adapter into its base and save a standalone checkpoint",
+    "generate": "answer instructions with a base, SFT or PPO model (--mode base|sft|ppo)",
+    "compare": "base vs SFT vs RLHF on held-out instructions: table, report.md, outputs.jsonl, reward scores",
+    "pipeline": "run SFT -> merge -> RM -> merge -> PPO -> compare from one YAML, skipping finished stages",
+}
+
+
+def _merge(args: list[str]) -> None:
+    from jsonargparse import CLI
+
+    from alpaca_rlhf.models import merge_adapter
+
+    out = CLI(merge_adapter, args=args, as_positional=False)
+    print(f"merged checkpoint written to {out}")
+
+
+def _bare_flags(function, args: list[str]) -> list[str]:
+    """`--force` -> `--force=true` for the function's bool parameters (jsonargparse wants a value)."""
+    import inspect
+
+    parameters = inspect.signature(function).parameters.items()
+    flags = {f"--{name}" for name, p in parameters if p.annotation in (bool, "bool")}
+    out = []
+    for i, arg in enumerate(args):
+        value_follows = i + 1 < len(args) and args[i + 1].lower() in ("true", "false")
+        out.append(f"{arg}=true" if arg in flags and not value_follows else arg)
+    return out
+
+
+def _function(name: str):
+    if name == "generate":
+        from alpaca_rlhf.inference import generate as function
+    elif name == "compare":
+        from alpaca_rlhf.inference import compare as function
+    else:
+        from alpaca_rlhf.pipeline import pipeline as function
+    return function
+
+
+def _function_command(name: str, args: list[str]):
+    from jsonargparse import CLI
+
+    function = _function(name)
+    return CLI(function, args=_bare_flags(function, args), as_positional=False)
+
+
+def cli_main(args: list[str] | None = None):
+    """Runs one command; `args` defaults to `sys.argv[1:]` (tests pass a list)."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] == "merge":
+        return _merge(argv[1:])
+    if argv and argv[0] in ("generate", "compare", "pipeline"):
+        return _function_command(argv[0], argv[1:])
+    if argv[:1] in (["-h"], ["--help"]):
+        print("extra commands:\n" + "\n".join(f"  {k:10s} {v}" for k, v in EXTRA_COMMANDS.items()) + "\n")
+
+    return lightning_cli(args)
+
+
+def lightning_cli(args: list[str] | None, cli_class=None):
+    """The LightningCLI every fit/validate run uses; `cli_class` lets the pipeline parse with the very same one."""
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    return (cli_class or LightningCLI)(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,  # the modules take `optimizer`/`scheduler` callables from YAML
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+def parse_fit_config(args: list[str]):
+    """The config `python cli.py fit <args>` would run with, resolved by its own parser, nothing instantiated.
+
+    The pipeline reads output folders from this, so `--model.adapter_dir X`, `--model.init_args.adapter_dir X`
+    and a stacked YAML's `model: {adapter_dir: X}` all mean what they mean to the stage itself.
+    """
+    from lightning.pytorch.cli import LightningCLI
+
+    class ConfigOnly(LightningCLI):
+        def _parse_ckpt_path(self) -> None: ...
+        def _set_seed(self) -> None: ...
+        def instantiate_classes(self) -> None: ...
+        def after_instantiate_classes(self) -> None: ...
+        def _run_subcommand(self, subcommand: str) -> None: ...
+
+    with warnings.catch_warnings():  # "args given while sys.argv also holds arguments": intended here
+        warnings.simplefilter("ignore")
+        cli = lightning_cli(["fit", *args], ConfigOnly)
+    return cli.config["fit"]
+
+
+def parse_function_config(name: str, args: list[str]):
+    """The arguments `python cli.py <name> <args>` (compare, generate) would run with, from jsonargparse's own
+    parser of that function."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    function = _function(name)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(function, as_positional=False)
+    return parser.parse_args(_bare_flags(function, args))
+
+
+if __name__ == "__main__":
+    cli_main()
