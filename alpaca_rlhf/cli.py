@@ -109,16 +109,17 @@ def parse_fit_config(args: list[str]):
     return cli.config["fit"]
 
 
-def parse_function_config(name: str, args: list[str]):
-    """The arguments `python cli.py <name> <args>` (compare, generate) would run with, from jsonargparse's own
-    parser of that function."""
+def parse_function_config(name: str, args: list[str], instantiate: bool = False):
+    """The arguments `python cli.py <name> <args>` (compare, generate, pipeline) would run with, from
+    jsonargparse's own parser of that function; with `instantiate`, dataclass arguments come back as objects."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     function = _function(name)
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_function_arguments(function, as_positional=False)
-    return parser.parse_args(_bare_flags(function, args))
+    config = parser.parse_args(_bare_flags(function, args))
+    return parser.instantiate_classes(config) if instantiate else config
 
 
 if __name__ == "__main__":

@@ -210,6 +210,24 @@ def test_held_out_prompts_are_ppo_validation_prompts(tiny_tokenizer):
     assert all(r["instruction"] in r["prompt"] for r in held_out)
 
 
+def test_held_out_prompts_follow_ppos_max_records_and_skip_bad_records(tiny_tokenizer, tmp_path):
+    """With PPO's max_records: 200, 20 of compare's 64 "held-out" prompts used to be PPO training prompts; with
+    skip_bad_records compare failed on the bad record."""
+    from alpaca_rlhf.data import PromptDataModule
+
+    records = json.loads((ROOT / "alpaca_rlhf/data/samples/alpaca_sample.json").read_text())
+    records.insert(5, {"instruction": "", "input": "", "output": "x"})  # a bad record
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps(records))
+    split = dict(max_prompt_length=128, val_set_size=64, seed=42, skip_bad_records=True, max_records=200)
+    dm = PromptDataModule(data_path=str(path), batch_size=4, **split)
+    dm.connect(tiny_tokenizer)
+    dm.setup("fit")
+    held_out = inf.held_out_records(inf.PromptSource(str(path), **split), tiny_tokenizer, PromptTemplate.load())
+    assert [r["prompt"] for r in held_out] == [e["prompt"] for e in dm.val_data]
+    assert not {r["prompt"] for r in held_out} & {e["prompt"] for e in dm.train_data}
+
+
 def test_win_rate_and_template_following():
     assert inf.win_rate([1.0, 2.0, 3.0, 0.0], [0.0, 2.0, 4.0, -1.0]) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
     t = PromptTemplate.load()
@@ -219,10 +237,35 @@ def test_win_rate_and_template_following():
     assert not inf.follows_template("", True, t)
 
 
+def test_reward_hacking_diagnostics_flag_a_gamed_reward_model():
+    def stage(tokens, score, judge, texts, ended=True):
+        return [{"stage": name, "prompt_id": i, "sample": 0, "response": t, "response_tokens": tokens, "score": score,
+                 "ended_with_eos": ended, "follows_template": ended} for i, t in enumerate(texts)
+                for name in [stage.name]]
+
+    texts = ["The sky is blue because of scattering.", "Drink water and sleep well.", "Paris is in France."]
+    stage.name = "sft"
+    sft = stage(8, 0.0, 0.0, texts)
+    stage.name = "rlhf"
+    rlhf = stage(40, 2.0, -1.0, ["great great great great"] * 3, ended=False)
+    rlhf[0]["response_tokens"], rlhf[0]["score"] = 44, 2.5  # longer, higher: score tracks length
+    scores = {"sft": [r["score"] for r in sft], "rlhf": [r["score"] for r in rlhf]}
+    judge = {"sft": [0.0] * 3, "rlhf": [-1.0] * 3}
+    summary = inf.summarize(["sft", "rlhf"], sft + rlhf, scores, None, 1, inf.SamplingSpec(max_new_tokens=40), judge)
+    flags = " ".join(summary["reward_hacking"])
+    for sign in ("judge's fell", "length", "distinct-2", "length limit"):
+        assert sign in flags, sign
+    assert summary["stages"]["rlhf"]["repeated_3gram"] == 1.0 and summary["stages"]["sft"]["repeated_3gram"] == 0.0
+    assert summary["rlhf_vs_sft"]["judge_win_rate"] == 0.0
+    clean = inf.summarize(["sft", "rlhf"], sft + [{**r, "stage": "rlhf"} for r in sft],
+                          {"sft": scores["sft"], "rlhf": scores["sft"]}, None, 1, inf.SamplingSpec(), judge)
+    assert clean["reward_hacking"] == []
+
+
 def test_shipped_compare_configs_parse(capsys):
     from cli import cli_main
 
-    for config in ("configs/tiny/compare.yaml", "configs/compare.yaml"):
+    for config in ("configs/tiny/compare.yaml", "configs/compare.yaml", "configs/smol/compare.yaml"):
         with pytest.raises(SystemExit) as exit_info:
             cli_main(["compare", "--config", str(ROOT / config), "--print_config"])
         assert exit_info.value.code in (0, None)

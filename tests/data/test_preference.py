@@ -234,3 +234,21 @@ def test_train_parts_are_disjoint_and_share_the_held_out_pairs(tokenizer):
     assert [e["chosen_input_ids"] for e in parts[0].val_data] == [e["chosen_input_ids"] for e in parts[1].val_data]
     with pytest.raises(ValueError, match="k/n"):
         make_dm(tokenizer, SAMPLE, train_part="3/2")
+
+
+def test_auto_format_survives_a_bad_first_record_and_renders_the_input_section(tokenizer, tmp_path, caplog):
+    """One malformed first record used to make every good record fail as HH; and the reward model never saw the
+    `### Input:` section that SFT, PPO and compare render."""
+    import json
+    import logging
+
+    good = {"user_input": "Summarize the text.", "input": "A long text.", "completion_a": "Short.",
+            "completion_b": "Text long a."}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [{"chosen": "no dialogue", "rejected": ""}, good, good]))
+    with caplog.at_level(logging.INFO, logger="alpaca_rlhf.data.preference"):
+        dm = make_dm(tokenizer, str(path), skip_bad_records=True)
+        pairs = dm.load_pairs()
+    assert "format auto -> seed" in caplog.text and dm.report.skipped == 1 and len(pairs) == 2
+    assert "### Input:\nA long text.\n\n### Response:\n" in pairs[0].prompt
+    assert pairs[0].prompt == PromptTemplate.load().render("Summarize the text.", "A long text.")

@@ -119,6 +119,9 @@ def test_a_missing_stage_output_is_named_not_sent_to_the_hub(tmp_path, monkeypat
     with pytest.raises(FileNotFoundError, match="earlier stage"):
         load_tokenizer(ModelSpec(name_or_path="./output/lora-alpaca-adapter-merged"))
     assert looks_local("./x") and looks_local("/abs/x") and looks_local("output/tiny/x")
+    assert looks_local("output/lora-alpaca-adapter-merged") and looks_local("model.gguf")  # one slash, known root
+    with pytest.raises(FileNotFoundError, match="earlier stage"):
+        load_tokenizer(ModelSpec(name_or_path="output/lora-alpaca-adapter-merged"))
     assert not looks_local("meta-llama/Llama-3.1-8B")  # a hub id keeps transformers' own handling
 
 
