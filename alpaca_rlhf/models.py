@@ -365,6 +365,19 @@ def _cpu_kernel_fits(layer) -> bool:
     return layer.out_features % 32 == 0 and layer.in_features % block == 0
 
 
+def neutral_generation_config(model) -> None:
+    """Replaces the model's `generation_config` (from the checkpoint's generation_config.json) with one that keeps
+    only the special token ids: `generate` fills unset fields from it, so a checkpoint's `min_p`, `typical_p`,
+    `epsilon_cutoff`, `no_repeat_ngram_size` or `bad_words_ids` would otherwise truncate or bias sampling (and
+    PPO's KL estimate with it)."""
+    from transformers import GenerationConfig
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    old = base.generation_config
+    base.generation_config = GenerationConfig(bos_token_id=old.bos_token_id, eos_token_id=old.eos_token_id,
+                                              pad_token_id=old.pad_token_id)
+
+
 def load_causal_lm(spec: ModelSpec, trainable: bool = True, **placement):
     """A causal LM per the spec; frozen and in eval mode unless `trainable`.
 
@@ -403,11 +416,21 @@ def apply_lora(model, lora: LoraSpec, task_type: str = "CAUSAL_LM"):
     return get_peft_model(model, config)
 
 
+DROPOUT_ATTRIBUTES = ("attention_dropout", "hidden_dropout", "dropout", "resid_dropout", "embd_dropout")
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Sets every dropout probability to 0 (LoRA's included), so train() and eval() compute the same thing."""
+    """Sets every dropout probability to 0 (LoRA's included), so train() and eval() compute the same thing.
+
+    Besides `nn.Dropout` modules, rates copied into modules at construction count too: LLaMA's attention keeps
+    its own `attention_dropout` float and passes it to the attention kernel in train mode.
+    """
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        for name in DROPOUT_ATTRIBUTES:
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
     config = getattr(model, "config", None)
     for name in ("attention_dropout", "hidden_dropout", "dropout"):
         if config is not None and hasattr(config, name):

@@ -26,7 +26,8 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.summary.bias)
 
     def forward(self, hidden_states: Tensor, **_) -> Tensor:
-        return self.summary(hidden_states.float()).squeeze(-1)  # (B, L)
+        with torch.autocast(hidden_states.device.type, enabled=False):  # bf16-mixed would recast the Linear
+            return self.summary(hidden_states.float()).squeeze(-1)  # (B, L) in fp32
 
 
 class SeparateCritic(nn.Module):
@@ -72,7 +73,8 @@ class SeparateCritic(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, **_) -> Tensor:
         out = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-        return self.summary(out.last_hidden_state.float()).squeeze(-1)  # (B, L)
+        with torch.autocast(input_ids.device.type, enabled=False):  # fp32 values under bf16-mixed too
+            return self.summary(out.last_hidden_state.float()).squeeze(-1)  # (B, L)
 
 
 def _score_weight(folder: str) -> Tensor:

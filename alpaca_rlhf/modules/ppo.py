@@ -35,6 +35,7 @@ from alpaca_rlhf.models import (
     disable_dropout,
     load_causal_lm,
     load_tokenizer,
+    neutral_generation_config,
 )
 from alpaca_rlhf.modules.policy import PolicyWithValue, ValueHead
 from alpaca_rlhf.modules.scorers import Scorer, ScoringBatch
@@ -170,8 +171,13 @@ class PPOModule(L.LightningModule):
         self.log_samples_every, self.template = log_samples_every, PromptTemplate.load(template)
         self.estimator = resolve_estimator(ppo.kl_estimator)
         self.kl_ctl = kl_controller or F.AdaptiveKLController(0.2, target=6.0, horizon=10000)
+        if lora.bias != "none" and ref_model is None:
+            raise ValueError(f"lora.bias={lora.bias!r} trains the base model's biases, which disabling the adapter "
+                             "does not undo: the reference would drift with the policy. Use bias: none, or give a "
+                             "separate ref_model")
         self.tokenizer = load_tokenizer(policy, padding_side="left")
         self.policy = PolicyWithValue(apply_lora(load_causal_lm(policy), lora), value_head)
+        neutral_generation_config(self.policy.lm)  # the rollout's sampling is exactly `generation`
         self.ref_model = load_causal_lm(ref_model, trainable=False) if ref_model else None
         self.scorer = scorer
         for model in (self.policy, self.ref_model, scorer):

@@ -356,3 +356,52 @@ def test_a_new_run_never_mixes_with_an_old_runs_exports(tiny_sft_run, tmp_path):
     (old / "ppo_state.json").write_text(json.dumps({"iteration": 30, "finished": False}))
     (old / "adapter_config.json").write_text("{}")
     assert latest_export(tmp_path / "ppo_out").name == "step_2"
+
+
+def test_value_head_stays_fp32_under_cpu_bf16_autocast():
+    head = ValueHead(16, init_std=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values = head(torch.randn(2, 5, 16, dtype=torch.bfloat16))
+    assert values.dtype == torch.float32
+
+
+def test_dropout_copied_into_modules_is_off_too(tiny_tokenizer, tmp_path):
+    """LLaMA's attention keeps its own `attention_dropout`; under gradient checkpointing the rollout runs in train
+    mode, so a forgotten rate made the reference pass random."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from alpaca_rlhf.models import disable_dropout
+
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.1,
+                         attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(config).train()
+    ids = torch.tensor([[1, 5, 9, 14, 30, 2, 7, 8]])
+    with torch.no_grad():
+        assert not torch.equal(model(ids).logits, model(ids).logits)  # the rate is live in train mode
+        disable_dropout(model)
+        torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_rollout_sampling_ignores_the_checkpoints_generation_config(tiny_sft_run, tmp_path):
+    import shutil
+
+    from transformers import GenerationConfig
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged", base)
+    biased = GenerationConfig(do_sample=True, min_p=0.5, typical_p=0.2, epsilon_cutoff=0.01, no_repeat_ngram_size=2,
+                              bad_words_ids=[[5]], bos_token_id=1, eos_token_id=2)
+    biased.save_pretrained(base)
+    module = make_module(base, tmp_path)
+    config = module.policy.lm.get_base_model().generation_config
+    default = GenerationConfig()
+    for field in ("min_p", "typical_p", "epsilon_cutoff", "no_repeat_ngram_size", "bad_words_ids"):
+        assert getattr(config, field) == getattr(default, field), field
+    assert config.eos_token_id == 2
+
+
+def test_lora_bias_is_refused_with_the_adapter_disabled_reference(tiny_sft_run, tmp_path):
+    base = tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged"
+    with pytest.raises(ValueError, match="bias.*reference would drift"):
+        make_module(base, tmp_path, lora=LoraSpec(r=4, target_modules=["q_proj"], bias="all"))
