@@ -334,6 +334,26 @@ class PPOModule(L.LightningModule):
                  **{f"ppo/{k}": v for k, v in {**pg_stats, **vf_stats}.items()}}
         return pg_loss + self.hp.vf_coef * vf_loss, stats
 
+    def minibatch_backward(self, rollout: Rollout, idx: Tensor, micro: int,
+                           graph: tuple[Tensor, Tensor] | None = None):
+        """Backward of one minibatch `idx` in micro-batches of `micro` rows; yields each micro-batch's (stats,
+        share of the minibatch's valid tokens).
+
+        The minibatch loss is the mean over its valid tokens (PPO.md §2.9), whatever the accumulation: each
+        micro-batch's token mean is weighted by its share of the minibatch's valid tokens, not of its rows.
+        """
+        tokens = rollout.response_mask[idx.to(rollout.response_mask.device)].sum().clamp(min=1)
+        for part in idx.split(micro):
+            part = part.to(rollout.logprobs.device)
+            if graph is not None and len(part) == len(rollout):  # the whole batch: order does not change means
+                loss, stats = self.ppo_losses(rollout, graph)
+            else:
+                loss, stats = self.ppo_losses(rollout.select(part))
+            graph = None
+            weight = rollout.response_mask[part].sum() / tokens
+            self.manual_backward(loss * weight)
+            yield stats, weight
+
     def optimize(self, rollout: Rollout, graph: tuple[Tensor, Tensor] | None = None) -> dict:
         """`ppo_epochs` x shuffled minibatches; `graph` = the rollout forward's outputs for the first micro-batch."""
         if not self.policy.training:
@@ -347,13 +367,10 @@ class PPOModule(L.LightningModule):
         for _ in range(self.hp.ppo_epochs):
             epochs_run += 1
             for idx in minibatch_indices(B, mini, generator):
-                for part in idx.split(micro):
-                    if graph is not None and len(part) == B:  # the whole batch: order does not change the means
-                        loss, stats = self.ppo_losses(rollout, graph)
-                    else:
-                        loss, stats = self.ppo_losses(rollout.select(part.to(rollout.logprobs.device)))
+                minibatch_kl = 0.0
+                for stats, weight in self.minibatch_backward(rollout, idx, micro, graph):
                     graph = None  # only ever the first step: the weights change after it
-                    self.manual_backward(loss * len(part) / len(idx))
+                    minibatch_kl = minibatch_kl + stats["ppo/policy_kl"] * weight
                     if count == 0:
                         self.last_stats["ppo/ratio_first_minibatch"] = stats["ppo/ratio"].item()
                     for k, v in stats.items():
@@ -363,9 +380,12 @@ class PPOModule(L.LightningModule):
                     self.clip_gradients(opt, gradient_clip_val=self.hp.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
                 opt.zero_grad()
-            # TRL-old: early stop on the last minibatch's KL(old || new)
-            if self.hp.early_stopping and stats["ppo/policy_kl"] > 1.5 * self.hp.target_kl:
-                break
+            # TRL-old: early stop on the last minibatch's KL(old || new), decided alike on every rank (a rank that
+            # stopped alone would leave the others waiting in their next collective)
+            if self.hp.early_stopping:
+                kl = self.trainer.strategy.reduce(torch.as_tensor(minibatch_kl, device=self.device), reduce_op="mean")
+                if float(kl) > 1.5 * self.hp.target_kl:
+                    break
         out = {k: v / count for k, v in sums.items()}  # tensors: one device sync per iteration, at logging
         out["ppo/epochs_run"] = float(epochs_run)
         return out

@@ -73,9 +73,11 @@ def short_rule_run(tiny_sft_run, work, iterations: int, extra_yaml: str, *args):
 
 
 def test_tiny_ppo_ddp_two_cpu_processes(tiny_sft_run, tmp_path):
-    """Each rank generates its own rollouts, gradients are averaged, rank 0 writes one set of exports."""
+    """Each rank generates its own rollouts, gradients are averaged, rank 0 writes one set of exports; early
+    stopping is decided on the all-reduced KL, so both ranks stop at the same epoch (no hang)."""
     # one minibatch: the rollout forward is reused for the first step
-    work = short_rule_run(tiny_sft_run, tmp_path / "ddp", 3, "    ppo: {mini_batch_size: null, ppo_epochs: 2}\n",
+    ppo = "    ppo: {mini_batch_size: null, ppo_epochs: 3, early_stopping: true, target_kl: 0.0}\n"
+    work = short_rule_run(tiny_sft_run, tmp_path / "ddp", 3, ppo,
                           "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu")
     exports = sorted(p.name for p in (work / "output/tiny/ppo_checkpoints").iterdir())
     assert exports == ["step_3"]

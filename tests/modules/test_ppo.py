@@ -265,6 +265,7 @@ def test_checkpoint_is_small_and_resume_restores_controller_and_position(tiny_sf
         L.seed_everything(0)
         module = make_module(base, tmp_path)
         module.kl_ctl = AdaptiveKLController(0.2, target=0.01, horizon=10)  # moves fast, so restoring shows
+        module.overwrite_output_dir = True  # the straight and the killed run share an output_dir
         callbacks = [ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_last=True)]
         if kill_at:
             from tests.helpers import KillAtStep
@@ -405,3 +406,27 @@ def test_lora_bias_is_refused_with_the_adapter_disabled_reference(tiny_sft_run, 
     base = tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged"
     with pytest.raises(ValueError, match="bias.*reference would drift"):
         make_module(base, tmp_path, lora=LoraSpec(r=4, target_modules=["q_proj"], bias="all"))
+
+
+def test_gradient_accumulation_weights_micro_batches_by_valid_tokens(tiny_sft_run, tmp_path):
+    """The minibatch loss is the token mean (PPO.md 2.9): GA = 1 and GA = 2 give equal gradients even when the
+    responses have unequal lengths (row weighting gave the short ones too much)."""
+    base = tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged"
+    grads = []
+    for ga in (1, 2):
+        torch.manual_seed(0)
+        module = make_module(base, tmp_path, mini_batch_size=4, gradient_accumulation_steps=ga)
+        module.manual_backward = lambda loss: loss.backward()  # no trainer attached here
+        batch = first_batch(module, make_data(batch_size=4))
+        rollout, _ = module.make_rollout(batch)
+        lengths = rollout.response_mask.sum(1)
+        if ga == 1:
+            assert lengths.min() < lengths.max(), lengths  # unequal lengths, or the test proves nothing
+        module.policy.train()
+        with torch.no_grad():  # a moved adapter, so the ratio and the gradient are not trivial
+            for p in module.policy.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.01)
+        list(module.minibatch_backward(rollout, torch.arange(4), module.micro_batch_size(4)))
+        grads.append(torch.cat([p.grad.flatten() for p in module.policy.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
