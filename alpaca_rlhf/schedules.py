@@ -57,3 +57,4 @@ def scheduler_config(scheduler, trainer) -> dict:
     if getattr(scheduler, "total_steps", 0) is None:
         scheduler.total_steps = int(trainer.estimated_stepping_batches)
     return {"scheduler": scheduler, "interval": "step"}
+

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from alpaca_rlhf import ppo as F
 from alpaca_rlhf.data.templates import PromptTemplate
+from alpaca_rlhf.guards import assert_finite
 from alpaca_rlhf.io import atomic_dir
 from alpaca_rlhf.models import (
     LoraSpec,
@@ -68,6 +69,11 @@ class PPOHParams:
             no accumulation), run the rollout's policy forward with autograd and let the first optimizer step
             use it instead of repeating it: the same numbers, one forward less per iteration.
         negative_kl_warning: Warn when the rollout KL (per sequence) falls below this (biased sampling).
+        ratio_threshold: Skip (zero the loss of) a micro-batch whose mean ratio pi/pi_old exceeds this, as TRL's
+            classic PPO did (`ratio_threshold`: loss spikes); counted in `ppo/ratio_skipped`. None = off.
+        max_nonfinite_skips: A NaN/inf score, reward, advantage, loss or gradient skips that update (no weight
+            changes, `ppo/skipped_nonfinite` counts it, a warning names the tensor and iteration); this many
+            consecutive skipped iterations stop the run with an error.
     """
 
     ppo_epochs: int = 4
@@ -88,6 +94,8 @@ class PPOHParams:
     forward_batch_size: int = 16
     reuse_rollout_forward: bool = True
     negative_kl_warning: float = -1.0
+    ratio_threshold: float | None = 10.0
+    max_nonfinite_skips: int = 3
 
 
 @dataclass
@@ -184,6 +192,7 @@ class PPOModule(L.LightningModule):
             if model is not None:
                 disable_dropout(model)  # Lightning calls .train(): p = 0 keeps every forward deterministic
         self.iteration = 0
+        self.skipped_iterations = self.nonfinite_steps = self.consecutive_skips = 0
         self.last_stats: dict[str, float] = {}
         self.strict_loading = False  # checkpoints hold the adapter and value head only
 
@@ -351,8 +360,25 @@ class PPOModule(L.LightningModule):
                 loss, stats = self.ppo_losses(rollout.select(part))
             graph = None
             weight = rollout.response_mask[part].sum() / tokens
+            if self.hp.ratio_threshold is not None:  # no device sync: the loss is multiplied by 0 or 1
+                keep = (stats["ppo/ratio"] <= self.hp.ratio_threshold).to(loss.dtype)
+                loss = loss * keep
+                stats["ppo/ratio_skipped"] = 1.0 - keep
             self.manual_backward(loss * weight)
             yield stats, weight
+
+    def _gradients_finite(self) -> bool:
+        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+
+    def nonfinite_rollout(self, rollout: Rollout, raw_scores: Tensor) -> list[str]:
+        """Names of the rollout tensors holding NaN/inf on any rank (every rank decides alike)."""
+        named = {"scores": raw_scores, "rewards": rollout.rewards, "advantages": rollout.advantages,
+                 "returns": rollout.returns, "values": rollout.values, "logprobs": rollout.logprobs}
+        bad = torch.tensor([float(not torch.isfinite(t).all()) for t in named.values()], device=self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        return [name for name, flag in zip(named, bad.tolist(), strict=True) if flag > 0]
 
     def optimize(self, rollout: Rollout, graph: tuple[Tensor, Tensor] | None = None) -> dict:
         """`ppo_epochs` x shuffled minibatches; `graph` = the rollout forward's outputs for the first micro-batch."""
@@ -376,6 +402,12 @@ class PPOModule(L.LightningModule):
                     for k, v in stats.items():
                         sums[k] = sums[k] + v if k in sums else v
                     count += 1
+                if not self._gradients_finite():
+                    self.nonfinite_steps += 1
+                    rank_zero_warn(f"iteration {self.iteration}: non-finite loss or gradient; optimizer step skipped "
+                                   "(no weight changed)")
+                    opt.zero_grad()
+                    continue
                 if self.hp.max_grad_norm:
                     self.clip_gradients(opt, gradient_clip_val=self.hp.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
@@ -394,8 +426,18 @@ class PPOModule(L.LightningModule):
         B = batch["input_ids"].shape[0]
         reuse = self.hp.reuse_rollout_forward and self.micro_batch_size(B) >= B
         rollout, extra = self.make_rollout(batch, keep_graph=reuse)
+        bad = self.nonfinite_rollout(rollout, extra["raw_scores"])
+        if bad:
+            self.skip_nonfinite(bad)
+            return
         t0 = time.perf_counter()
+        before = self.nonfinite_steps
         stats = self.optimize(rollout, extra.pop("graph"))
+        self.consecutive_skips = self.consecutive_skips + 1 if self.nonfinite_steps > before else 0
+        if self.consecutive_skips >= self.hp.max_nonfinite_skips:
+            raise FloatingPointError(f"{self.consecutive_skips} consecutive PPO iterations had non-finite losses or "
+                                     "gradients; stopping (the last checkpoint holds the last finite weights)")
+        stats["ppo/skipped_nonfinite"] = float(self.skipped_iterations + self.nonfinite_steps)
         stats["time/optimization"] = time.perf_counter() - t0
         sched = self.lr_schedulers()
         if sched is not None:
@@ -423,6 +465,22 @@ class PPOModule(L.LightningModule):
             self._log_samples(batch["prompt"], extra["scoring_batch"].responses, rollout.scores)
         if self.save_freq and self.iteration % self.save_freq == 0:
             self.export(f"step_{self.iteration}")
+
+    def skip_nonfinite(self, names: list[str]) -> None:
+        """Skips this iteration's update because rollout tensors are not finite; stops after too many in a row."""
+        self.skipped_iterations += 1
+        self.consecutive_skips += 1
+        rank_zero_warn(f"PPO iteration {self.iteration}: non-finite {', '.join(names)}; update skipped, no weight "
+                       f"changed ({self.consecutive_skips} in a row, {self.skipped_iterations} in all)")
+        for logger in self.loggers:
+            logger.log_metrics({"ppo/skipped_nonfinite": float(self.skipped_iterations + self.nonfinite_steps)},
+                               step=self.iteration)
+        self.iteration += 1
+        if self.consecutive_skips >= self.hp.max_nonfinite_skips:
+            raise FloatingPointError(
+                f"{self.consecutive_skips} consecutive PPO iterations had non-finite {', '.join(names)} (last at "
+                f"iteration {self.iteration - 1}); stopping. Check the scorer; the last checkpoint holds the last "
+                "finite weights")
 
     MONITORED = ("rollout/score", "rollout/kl")
     """Logged through `self.log` (callbacks such as ModelCheckpoint or EarlyStopping can monitor them)."""
@@ -475,13 +533,16 @@ class PPOModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         adapter_sized(self, checkpoint)
-        checkpoint["ppo"] = {"kl_controller": self.kl_ctl.state_dict(), "iteration": self.iteration}
+        assert_finite(checkpoint["state_dict"], "checkpoint")
+        checkpoint["ppo"] = {"kl_controller": self.kl_ctl.state_dict(), "iteration": self.iteration,
+                             "skipped": [self.skipped_iterations, self.nonfinite_steps]}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("ppo", {})
         if "kl_controller" in state:
             self.kl_ctl.load_state_dict(state["kl_controller"])
         self.iteration = state.get("iteration", 0)
+        self.skipped_iterations, self.nonfinite_steps = state.get("skipped", [0, 0])
 
     def on_train_end(self) -> None:
         self.export(f"step_{self.iteration}", finished=True)  # ppo_state.json says "finished": true
@@ -491,6 +552,7 @@ class PPOModule(L.LightningModule):
         if not self.trainer.is_global_zero:
             return None
         target = self.output_dir / name
+        assert_finite({k: p for k, p in self.policy.named_parameters() if p.requires_grad}, f"export {target}")
         with atomic_dir(target) as tmp:
             self.policy.lm.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)

@@ -22,6 +22,7 @@ from torchmetrics.aggregation import CatMetric
 from torchmetrics.classification import BinaryAccuracy
 
 from alpaca_rlhf.data.templates import PromptTemplate
+from alpaca_rlhf.guards import assert_finite, skip_nonfinite
 from alpaca_rlhf.models import (
     REWARD_STATS_FILE,
     LoraSpec,
@@ -124,6 +125,8 @@ class RewardModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         chosen, rejected = self._pair_scores(batch)
         loss = pairwise_loss(chosen, rejected, self.margin)
+        if skip_nonfinite(self, loss, batch_idx):
+            return None
         self.log_dict({"train/loss": loss, "train/accuracy": (chosen > rejected).float().mean()},
                       prog_bar=True, batch_size=chosen.shape[0])
         return loss
@@ -187,6 +190,7 @@ class RewardModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         adapter_sized(self, checkpoint)  # trainable weights only; hyper-parameters as plain types
+        assert_finite(checkpoint["state_dict"], "checkpoint")
 
     def on_train_end(self) -> None:
         if not self.trainer.is_global_zero:

@@ -12,6 +12,7 @@ from torchmetrics.text import Perplexity
 
 from alpaca_rlhf.data.sft import IGNORE_INDEX, encode_prompt
 from alpaca_rlhf.data.templates import PromptTemplate
+from alpaca_rlhf.guards import assert_finite, skip_nonfinite
 from alpaca_rlhf.models import (
     LoraSpec,
     ModelSpec,
@@ -83,6 +84,8 @@ class SFTModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits, targets = self.response_logits(batch)
         loss = torch.nn.functional.cross_entropy(logits, targets)  # mean NLL over labelled tokens
+        if skip_nonfinite(self, loss, batch_idx):
+            return None
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
@@ -121,6 +124,7 @@ class SFTModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         adapter_sized(self, checkpoint)
+        assert_finite(checkpoint["state_dict"], "checkpoint")
 
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero:

@@ -430,3 +430,49 @@ def test_gradient_accumulation_weights_micro_batches_by_valid_tokens(tiny_sft_ru
         list(module.minibatch_backward(rollout, torch.arange(4), module.micro_batch_size(4)))
         grads.append(torch.cat([p.grad.flatten() for p in module.policy.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def _token_targets(base):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    return [tok.convert_tokens_to_ids(t) for t in [".", ",", "Ġa", "Ġand", "Ġthe", "Ġin"]]
+
+
+def test_one_nan_score_skips_that_update_and_the_run_finishes_finite(tiny_sft_run, tmp_path):
+    """A NaN score in iteration 1 used to turn every adapter weight into NaN and crash later inside generate."""
+    from tests.helpers import nan_scorer
+
+    base = tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged"
+    module = make_module(base, tmp_path, scorer=nan_scorer(_token_targets(base), nan_at=[1]))
+    with pytest.warns(UserWarning, match="iteration 1: non-finite scores"):
+        trainer(4).fit(module, make_data())
+    assert module.iteration == 4 and module.skipped_iterations == 1
+    assert module.last_stats["ppo/skipped_nonfinite"] == 1.0
+    assert all(torch.isfinite(p).all() for p in module.policy.parameters())
+
+
+def test_a_scorer_that_always_fails_stops_clearly_and_keeps_the_last_good_checkpoint(tiny_sft_run, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.helpers import nan_scorer
+
+    base = tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged"
+    module = make_module(base, tmp_path, scorer=nan_scorer(_token_targets(base), nan_at=[2, 3, 4, 5, 6, 7]),
+                         max_nonfinite_skips=3)
+    t = L.Trainer(max_epochs=1, limit_train_batches=8, accelerator="cpu", logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, limit_val_batches=0,
+                  callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_last=True)])
+    with pytest.raises(FloatingPointError, match="3 consecutive PPO iterations had non-finite scores"):
+        t.fit(module, make_data())
+    ckpt = torch.load(tmp_path / "ckpt/last.ckpt", weights_only=False)
+    assert ckpt["ppo"]["iteration"] == 2  # written after the good iterations, never after a skipped one
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    assert sorted(p.name for p in (tmp_path / "ppo_out").glob("step_*")) == ["step_2"]  # no export after a skip
+
+
+def test_no_checkpoint_or_export_is_written_with_nan_weights():
+    from alpaca_rlhf.guards import assert_finite
+
+    with pytest.raises(FloatingPointError, match="lora_B"):
+        assert_finite({"lora_A": torch.ones(2), "lora_B": torch.tensor([1.0, float("nan")])}, "checkpoint")
