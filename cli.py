@@ -7,7 +7,9 @@
     python cli.py pipeline --config configs/tiny/pipeline.yaml      # SFT, merge, RM, merge, PPO, compare
 """
 
-from alpaca_rlhf.cli import cli_main
+from alpaca_rlhf.cli import cli_main, main
+
+__all__ = ["cli_main", "main"]
 
 if __name__ == "__main__":
-    cli_main()
+    main()

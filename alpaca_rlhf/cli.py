@@ -72,6 +72,25 @@ def cli_main(args: list[str] | None = None):
     return lightning_cli(args)
 
 
+DEBUG_ENV = "ALPACA_RLHF_DEBUG"
+
+
+def main(args: list[str] | None = None) -> None:
+    """The command line's entry point: a data or config error prints its one message and exits 1 (set
+    ALPACA_RLHF_DEBUG=1 to see the traceback); unexpected errors keep their traceback."""
+    import os
+
+    from alpaca_rlhf.errors import USER_ERRORS
+
+    try:
+        cli_main(args)
+    except USER_ERRORS as e:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(f"alpaca-rlhf: error: {e}\n(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def lightning_cli(args: list[str] | None, cli_class=None):
     """The LightningCLI every fit/validate run uses; `cli_class` lets the pipeline parse with the very same one."""
     import lightning as L

@@ -38,6 +38,7 @@ from alpaca_rlhf.data.records import (
 )
 from alpaca_rlhf.data.sft import encode_prompt, encode_response, seeded_split
 from alpaca_rlhf.data.templates import PromptTemplate
+from alpaca_rlhf.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +322,7 @@ def parse_part(part: str | None) -> tuple[int, int] | None:
     except ValueError:
         k = n = 0
     if not 1 <= k <= n:
-        raise ValueError(f"train_part must be 'k/n' with 1 <= k <= n (e.g. '1/2'), got {part!r}")
+        raise ConfigError(f"data.train_part must be 'k/n' with 1 <= k <= n (e.g. '1/2'), got {part!r}")
     return k, n
 
 
@@ -365,7 +366,7 @@ class PreferenceDataModule(TokenizedDataModule):
         super().__init__(batch_size, num_workers, seed)
         self.train_part = parse_part(train_part)
         if format not in ("auto", *FORMATS):
-            raise ValueError(f"format must be 'auto' or one of {sorted(FORMATS)}, got {format!r}")
+            raise ConfigError(f"data.format must be 'auto' or one of {sorted(FORMATS)}, got {format!r}")
         self.save_hyperparameters()
         self.data_path, self.format, self.max_length = data_path, format, max_length
         self.add_eos_token, self.val_set_size = add_eos_token, val_set_size

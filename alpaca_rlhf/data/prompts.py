@@ -8,7 +8,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from alpaca_rlhf.data.base import TokenizedDataModule
-from alpaca_rlhf.data.records import LoadReport, check_messages, read_raw_records, string_field, validate_records
+from alpaca_rlhf.data.records import (
+    DataValidationError,
+    LoadReport,
+    check_messages,
+    read_raw_records,
+    string_field,
+    validate_records,
+)
 from alpaca_rlhf.data.sft import encode_prompt, seeded_split
 from alpaca_rlhf.data.templates import PromptTemplate
 
@@ -135,7 +142,7 @@ class PromptDataModule(TokenizedDataModule):
             self.data_path, self._require_tokenizer(), self.template, self.max_prompt_length, self.val_set_size,
             self.seed, self.skip_bad_records, self.max_records)
         if len(self.train_data) < self.batch_size:
-            raise ValueError(f"{self.data_path}: {len(self.train_data)} usable prompts, fewer than one batch "
+            raise DataValidationError(f"{self.data_path}: {len(self.train_data)} usable prompts, fewer than one batch "
                              f"of {self.batch_size} ({self.report.summary()})")
         rank_zero_info(f"{self.report.summary()}; {len(self.train_data)} train / {len(self.val_data)} val prompts")
 

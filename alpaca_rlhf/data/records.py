@@ -15,13 +15,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alpaca_rlhf.errors import DataValidationError
+
+__all__ = ["DataValidationError", "LoadReport", "read_raw_records", "validate_records"]
 log = logging.getLogger(__name__)
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-
-
-class DataValidationError(ValueError):
-    """A record is unusable; the message names the file, the record's index and the field."""
 
 
 @dataclass

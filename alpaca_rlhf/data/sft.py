@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from alpaca_rlhf.data.base import TokenizedDataModule
 from alpaca_rlhf.data.records import (
+    DataValidationError,
     LoadReport,
     check_alpaca,
     read_raw_records,
@@ -85,7 +86,7 @@ def seeded_split(n: int, val_size: int | float, seed: int) -> tuple[list[int], l
     """(train indices, val indices): a seeded random hold-out, never the file's first rows."""
     n_val = int(round(val_size * n)) if isinstance(val_size, float) and val_size < 1 else int(val_size)
     if n_val >= n:
-        raise ValueError(f"val_set_size {val_size} leaves no training records out of {n}")
+        raise DataValidationError(f"val_set_size {val_size} leaves no training records out of {n}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return sorted(order[n_val:]), sorted(order[:n_val])
 

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from alpaca_rlhf.errors import ConfigError
+
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 CHAT = "chat"
 
@@ -53,13 +55,13 @@ class PromptTemplate:
             return cls("", "", "", str(name_or_path), chat=True, system=spec.get("system"))
         missing = [k for k in ("prompt_input", "prompt_no_input", "response_split") if k not in spec]
         if missing:
-            raise ValueError(f"{path}: template lacks field(s) {missing}")
+            raise ConfigError(f"{path}: template lacks field(s) {missing}")
         return cls(spec["prompt_input"], spec["prompt_no_input"], spec["response_split"], str(name_or_path))
 
     def bind(self, tokenizer) -> PromptTemplate:
         """This template with the tokenizer whose chat template renders it (a no-op for text templates)."""
         if self.chat and getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError(f"template 'chat': tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no "
+            raise ConfigError(f"template 'chat': tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no "
                              "chat template; use template: alpaca")
         return replace(self, tokenizer=tokenizer) if self.chat else self
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from alpaca_rlhf import ppo as F
 from alpaca_rlhf.data.templates import PromptTemplate
+from alpaca_rlhf.errors import ConfigError
 from alpaca_rlhf.guards import assert_finite
 from alpaca_rlhf.io import atomic_dir
 from alpaca_rlhf.models import (
@@ -180,7 +181,7 @@ class PPOModule(L.LightningModule):
         self.estimator = resolve_estimator(ppo.kl_estimator)
         self.kl_ctl = kl_controller or F.AdaptiveKLController(0.2, target=6.0, horizon=10000)
         if lora.bias != "none" and ref_model is None:
-            raise ValueError(f"lora.bias={lora.bias!r} trains the base model's biases, which disabling the adapter "
+            raise ConfigError(f"lora.bias={lora.bias!r} trains the base model's biases, which disabling the adapter "
                              "does not undo: the reference would drift with the policy. Use bias: none, or give a "
                              "separate ref_model")
         self.tokenizer = load_tokenizer(policy, padding_side="left")

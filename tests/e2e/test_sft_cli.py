@@ -93,3 +93,41 @@ def test_ddp_run_killed_mid_epoch_resumes_to_the_same_adapter(tmp_path):
     assert straight.keys() == resumed.keys()
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k], rtol=1e-5, atol=1e-6)
+
+
+def test_data_and_config_errors_print_one_clear_line_through_the_real_cli(tmp_path):
+    """Every data error the data modules raise, and a missing earlier stage, through `python cli.py`: the message
+    alone (file, record, field), exit status 1, no traceback unless ALPACA_RLHF_DEBUG=1."""
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "not_json.json").write_text("{oops")
+    (tmp_path / "no_output.json").write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c"}]))
+    (tmp_path / "empty_output.jsonl").write_text(json.dumps({"instruction": "a", "output": " "}) + "\n")
+    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    sft = ["fit", "--config", str(ROOT / "configs/tiny/sft.yaml"), "--trainer.max_steps", "1"]
+    rm = ["fit", "--config", str(ROOT / "configs/tiny/rm.yaml"), "--model.init_args.model.name_or_path",
+          "output/tiny/base", "--model.init_args.model.tiny", "{}", "--trainer.max_steps", "1"]
+    cases = [
+        (sft + ["--data.init_args.data_path", "not_json.json"], "not_json.json: not JSON"),
+        (sft + ["--data.init_args.data_path", "no_output.json"], "no_output.json: record 1: field 'output' is missing"),
+        (sft + ["--data.init_args.data_path", "empty_output.jsonl"], "record 0: field 'output' is empty"),
+        (sft + ["--data.init_args.data_path", "a_folder"], "a_folder: is a folder"),
+        (sft + ["--data.init_args.data_path", "missing.json"], "data file 'missing.json' not found"),
+        (rm + ["--data.init_args.data_path", "pairs.jsonl", "--data.init_args.format", "auto"],
+         "pairs.jsonl: cannot tell the preference format"),
+        (["fit", "--config", str(ROOT / "configs/tiny/ppo.yaml")], "does not exist"),  # no earlier stage ran here
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env.pop("ALPACA_RLHF_DEBUG", None)
+    for args, message in cases:
+        proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1, (args, proc.stderr[-2000:])
+        assert message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
+        assert "alpaca-rlhf: error:" in proc.stderr
+    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *cases[0][0]], cwd=tmp_path,
+                          env={**env, "ALPACA_RLHF_DEBUG": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "not JSON" in proc.stderr
