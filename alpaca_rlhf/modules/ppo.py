@@ -545,7 +545,9 @@ class PPOModule(L.LightningModule):
         self.iteration = state.get("iteration", 0)
         self.skipped_iterations, self.nonfinite_steps = state.get("skipped", [0, 0])
 
-    def on_train_end(self) -> None:
+    def on_fit_end(self) -> None:
+        # on_fit_end, not on_train_end: a resumed run that had already reached its last step skips the training
+        # loop (and on_train_end) but still ends here, so a kill between the last checkpoint and the export heals
         self.export(f"step_{self.iteration}", finished=True)  # ppo_state.json says "finished": true
 
     def export(self, name: str, finished: bool = False) -> Path | None:

@@ -192,7 +192,9 @@ class RewardModule(L.LightningModule):
         adapter_sized(self, checkpoint)  # trainable weights only; hyper-parameters as plain types
         assert_finite(checkpoint["state_dict"], "checkpoint")
 
-    def on_train_end(self) -> None:
+    def on_fit_end(self) -> None:
+        # on_fit_end, not on_train_end: a resumed run that had already reached its last step skips the training
+        # loop (and on_train_end) but still ends here, so a kill between the last checkpoint and the export heals
         if not self.trainer.is_global_zero:
             return
         stats = self.final_stats()

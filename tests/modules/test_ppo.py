@@ -476,3 +476,24 @@ def test_no_checkpoint_or_export_is_written_with_nan_weights():
 
     with pytest.raises(FloatingPointError, match="lora_B"):
         assert_finite({"lora_A": torch.ones(2), "lora_B": torch.tensor([1.0, float("nan")])}, "checkpoint")
+
+
+def test_ppo_resumed_after_its_last_step_writes_the_finished_export(tiny_sft_run, tmp_path):
+    import json
+    import shutil
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    base = tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged"
+
+    def run(ckpt_path=None):
+        module = make_module(base, tmp_path, save_freq=0)
+        t = L.Trainer(max_epochs=1, limit_train_batches=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0,
+                      callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)])
+        t.fit(module, make_data(), ckpt_path=ckpt_path)
+
+    run()
+    shutil.rmtree(tmp_path / "ppo_out/step_2")  # as if killed after the last checkpoint, before the export
+    run(ckpt_path=str(tmp_path / "ckpt/last.ckpt"))
+    assert json.loads((tmp_path / "ppo_out/step_2/ppo_state.json").read_text())["finished"] is True

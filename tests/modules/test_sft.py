@@ -164,3 +164,16 @@ def test_sft_loss_is_the_models_own_loss_with_its_logit_post_processing(tmp_path
                                                     batch["labels"][:, 1:].flatten())
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     assert abs(by_hand - theirs) > 0.5  # the post-processing matters at these logits
+
+
+def test_a_run_killed_between_its_last_checkpoint_and_its_export_exports_on_resume(tmp_path, monkeypatch):
+    """`--ckpt_path last` at step == max_steps skips Lightning's training loop; the export must still be written."""
+    monkeypatch.chdir(tmp_path)
+    config = ["--config", str(ROOT / "configs/tiny/sft.yaml"), *QUIET, "--trainer.val_check_interval", "1000",
+              "--trainer.limit_val_batches", "0", "--trainer.max_steps", "20"]
+    cli_main(["fit", *config, "--model.init_args.adapter_dir", "first"])
+    first = load_file("first/adapter_model.safetensors")
+    assert torch.load("output/tiny/checkpoints/sft/last.ckpt", weights_only=False)["global_step"] == 20
+    cli_main(["fit", *config, "--model.init_args.adapter_dir", "healed", "--ckpt_path", "last"])  # as after a kill
+    healed = load_file("healed/adapter_model.safetensors")
+    assert healed.keys() == first.keys() and all(torch.equal(healed[k], first[k]) for k in first)
