@@ -487,7 +487,8 @@ def test_ppo_resumed_after_its_last_step_writes_the_finished_export(tiny_sft_run
     base = tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged"
 
     def run(ckpt_path=None):
-        module = make_module(base, tmp_path, save_freq=0)
+        module = make_module(base, tmp_path)
+        module.save_freq = 0
         t = L.Trainer(max_epochs=1, limit_train_batches=2, accelerator="cpu", logger=False, enable_progress_bar=False,
                       enable_model_summary=False, limit_val_batches=0,
                       callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)])
