@@ -84,19 +84,31 @@ def main(args: list[str] | None = None) -> None:
 
     try:
         cli_main(args)
-    except USER_ERRORS as e:
-        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+    except Exception as e:
+        user_error = _user_error(e, USER_ERRORS)
+        if user_error is None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
-        print(f"alpaca-rlhf: error: {e}\n(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        print(f"alpaca-rlhf: error: {user_error}\n(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def _user_error(error: BaseException, kinds: tuple) -> BaseException | None:
+    """The user error `error` is, or was raised from: jsonargparse wraps an error raised while it builds a
+    nested class (a scorer's missing model folder) in a ValueError of its own, `raise ... from` the cause."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kinds):
+            return error
+        seen.add(id(error))
+        error = error.__cause__
+    return None
 
 
 def lightning_cli(args: list[str] | None, cli_class=None):
     """The LightningCLI every fit/validate run uses; `cli_class` lets the pipeline parse with the very same one."""
     import lightning as L
-    from lightning.pytorch.cli import LightningCLI
 
-    return (cli_class or LightningCLI)(
+    return (cli_class or _cli_class())(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
@@ -107,15 +119,29 @@ def lightning_cli(args: list[str] | None, cli_class=None):
     )
 
 
+def _cli_class():
+    from lightning.pytorch.cli import LightningCLI
+
+    class RLHFCLI(LightningCLI):
+        """LightningCLI whose trainers write checkpoints atomically (`alpaca_rlhf.io.use_atomic_checkpoints`)."""
+
+        def instantiate_trainer(self, **kwargs):
+            from alpaca_rlhf.io import use_atomic_checkpoints
+
+            trainer = super().instantiate_trainer(**kwargs)
+            use_atomic_checkpoints(trainer)
+            return trainer
+
+    return RLHFCLI
+
+
 def parse_fit_config(args: list[str]):
     """The config `python cli.py fit <args>` would run with, resolved by its own parser, nothing instantiated.
 
     The pipeline reads output folders from this, so `--model.adapter_dir X`, `--model.init_args.adapter_dir X`
     and a stacked YAML's `model: {adapter_dir: X}` all mean what they mean to the stage itself.
     """
-    from lightning.pytorch.cli import LightningCLI
-
-    class ConfigOnly(LightningCLI):
+    class ConfigOnly(_cli_class()):
         def _parse_ckpt_path(self) -> None: ...
         def _set_seed(self) -> None: ...
         def instantiate_classes(self) -> None: ...

@@ -32,3 +32,60 @@ def nan_scorer(token_ids: list[int], nan_at: list[int] | None = None):
             return scores
 
     return _NaN(token_ids)
+
+
+class SigkillAt(L.Callback):
+    """`kill -9` of this very process at one point of a run (fault injection; nothing of Python runs after it).
+
+    point:
+      mid_step         after step `step`'s backward, before its optimizer step;
+      checkpoint_write during the first checkpoint file written at step `step`, after half its bytes;
+      before_export    after training, before the module writes its export (callbacks' on_fit_end runs first).
+    """
+
+    def __init__(self, point: str, step: int = 0) -> None:
+        if point not in ("mid_step", "checkpoint_write", "before_export"):
+            raise ValueError(f"unknown kill point {point!r}")
+        self.point, self.step = point, step
+
+    @staticmethod
+    def _die() -> None:
+        import os
+        import signal
+        import sys
+
+        sys.stderr.write("SigkillAt: kill -9\n")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # global_step counts finished steps: step `step` is running when it equals step - 1
+        if self.point == "mid_step" and trainer.global_step == self.step - 1:
+            self._die()
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if self.point != "checkpoint_write" or trainer.global_step != self.step:
+            return
+        import io
+
+        import torch
+
+        real_save = torch.save
+
+        def half_then_die(obj, f, *args, **kwargs):
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *args, **kwargs)
+            data = buffer.getvalue()
+            if hasattr(f, "write"):
+                f.write(data[: len(data) // 2])
+                f.flush()
+            else:
+                with open(f, "wb") as out:
+                    out.write(data[: len(data) // 2])
+            self._die()
+
+        torch.save = half_then_die
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self.point == "before_export":
+            self._die()

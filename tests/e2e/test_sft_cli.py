@@ -66,7 +66,6 @@ trainer:
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="written in session 3 and never run (outage); enable after a verified run")
 def test_ddp_run_killed_mid_epoch_resumes_to_the_same_adapter(tmp_path):
     """2 CPU processes: 14 steps straight == killed after step 9 (last.ckpt at step 8, mid-epoch: 22 steps per
     epoch) and resumed. Lightning's DistributedSamplerWrapper used to crash here (IndexError) or skip too little."""
@@ -96,7 +95,6 @@ def test_ddp_run_killed_mid_epoch_resumes_to_the_same_adapter(tmp_path):
         torch.testing.assert_close(resumed[k], straight[k], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skip(reason="written in session 3 and never run (outage); enable after a verified run")
 def test_data_and_config_errors_print_one_clear_line_through_the_real_cli(tmp_path):
     """Every data error the data modules raise, and a missing earlier stage, through `python cli.py`: the message
     alone (file, record, field), exit status 1, no traceback unless ALPACA_RLHF_DEBUG=1."""
