@@ -461,6 +461,7 @@ class PPOModule(L.LightningModule):
                            "the sampling is biased (top_k/top_p/min_new_tokens set?)")
         self.kl_ctl.update(kl_per_seq, episodes)  # after the optimisation; n = episodes (PPO.md 2.12)
         self.log_stats(stats, len(rollout))
+        self._log_histogram("rollout/scores", rollout.scores)
         self.iteration += 1
         if self.log_samples_every and self.iteration % self.log_samples_every == 1 % self.log_samples_every:
             self._log_samples(batch["prompt"], extra["scoring_batch"].responses, rollout.scores)
@@ -483,8 +484,10 @@ class PPOModule(L.LightningModule):
                 f"iteration {self.iteration - 1}); stopping. Check the scorer; the last checkpoint holds the last "
                 "finite weights")
 
-    MONITORED = ("rollout/score", "rollout/kl")
-    """Logged through `self.log` (callbacks such as ModelCheckpoint or EarlyStopping can monitor them)."""
+    MONITORED = ("rollout/score", "rollout/kl", "rollout/response_length")
+    """Logged through `self.log` (callbacks such as ModelCheckpoint or EarlyStopping can monitor them) and shown
+    in the progress bar as `score`, `kl` and `len`."""
+    PROGRESS_BAR = {"rollout/score": "score", "rollout/kl": "kl", "rollout/response_length": "len"}
 
     def log_stats(self, stats: dict, batch_size: int) -> None:
         """Everything in `last_stats`; the monitored few via `self.log`, the rest straight to the loggers.
@@ -498,6 +501,8 @@ class PPOModule(L.LightningModule):
         flat = dict(zip(keys, values, strict=True))
         self.last_stats.update(flat)
         self.log_dict({k: flat[k] for k in self.MONITORED}, on_step=True, batch_size=batch_size)
+        self.log_dict({name: flat[k] for k, name in self.PROGRESS_BAR.items()}, on_step=True, prog_bar=True,
+                      logger=False, batch_size=batch_size)
         every = max(1, self.trainer.log_every_n_steps)  # as Lightning decides for self.log
         if (self.iteration + 1) % every and not self.trainer.should_stop:
             return
@@ -572,6 +577,11 @@ class PPOModule(L.LightningModule):
 
                 merge_adapter(str(tmp), output_dir=str(tmp / "merged"), dtype=self.policy_spec.dtype)
         return target
+
+    def _log_histogram(self, tag: str, values: Tensor) -> None:
+        """This iteration's values as a TensorBoard histogram (rank 0: its own rollout)."""
+        if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
+            self.logger.experiment.add_histogram(tag, values.detach().float().cpu(), self.iteration)
 
     def _log_samples(self, prompts: list[str], responses: list[str], scores: Tensor, n: int = 4) -> None:
         if not isinstance(self.logger, TensorBoardLogger) or not self.trainer.is_global_zero:

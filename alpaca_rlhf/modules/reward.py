@@ -14,6 +14,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -112,6 +113,7 @@ class RewardModule(L.LightningModule):
         self.val_loss, self.val_margin = MeanMetric(), MeanMetric()
         self.val_accuracy = BinaryAccuracy()
         self.val_scores = CatMetric()  # every held-out score, for mean/std and the exported centring stats
+        self.val_chosen, self.val_rejected = CatMetric(), CatMetric()  # for TensorBoard's histograms
         self.stats: dict | None = None  # of the latest full validation: {"mean", "std", "n", "split", "step"}
         self.strict_loading = False  # checkpoints hold the adapter and head only; the base comes from `model`
 
@@ -144,10 +146,18 @@ class RewardModule(L.LightningModule):
         wins = (chosen > rejected).long()  # a tie is not a win
         self.val_accuracy.update(wins, torch.ones_like(wins))
         self.val_scores.update(torch.cat([chosen, rejected]))
+        self.val_chosen.update(chosen)
+        self.val_rejected.update(rejected)
 
     def on_validation_epoch_end(self) -> None:
         scores = self.val_scores.compute() if self.val_scores.update_count else torch.zeros(0)
         self.val_scores.reset()
+        for tag, metric in (("val/scores_chosen", self.val_chosen), ("val/scores_rejected", self.val_rejected)):
+            values = metric.compute() if metric.update_count else None
+            metric.reset()
+            if (values is not None and isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero
+                    and not self.trainer.sanity_checking):
+                self.logger.experiment.add_histogram(tag, values.float().cpu(), self.global_step)
         if scores.numel():
             mean, std = scores.mean(), scores.std(unbiased=False)
             self.log_dict({"val/score_mean": mean, "val/score_std": std})

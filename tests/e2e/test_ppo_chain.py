@@ -56,6 +56,9 @@ def test_tiny_chain_ppo_raises_the_held_out_reward(tiny_sft_run, tmp_path):
                 "ppo/explained_variance", "val/score"]:
         assert tag in tags["scalars"], tag
     assert any("samples/rollout" in t for t in tags["tensors"])
+    assert "rollout/scores" in tags["histograms"] and "hp_metric" not in tags["scalars"]
+    rm = EventAccumulator(str(work / "output/tiny/rm/run"), size_guidance={"histograms": 0}).Reload().Tags()
+    assert {"val/scores_chosen", "val/scores_rejected"} <= set(rm["histograms"]) and "hp_metric" not in rm["scalars"]
 
 
 def short_rule_run(tiny_sft_run, work, iterations: int, extra_yaml: str, *args):

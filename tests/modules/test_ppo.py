@@ -498,3 +498,15 @@ def test_ppo_resumed_after_its_last_step_writes_the_finished_export(tiny_sft_run
     shutil.rmtree(tmp_path / "ppo_out/step_2")  # as if killed after the last checkpoint, before the export
     run(ckpt_path=str(tmp_path / "ckpt/last.ckpt"))
     assert json.loads((tmp_path / "ppo_out/step_2/ppo_state.json").read_text())["finished"] is True
+
+
+def test_progress_bar_shows_score_kl_and_length(tiny_sft_run, tmp_path):
+    module = make_module(tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged", tmp_path)
+    module.save_freq = 0
+    t = L.Trainer(max_epochs=1, limit_train_batches=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, limit_val_batches=0, enable_checkpointing=False)
+    t.fit(module, make_data())
+    shown = t.progress_bar_metrics
+    assert {"score", "kl", "len"} <= set(shown), shown
+    assert shown["len"] == pytest.approx(module.last_stats["rollout/response_length"])
+    assert shown["score"] == pytest.approx(module.last_stats["rollout/score"])
