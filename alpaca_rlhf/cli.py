@@ -1,4 +1,4 @@
-"""Command line of alpaca-rlhf (`python cli.py ...` at the repository root calls `cli_main`).
+"""Command line of alpaca-rlhf: `alpaca-rlhf ...`, `python -m alpaca_rlhf ...`, or `python cli.py ...` in a checkout.
 
     python cli.py fit --config configs/tiny/sft.yaml        # any stage: fit / validate / test (LightningCLI)
     python cli.py merge --adapter_path output/tiny/lora-alpaca
@@ -17,6 +17,7 @@ EXTRA_COMMANDS = {
     "generate": "answer instructions with a base, SFT or PPO model (--mode base|sft|ppo)",
     "compare": "base vs SFT vs RLHF on held-out instructions: table, report.md, outputs.jsonl, reward scores",
     "pipeline": "run SFT -> merge -> RM -> merge -> PPO -> compare from one YAML, skipping finished stages",
+    "init": "copy the packaged configs into ./configs to edit (--directory D, --force)",
 }
 
 
@@ -43,7 +44,9 @@ def _bare_flags(function, args: list[str]) -> list[str]:
 
 
 def _function(name: str):
-    if name == "generate":
+    if name == "init":
+        from alpaca_rlhf.packaged import init as function
+    elif name == "generate":
         from alpaca_rlhf.inference import generate as function
     elif name == "compare":
         from alpaca_rlhf.inference import compare as function
@@ -61,15 +64,19 @@ def _function_command(name: str, args: list[str]):
 
 def cli_main(args: list[str] | None = None):
     """Runs one command; `args` defaults to `sys.argv[1:]` (tests pass a list)."""
-    argv = list(sys.argv[1:] if args is None else args)
+    from alpaca_rlhf.packaged import resolve_config_args
+
+    argv = resolve_config_args(list(sys.argv[1:] if args is None else args))  # packaged configs by name
     if argv and argv[0] == "merge":
         return _merge(argv[1:])
-    if argv and argv[0] in ("generate", "compare", "pipeline"):
+    if argv and argv[0] in ("generate", "compare", "pipeline", "init"):
         return _function_command(argv[0], argv[1:])
     if argv[:1] in (["-h"], ["--help"]):
         print("extra commands:\n" + "\n".join(f"  {k:10s} {v}" for k, v in EXTRA_COMMANDS.items()) + "\n")
-
-    return lightning_cli(args)
+    if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
+        sys.argv[1:] = argv
+        return lightning_cli(None)
+    return lightning_cli(argv)
 
 
 DEBUG_ENV = "ALPACA_RLHF_DEBUG"

@@ -17,6 +17,7 @@ with `--ckpt_path last`. Once a stage runs, every later stage runs too (its inpu
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_PARENT = Path(__file__).resolve().parents[1]  # the folder that holds alpaca_rlhf/
 STAGE_NAMES = ("sft", "merge_sft", "rm", "merge_rm", "ppo", "judge", "merge_judge", "compare")
 
 
@@ -94,11 +95,15 @@ class PipelineError(SystemExit):
 
 # ---- reading the stage configs -----------------------------------------------------------------------------
 def find_file(path: str) -> Path:
-    """A config path relative to the working directory or, failing that, to the repository root."""
-    for candidate in (Path(path), ROOT / path):
-        if candidate.is_file():
-            return candidate.resolve()
-    raise PipelineError(f"pipeline: config file {path!r} not found (looked in . and {ROOT})")
+    """A config path relative to the working directory or, failing that, a packaged config (`configs/tiny/sft.yaml`
+    names the one that ships with the package, from any directory)."""
+    from alpaca_rlhf.packaged import config_root, find_config
+
+    found = find_config(path)
+    if found is not None:
+        return found.resolve()
+    raise PipelineError(f"pipeline: config file {path!r} not found (looked in . and in the packaged configs, "
+                        f"{config_root()})")
 
 
 class StageConfig:
@@ -200,9 +205,10 @@ def plan(stages: Stages) -> tuple[list[Stage], dict]:
     base = sft.get("model.init_args.model.name_or_path", "meta-llama/Llama-3.1-8B")
     compare_wiring = ["--base_model", str(base), "--sft_model", sft_merged, "--rlhf_model", str(ppo_dir),
                       "--reward_model", rm_merged] + (["--judge_model", judge_merged] if judge_merged else [])
-    for key in ("data_path", "val_set_size", "seed", "max_prompt_length", "skip_bad_records", "max_records"):
+    for key in ("data_path", "val_set_size", "seed", "max_prompt_length", "skip_bad_records", "max_records", "split",
+                "hub_config", "revision", "fields"):
         value = ppo.get(f"data.init_args.{key}")  # compare on PPO's held-out prompts: PPO's own split arguments
-        compare_wiring += [f"--prompts.{key}", json.dumps(value) if value is None or isinstance(value, bool)
+        compare_wiring += [f"--prompts.{key}", json.dumps(value) if value is None or isinstance(value, (bool, dict))
                            else str(value)]
     compare = StageConfig("compare", stages.compare.config, [*compare_wiring, *stages.compare.overrides], "compare")
     report_dir = Path(compare.get("report_dir", "output/compare"))
@@ -300,22 +306,18 @@ def newest_export(ppo_dir: Path, since: float) -> Path | None:
 
 
 # ---- running -----------------------------------------------------------------------------------------------
-def _cli() -> Path:
-    cli = ROOT / "cli.py"
-    if not cli.is_file():
-        raise PipelineError(f"pipeline: {cli} not found; run the pipeline from a checkout of the repository")
-    return cli
-
-
 def run_stage(stage: Stage, log_file: Path, tag: str) -> tuple[int, float]:
     """Runs one stage's command with its output in `log_file`; on a terminal, shows the latest log line."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, str(_cli()), *stage.args]
+    command = [sys.executable, "-m", "alpaca_rlhf", *stage.args]  # the installed package, no checkout needed
+    # the package's own folder first on the path, as in this process (a checkout run as `python cli.py` too)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_PARENT),
+                                                                     os.environ.get("PYTHONPATH")]))}
     start = time.time()
     with open(log_file, "w") as log:
         log.write("$ " + " ".join(command) + "\n")
         log.flush()
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             while proc.poll() is None:
                 time.sleep(1.0)

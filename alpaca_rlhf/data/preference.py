@@ -330,7 +330,8 @@ class PreferenceDataModule(TokenizedDataModule):
     """Preference pairs rendered with the prompt template, batched as stacked chosen/rejected sequences.
 
     Args:
-        data_path: Local `.json`/`.jsonl`/`.jsonl.gz` file or hub dataset name (e.g. `comparision_data.json`).
+        data_path: Local `.json`/`.jsonl`(`.gz`)/`.parquet`/`.csv`/`.arrow` file, a folder of them, or a hub
+            dataset name (e.g. `comparision_data.json`).
         format: Record shape: "auto" (the most common valid shape among the first records), "seed",
             "prompt_chosen_rejected", "hh" or "conversational".
         template: Bundled template name (`alpaca`, `chat`) or a template JSON path (the same as SFT's and PPO's).
@@ -346,6 +347,10 @@ class PreferenceDataModule(TokenizedDataModule):
         train_part: "k/n" trains on the k-th of n disjoint parts of the training pairs (every n-th pair from the
             k-th); the held-out pairs stay the same. Two reward models on "1/2" and "2/2" never share a pair:
             the second is an independent judge of the first's optimisation. None = all training pairs.
+        split: The split of a hub dataset.
+        hub_config: A hub dataset's configuration name (its `name` in `datasets.load_dataset`).
+        revision: A hub dataset's revision (branch, tag or commit).
+        fields: Our field names -> the columns holding them, e.g. `{instruction: question, output: answer}`.
     """
 
     def __init__(
@@ -362,8 +367,13 @@ class PreferenceDataModule(TokenizedDataModule):
         skip_bad_records: bool = False,
         max_records: int | None = None,
         train_part: str | None = None,
+        split: str = "train",
+        hub_config: str | None = None,
+        revision: str | None = None,
+        fields: dict[str, str] | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, seed)
+        self.read_options = dict(split=split, hub_config=hub_config, revision=revision, fields=fields)
         self.train_part = parse_part(train_part)
         if format not in ("auto", *FORMATS):
             raise ConfigError(f"data.format must be 'auto' or one of {sorted(FORMATS)}, got {format!r}")
@@ -378,7 +388,7 @@ class PreferenceDataModule(TokenizedDataModule):
 
     def load_pairs(self) -> list[PreferencePair]:
         """Validated, rendered pairs; raises `DataValidationError` on the first bad record unless skipping."""
-        raw = read_raw_records(self.data_path)
+        raw = read_raw_records(self.data_path, **self.read_options)
         fmt = detect_format(raw, self.data_path) if self.format == "auto" else self.format
         records, self.report = validate_records(raw, self.data_path, lambda r: check_preference(r, fmt),
                                                 self.skip_bad_records)

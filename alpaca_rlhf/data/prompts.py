@@ -75,14 +75,16 @@ class PromptCollator:
 
 def prompt_split(data_path: str, tokenizer, template: PromptTemplate, max_prompt_length: int,
                  val_set_size: int | float, seed: int, skip_bad_records: bool = False,
-                 max_records: int | None = None) -> tuple[list[dict], list[dict], LoadReport]:
+                 max_records: int | None = None, read_options: dict | None = None,
+                 ) -> tuple[list[dict], list[dict], LoadReport]:
     """(train, held-out, report) prompt examples `{input_ids, prompt, record}`: PPO's split, and the one
     `compare` evaluates on, from this one function so the two can never disagree.
 
     Order: validate (drop bad records if `skip_bad_records`), keep the first `max_records`, render, drop prompts
     longer than `max_prompt_length` tokens, then take a seeded hold-out of `val_set_size`.
     """
-    records, report = validate_records(read_raw_records(data_path), data_path, check_prompt, skip_bad_records)
+    records, report = validate_records(read_raw_records(data_path, **(read_options or {})), data_path, check_prompt,
+                                       skip_bad_records)
     records = records[:max_records] if max_records else records
     template = template.bind(tokenizer)
     examples = []
@@ -103,7 +105,8 @@ class PromptDataModule(TokenizedDataModule):
     """Prompt batches for PPO; one batch is one PPO iteration (drop-last, so every iteration has `batch_size`).
 
     Args:
-        data_path: Hub dataset name or local `.json`/`.jsonl` of Alpaca records or `{user_input, ...}` records.
+        data_path: Hub dataset name, or a local file (`.json`/`.jsonl`(`.gz`)/`.parquet`/`.csv`/`.arrow`) or folder
+            of Alpaca records, `{user_input, ...}` records or conversations.
         template: Bundled template name or a template JSON path (the SFT stage's).
         max_prompt_length: Prompts with more tokens are dropped (and counted): cutting one would cut the template.
         val_set_size: Held-out prompts (count or fraction) on which validation measures the mean score.
@@ -112,6 +115,10 @@ class PromptDataModule(TokenizedDataModule):
         seed: Seed of the hold-out split and of the shuffling.
         skip_bad_records: Drop malformed records (counted and logged) instead of stopping with an error.
         max_records: Use only the first N valid records.
+        split: The split of a hub dataset.
+        hub_config: A hub dataset's configuration name (its `name` in `datasets.load_dataset`).
+        revision: A hub dataset's revision (branch, tag or commit).
+        fields: Our field names -> the columns holding them, e.g. `{instruction: question, output: answer}`.
     """
 
     def __init__(
@@ -125,9 +132,14 @@ class PromptDataModule(TokenizedDataModule):
         seed: int = 42,
         skip_bad_records: bool = False,
         max_records: int | None = None,
+        split: str = "train",
+        hub_config: str | None = None,
+        revision: str | None = None,
+        fields: dict[str, str] | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, seed)
         self.save_hyperparameters()
+        self.read_options = dict(split=split, hub_config=hub_config, revision=revision, fields=fields)
         self.data_path, self.max_prompt_length, self.val_set_size = data_path, max_prompt_length, val_set_size
         self.skip_bad_records, self.max_records = skip_bad_records, max_records
         self.template = PromptTemplate.load(template)
@@ -140,7 +152,7 @@ class PromptDataModule(TokenizedDataModule):
             return
         self.train_data, self.val_data, self.report = prompt_split(
             self.data_path, self._require_tokenizer(), self.template, self.max_prompt_length, self.val_set_size,
-            self.seed, self.skip_bad_records, self.max_records)
+            self.seed, self.skip_bad_records, self.max_records, self.read_options)
         if len(self.train_data) < self.batch_size:
             raise DataValidationError(f"{self.data_path}: {len(self.train_data)} usable prompts, fewer than one batch "
                              f"of {self.batch_size} ({self.report.summary()})")

@@ -1,9 +1,10 @@
 """Loading instruction and preference records with clear errors for bad input.
 
-Every stage reads its records through `load_records`: a hub dataset name (loaded with `datasets`) or a local
-`.json` (a list), `.jsonl` or gzip-compressed file. Each record is validated before any training starts; a bad
-one raises `DataValidationError` naming the file, the record's index and the field, or, with `skip_bad=True`, is
-dropped and counted.
+Every stage reads its records through `read_raw_records`: a hub dataset name (loaded with `datasets`, with its
+configuration, split and revision), a local `.json` (a list), `.jsonl`, gzip-compressed, `.parquet`, `.csv` or
+`.arrow` file, or a folder of them; an optional field map renames columns. Each record is validated before any
+training starts; a bad one raises `DataValidationError` naming the file, the record's index (within its own file)
+and the field, or, with `skip_bad=True`, is dropped and counted.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from alpaca_rlhf.errors import DataValidationError
 
-__all__ = ["DataValidationError", "LoadReport", "read_raw_records", "validate_records"]
+__all__ = ["DataValidationError", "LoadReport", "Records", "read_raw_records", "validate_records"]
 log = logging.getLogger(__name__)
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
@@ -78,18 +79,117 @@ def _read_local(path: Path) -> list:
     return data
 
 
-def read_raw_records(source: str, split: str = "train") -> list:
-    """Raw records from a local file, or from the hub through `datasets.load_dataset` (needs network)."""
-    local = resolve_path(source)
-    if local is not None:
-        if local.is_dir():
-            raise DataValidationError(f"{source}: is a folder; give a .json, .jsonl or .jsonl.gz file")
-        return _read_local(local)
-    if source.endswith((".json", ".jsonl", ".gz")):
-        raise FileNotFoundError(f"data file {source!r} not found")
-    import datasets  # lazy: heavy import, and only hub names need it here
+TABULAR = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}  # read through `datasets`' own builders
+JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+SUPPORTED = (*JSON_SUFFIXES, *TABULAR)
 
-    return list(datasets.load_dataset(source, split=split))
+
+class Records(list):
+    """Raw records that know where each came from: `where(i)` is "file: record j" (j within its own file)."""
+
+    def __init__(self, records: list, files: list[tuple[str, int]]) -> None:
+        super().__init__(records)
+        self.files = files  # (name, number of records), in order
+
+    def where(self, index: int) -> str:
+        for name, count in self.files:
+            if index < count:
+                return f"{name}: record {index}"
+            index -= count
+        return f"record {index}"
+
+
+def _kind(path: Path) -> str | None:
+    name = path.name.lower()
+    if name.endswith(JSON_SUFFIXES):
+        return "json"
+    return TABULAR.get(path.suffix.lower())
+
+
+def _read_tabular(path: Path, builder: str) -> list:
+    import datasets  # lazy: heavy import
+
+    try:
+        return list(datasets.load_dataset(builder, data_files=str(path), split="train"))
+    except Exception as e:  # a broken file: name it
+        raise DataValidationError(f"{path}: cannot be read as {builder} ({type(e).__name__}: {e})") from e
+
+
+def _read_file(path: Path) -> list:
+    kind = _kind(path)
+    if kind == "json":
+        return _read_local(path)
+    if kind is not None:
+        return _read_tabular(path, kind)
+    return _read_local(path)  # an unknown suffix: JSON or a clear "not JSON" error
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    """A `Dataset.save_to_disk` / `DatasetDict.save_to_disk` folder."""
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+def _load_from_disk(folder: Path, split: str) -> list:
+    import datasets
+
+    data = datasets.load_from_disk(str(folder))
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise DataValidationError(f"{folder}: has no split {split!r} (it has {sorted(data)})")
+        data = data[split]
+    return list(data)
+
+
+def _rename_fields(records: list, fields: dict[str, str]) -> list:
+    """`fields` maps our field name to the column holding it ({instruction: question})."""
+    out = []
+    for record in records:
+        if isinstance(record, dict):
+            record = dict(record)
+            for ours, theirs in fields.items():
+                if theirs in record:
+                    record[ours] = record.pop(theirs)
+        out.append(record)
+    return out
+
+
+def read_raw_records(source: str, split: str = "train", hub_config: str | None = None,
+                     revision: str | None = None, fields: dict[str, str] | None = None) -> Records:
+    """Raw records from a local file or folder, or a hub dataset through `datasets.load_dataset`.
+
+    Local files: `.json` (a list), `.jsonl`, either gzipped, read here with line-exact errors; `.parquet`,
+    `.csv` and `.arrow` through `datasets`. A folder: every such file in it, in name order, or a
+    `save_to_disk` folder (its `split`). A hub name takes
+    `hub_config` (the dataset's configuration), `split` and `revision` (needs network). `fields` renames columns
+    to the names a stage expects, e.g. `{instruction: question, output: answer}`.
+    """
+    local = resolve_path(source)
+    if local is not None and local.is_dir() and _is_saved_dataset(local):
+        records = _load_from_disk(local, split)
+        counts = [(source, len(records))]
+    elif local is not None:
+        if local.is_dir():
+            files = sorted(p for p in local.iterdir() if p.is_file() and _kind(p) is not None)
+            if not files:
+                raise DataValidationError(f"{source}: is a folder with no data file in it "
+                                          f"({', '.join(SUPPORTED)})")
+        else:
+            files = [local]
+        records, counts = [], []
+        for path in files:
+            part = _read_file(path)
+            records += part
+            counts.append((str(path) if len(files) > 1 else source, len(part)))
+    elif source.lower().endswith(SUPPORTED):
+        raise FileNotFoundError(f"data file {source!r} not found")
+    else:
+        import datasets  # lazy: heavy import, and only hub names need it here
+
+        records = list(datasets.load_dataset(source, hub_config, split=split, revision=revision))
+        counts = [(source, len(records))]
+    if fields:
+        records = _rename_fields(records, fields)
+    return Records(records, counts)
 
 
 def validate_records(
@@ -115,7 +215,8 @@ def validate_records(
         if problem is None:
             kept.append(record)
             continue
-        message = f"{source}: record {index}: field '{problem[0]}' {problem[1]}"
+        where = records.where(index) if isinstance(records, Records) else f"{source}: record {index}"
+        message = f"{where}: field '{problem[0]}' {problem[1]}"
         if not skip_bad:
             raise DataValidationError(message + " (set skip_bad_records: true to drop such records)")
         report.skipped += 1

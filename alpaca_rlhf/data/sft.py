@@ -96,7 +96,8 @@ class AlpacaDataModule(TokenizedDataModule):
     turn being the response) rendered with the prompt template for SFT.
 
     Args:
-        data_path: Hub dataset name (e.g. `yahma/alpaca-cleaned`) or a local `.json`/`.jsonl` file.
+        data_path: Hub dataset name (e.g. `yahma/alpaca-cleaned`), a local `.json`/`.jsonl`(`.gz`)/`.parquet`/
+            `.csv`/`.arrow` file, or a folder of them.
         template: Bundled template name (`alpaca`; `chat` = the tokenizer's chat template) or a JSON path.
         cutoff_len: Maximum tokens per example; longer ones are truncated and counted.
         train_on_inputs: Put loss on the prompt too (default: on the response only).
@@ -107,6 +108,10 @@ class AlpacaDataModule(TokenizedDataModule):
         seed: Seed of the hold-out split and of the shuffling.
         skip_bad_records: Drop malformed records (counted and logged) instead of stopping with an error.
         max_records: Use only the first N valid records (quick runs).
+        split: The split of a hub dataset.
+        hub_config: A hub dataset's configuration name (its `name` in `datasets.load_dataset`).
+        revision: A hub dataset's revision (branch, tag or commit).
+        fields: Our field names -> the columns holding them, e.g. `{instruction: question, output: answer}`.
     """
 
     def __init__(
@@ -122,9 +127,14 @@ class AlpacaDataModule(TokenizedDataModule):
         seed: int = 42,
         skip_bad_records: bool = False,
         max_records: int | None = None,
+        split: str = "train",
+        hub_config: str | None = None,
+        revision: str | None = None,
+        fields: dict[str, str] | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, seed)
         self.save_hyperparameters()
+        self.read_options = dict(split=split, hub_config=hub_config, revision=revision, fields=fields)
         self.data_path, self.cutoff_len = data_path, cutoff_len
         self.train_on_inputs, self.add_eos_token = train_on_inputs, add_eos_token
         self.val_set_size, self.skip_bad_records, self.max_records = val_set_size, skip_bad_records, max_records
@@ -136,7 +146,7 @@ class AlpacaDataModule(TokenizedDataModule):
     def load_records(self) -> list[dict]:
         """Validated records; raises `DataValidationError` on the first bad one unless skipping."""
         records, self.report = validate_records(
-            read_raw_records(self.data_path), self.data_path, check_alpaca, self.skip_bad_records
+            read_raw_records(self.data_path, **self.read_options), self.data_path, check_alpaca, self.skip_bad_records
         )
         return records[: self.max_records] if self.max_records else records
 

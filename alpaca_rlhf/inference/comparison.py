@@ -43,6 +43,10 @@ class PromptSource:
         skip_bad_records: Drop malformed records before the split, as PPO's data does with the same option.
         max_records: Only the first N valid records before the split, as PPO's data does with the same option.
         max_prompts: Compare on the first N of them only; None = all.
+        split: The split of a hub dataset.
+        hub_config: A hub dataset's configuration name (its `name` in `datasets.load_dataset`).
+        revision: A hub dataset's revision (branch, tag or commit).
+        fields: Our field names -> the columns holding them, e.g. `{instruction: question, output: answer}`.
     """
 
     data_path: str = "alpaca_rlhf/data/samples/alpaca_sample.json"
@@ -52,6 +56,10 @@ class PromptSource:
     skip_bad_records: bool = False
     max_records: int | None = None
     max_prompts: int | None = None
+    split: str = "train"
+    hub_config: str | None = None
+    revision: str | None = None
+    fields: dict[str, str] | None = None
 
 
 def held_out_records(source: PromptSource, tokenizer, template: PromptTemplate) -> list[dict]:
@@ -60,7 +68,9 @@ def held_out_records(source: PromptSource, tokenizer, template: PromptTemplate) 
     from alpaca_rlhf.data.prompts import prompt_split
 
     train, val, _ = prompt_split(source.data_path, tokenizer, template, source.max_prompt_length,
-                                 source.val_set_size, source.seed, source.skip_bad_records, source.max_records)
+                                 source.val_set_size, source.seed, source.skip_bad_records, source.max_records,
+                                 dict(split=source.split, hub_config=source.hub_config, revision=source.revision,
+                                      fields=source.fields))
     kept = [_describe(e) for e in (val if source.val_set_size else train)]
     return kept[: source.max_prompts] if source.max_prompts else kept
 

@@ -1,0 +1,156 @@
+"""Prompts for PPO: Alpaca instructions (or the seed's `user_input`) rendered with the SFT template."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from alpaca_rlhf.data.base import TokenizedDataModule
+from alpaca_rlhf.data.records import (
+    DataValidationError,
+    LoadReport,
+    check_messages,
+    read_raw_records,
+    string_field,
+    validate_records,
+)
+from alpaca_rlhf.data.sft import encode_prompt, seeded_split
+from alpaca_rlhf.data.templates import PromptTemplate
+
+
+def check_prompt(record: dict):
+    """An Alpaca record (`instruction`, optional `input`), a seed preference record (`user_input`), or a
+    conversation `{messages}` (a final assistant turn, if any, is dropped: the policy answers the rest), or an
+    HH preference record `{chosen, rejected}` (its shared dialogue up to the last assistant turn)."""
+    if "instruction" not in record and "messages" not in record and {"chosen", "rejected"} <= set(record):
+        from alpaca_rlhf.data.preference import check_preference
+
+        return check_preference(record, "hh")
+    if "instruction" not in record and "messages" in record:
+        problem = check_messages(record, last_role=None)
+        if problem is None and not [m for m in prompt_messages(record["messages"]) if m["role"] == "user"]:
+            return "messages", "has no user turn to answer"
+        return problem
+    if "instruction" not in record and "user_input" in record:
+        return string_field(record, "user_input", non_empty=True)
+    return string_field(record, "instruction", non_empty=True) or string_field(record, "input", required=False)
+
+
+def prompt_messages(messages: list[dict]) -> list[dict]:
+    """The turns the policy answers: a conversation without its final assistant turn."""
+    return messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
+
+
+def render_prompt(record: dict, template: PromptTemplate) -> str:
+    """A prompt record rendered with `template` (bound to the tokenizer for chat templates)."""
+    if "instruction" in record:
+        return template.render(record["instruction"], record.get("input") or "")
+    if "messages" in record:
+        return template.render_messages(prompt_messages(record["messages"]))
+    if "chosen" in record:
+        from alpaca_rlhf.data.preference import render_hh_prompt
+
+        return render_hh_prompt(record, template)
+    return template.render(record["user_input"], record.get("input") or "")
+
+
+@dataclass
+class PromptCollator:
+    """Left-pads prompt ids for generation: `input_ids`, `attention_mask`, plus the rendered `prompt` texts."""
+
+    pad_token_id: int
+
+    def __call__(self, examples: list[dict]) -> dict:
+        width = max(len(e["input_ids"]) for e in examples)
+        input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            input_ids[i, width - n :] = torch.tensor(e["input_ids"])
+            attention_mask[i, width - n :] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "prompt": [e["prompt"] for e in examples]}
+
+
+def prompt_split(data_path: str, tokenizer, template: PromptTemplate, max_prompt_length: int,
+                 val_set_size: int | float, seed: int, skip_bad_records: bool = False,
+                 max_records: int | None = None) -> tuple[list[dict], list[dict], LoadReport]:
+    """(train, held-out, report) prompt examples `{input_ids, prompt, record}`: PPO's split, and the one
+    `compare` evaluates on, from this one function so the two can never disagree.
+
+    Order: validate (drop bad records if `skip_bad_records`), keep the first `max_records`, render, drop prompts
+    longer than `max_prompt_length` tokens, then take a seeded hold-out of `val_set_size`.
+    """
+    records, report = validate_records(read_raw_records(data_path), data_path, check_prompt, skip_bad_records)
+    records = records[:max_records] if max_records else records
+    template = template.bind(tokenizer)
+    examples = []
+    for record in records:
+        prompt = render_prompt(record, template)
+        ids = encode_prompt(tokenizer, prompt)
+        if len(ids) > max_prompt_length:
+            report.dropped_too_long += 1
+            continue
+        examples.append({"input_ids": ids, "prompt": prompt, "record": record})
+    if not val_set_size:
+        return examples, [], report
+    train_idx, val_idx = seeded_split(len(examples), val_set_size, seed)
+    return [examples[i] for i in train_idx], [examples[i] for i in val_idx], report
+
+
+class PromptDataModule(TokenizedDataModule):
+    """Prompt batches for PPO; one batch is one PPO iteration (drop-last, so every iteration has `batch_size`).
+
+    Args:
+        data_path: Hub dataset name or local `.json`/`.jsonl` of Alpaca records or `{user_input, ...}` records.
+        template: Bundled template name or a template JSON path (the SFT stage's).
+        max_prompt_length: Prompts with more tokens are dropped (and counted): cutting one would cut the template.
+        val_set_size: Held-out prompts (count or fraction) on which validation measures the mean score.
+        batch_size: Prompts per PPO iteration on each process (episodes = batch_size x processes).
+        num_workers: DataLoader workers.
+        seed: Seed of the hold-out split and of the shuffling.
+        skip_bad_records: Drop malformed records (counted and logged) instead of stopping with an error.
+        max_records: Use only the first N valid records.
+    """
+
+    def __init__(
+        self,
+        data_path: str = "yahma/alpaca-cleaned",
+        template: str = "alpaca",
+        max_prompt_length: int = 256,
+        val_set_size: int | float = 64,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        seed: int = 42,
+        skip_bad_records: bool = False,
+        max_records: int | None = None,
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed)
+        self.save_hyperparameters()
+        self.data_path, self.max_prompt_length, self.val_set_size = data_path, max_prompt_length, val_set_size
+        self.skip_bad_records, self.max_records = skip_bad_records, max_records
+        self.template = PromptTemplate.load(template)
+        self.train_data: list[dict] | None = None
+        self.val_data: list[dict] | None = None
+        self.report = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_data is not None:
+            return
+        self.train_data, self.val_data, self.report = prompt_split(
+            self.data_path, self._require_tokenizer(), self.template, self.max_prompt_length, self.val_set_size,
+            self.seed, self.skip_bad_records, self.max_records)
+        if len(self.train_data) < self.batch_size:
+            raise DataValidationError(f"{self.data_path}: {len(self.train_data)} usable prompts, fewer than one batch "
+                             f"of {self.batch_size} ({self.report.summary()})")
+        rank_zero_info(f"{self.report.summary()}; {len(self.train_data)} train / {len(self.val_data)} val prompts")
+
+    def collator(self) -> PromptCollator:
+        return PromptCollator(self._require_tokenizer().pad_token_id)
+
+    def train_dataloader(self):
+        return self._train_loader(self.train_data, self.collator(), drop_last=True)
+
+    def val_dataloader(self):
+        return self._eval_loader(self.val_data, self.collator()) if self.val_data else []

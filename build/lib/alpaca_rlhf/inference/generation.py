@@ -1,0 +1,212 @@
+"""Generation from any stage's checkpoint (`python cli.py generate`): sampling settings, batched generation that
+returns only the response, and the log-probabilities of given responses."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from alpaca_rlhf.data.templates import PromptTemplate
+from alpaca_rlhf.inference.checkpoints import load_checkpoint, resolve_checkpoint
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class SamplingSpec:
+    """Decoding settings, always passed explicitly so no checkpoint's generation_config.json changes them.
+
+    Attributes:
+        max_new_tokens: Longest response in tokens.
+        temperature: Sampling temperature; 0 decodes greedily (top_k and top_p are then unused).
+        top_p: Nucleus sampling mass (1.0 = off).
+        top_k: Keep the k most likely tokens (0 = off).
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def generation_config(self, tokenizer):
+        from transformers import GenerationConfig
+
+        sampling = dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        return GenerationConfig(**(sampling if self.temperature > 0 else {"do_sample": False}),
+                                max_new_tokens=self.max_new_tokens, num_beams=1, repetition_penalty=1.0,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                bos_token_id=tokenizer.bos_token_id, use_cache=True)
+
+
+@dataclass
+class Generation:
+    """One prompt's generated response."""
+
+    prompt_ids: list[int]  # with BOS if the tokenizer adds one, no padding
+    response_ids: list[int]  # through the first EOS (included), nothing after it
+    text: str  # the decoded response, special tokens dropped
+    ended: bool  # the model emitted EOS within max_new_tokens
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def generate_responses(model, tokenizer, prompts: list[str], sampling: SamplingSpec, batch_size: int = 8,
+                       streamer=None) -> list[Generation]:
+    """Responses to rendered prompts, `batch_size` at a time (left padding: every row ends at its prompt)."""
+    from alpaca_rlhf.ppo import first_eos_mask
+
+    if tokenizer.padding_side != "left":
+        raise ValueError("batched generation needs a left-padding tokenizer (load_checkpoint gives one)")
+    from alpaca_rlhf.data.sft import adds_special_tokens
+
+    config = sampling.generation_config(tokenizer)
+    device = model_device(model)
+    out: list[Generation] = []
+    for i in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True,  # BOS once, as encode_prompt
+                        add_special_tokens=adds_special_tokens(tokenizer, prompts[i]))
+        enc = {k: v.to(device) for k, v in enc.items()}
+        ids = model.generate(**enc, generation_config=config, streamer=streamer)
+        C = enc["input_ids"].shape[1]
+        responses = ids[:, C:]  # (B, T) generated tokens, padded after EOS
+        valid = first_eos_mask(responses, tokenizer.eos_token_id)  # (B, T) through the first EOS
+        for row in range(responses.shape[0]):
+            prompt = enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist()
+            response = responses[row][valid[row]].tolist()
+            ended = bool(response) and response[-1] == tokenizer.eos_token_id
+            text = tokenizer.decode(response, skip_special_tokens=True).strip()
+            out.append(Generation(prompt, response, text, ended))
+    return out
+
+
+def pad_prompt_responses(prompt_ids: list[list[int]], response_ids: list[list[int]],
+                         pad_token_id: int) -> tuple[Tensor, Tensor, int]:
+    """The PPO layout: (query_responses (B, C+T), attention_mask (B, C+T), C), prompts left-padded to C and
+    responses right-padded to T."""
+    C = max(len(p) for p in prompt_ids)
+    T = max(1, max(len(r) for r in response_ids))
+    ids = torch.full((len(prompt_ids), C + T), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
+        ids[i, C - len(p) : C], mask[i, C - len(p) : C] = torch.tensor(p), 1
+        if r:
+            ids[i, C : C + len(r)], mask[i, C : C + len(r)] = torch.tensor(r), 1
+    return ids, mask, C
+
+
+@torch.no_grad()
+def response_logprob_sums(model, prompt_ids: list[list[int]], response_ids: list[list[int]],
+                          pad_token_id: int, temperature: float = 1.0, batch_size: int = 8) -> Tensor:
+    """(N,) sum over each response's tokens of log pi(y_t | x, y_<t), with logits / temperature as in PPO."""
+    from alpaca_rlhf.ppo import masked_sum, response_logprobs
+    from alpaca_rlhf.ppo.rollout import position_ids_from_mask
+
+    sums = []
+    device = model_device(model)
+    for i in range(0, len(prompt_ids), batch_size):
+        ids, mask, C = pad_prompt_responses(prompt_ids[i : i + batch_size], response_ids[i : i + batch_size],
+                                            pad_token_id)
+        ids, mask = ids.to(device), mask.to(device)
+        T = ids.shape[1] - C
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                       use_cache=False, logits_to_keep=T + 1).logits[:, :-1]  # (B, T, V): response positions only
+        logprobs = response_logprobs(logits, ids[:, C:], temperature)  # (B, T)
+        sums.append(masked_sum(logprobs, mask[:, C:].bool(), dim=1).cpu())
+    return torch.cat(sums)
+
+
+# ---- generate ----------------------------------------------------------------------------------------------
+def read_instructions(path: str) -> list[dict]:
+    """`{instruction, input}` records (or the seed's `{user_input}`) from a JSON list or JSONL file."""
+    from alpaca_rlhf.data.prompts import check_prompt
+    from alpaca_rlhf.data.records import read_raw_records, validate_records
+
+    records, _ = validate_records(read_raw_records(path), path, check_prompt)
+    return [{"instruction": r.get("instruction", r.get("user_input")), "input": r.get("input") or ""}
+            for r in records]
+
+
+def generate(
+    mode: str = "sft",
+    model_name: str | None = None,
+    adapter_path: str | None = None,
+    merged_model_path: str | None = None,
+    ppo_model_path: str | None = None,
+    tokenizer_name: str | None = None,
+    instruction: str | None = None,
+    input: str | None = None,
+    instructions_file: str | None = None,
+    output_file: str | None = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.1,
+    top_p: float = 0.75,
+    top_k: int = 40,
+    load_in_8bit: bool = False,
+    allow_cpu_offload: bool = False,
+    dtype: str | None = None,
+    batch_size: int = 8,
+    seed: int | None = 42,
+    stream: bool = True,
+) -> list[dict]:
+    """Generates responses to Alpaca-template prompts with a base, SFT or PPO model; prints only the response.
+
+    Args:
+        mode: base (--model_name), sft (--merged_model_path, or --adapter_path on its base) or ppo
+            (--ppo_model_path: a PPO export step_<n>, whose ppo_state.json names the merged SFT base).
+        model_name: Base model (hub id or folder) in mode base; in the other modes, overrides the adapter's
+            recorded base.
+        adapter_path: SFT LoRA adapter folder (mode sft).
+        merged_model_path: Merged SFT folder (mode sft), as `python cli.py merge` writes it.
+        ppo_model_path: PPO export folder step_<n>, or the PPO output_dir (its latest step_<n>).
+        tokenizer_name: Tokenizer to use instead of the checkpoint's.
+        instruction: The instruction to answer.
+        input: Optional context for the instruction (the template's Input section).
+        instructions_file: JSON list or JSONL of {instruction, input} records, answered in batches.
+        output_file: Write {instruction, input, response} lines here (JSONL).
+        max_new_tokens: Longest response in tokens.
+        temperature: Sampling temperature; 0 decodes greedily.
+        top_p: Nucleus sampling mass (1.0 = off).
+        top_k: Sample from the k most likely tokens (0 = off).
+        load_in_8bit: Load the weights in 8 bit with bitsandbytes (GPU or CPU).
+        allow_cpu_offload: On a GPU, offload what does not fit to CPU RAM (device_map="auto"); ignored, with a
+            message, on a machine without a GPU.
+        dtype: float32, bfloat16 or float16; default bfloat16 on a GPU, float32 on the CPU.
+        batch_size: Prompts per generate call for an instructions file.
+        seed: Seed of the sampling; None leaves the RNG alone.
+        stream: Print a single instruction's response token by token as it is generated.
+    """
+    if (instruction is None) == (instructions_file is None):
+        raise ValueError("give exactly one of --instruction or --instructions_file")
+    records = ([{"instruction": instruction, "input": input or ""}] if instruction is not None
+               else read_instructions(instructions_file))
+    checkpoint = resolve_checkpoint(mode, model_name, adapter_path, merged_model_path, ppo_model_path,
+                                    tokenizer_name)
+    model, tokenizer = load_checkpoint(checkpoint, dtype, load_in_8bit, allow_cpu_offload)
+    template = PromptTemplate.load(checkpoint.template).bind(tokenizer)
+    prompts = [template.render(r["instruction"], r["input"]) for r in records]
+    sampling = SamplingSpec(max_new_tokens, temperature, top_p, top_k)
+    if seed is not None:
+        torch.manual_seed(seed)
+    streamer = None
+    if stream and len(prompts) == 1:
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    generations = generate_responses(model, tokenizer, prompts, sampling, batch_size, streamer)
+    results = [{**r, "response": g.text} for r, g in zip(records, generations, strict=True)]
+    if streamer is None:
+        for i, r in enumerate(results):
+            header = r["instruction"] + (f"\n[input] {r['input']}" if r["input"] else "")
+            print(f"### {i + 1}. {header}\n{r['response']}\n" if len(results) > 1 else r["response"])
+    if output_file:
+        Path(output_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(output_file).write_text("".join(json.dumps(r) + "\n" for r in results))
+    return results
+

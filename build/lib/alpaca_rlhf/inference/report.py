@@ -1,0 +1,146 @@
+"""The comparison's report: `report.md` and the terminal table."""
+
+from __future__ import annotations
+
+import logging
+import textwrap
+import time
+
+from alpaca_rlhf.inference.checkpoints import STAGE_TITLES
+
+log = logging.getLogger(__name__)
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _cell(text: str, limit: int = 400) -> str:
+    text = text if len(text) <= limit else text[:limit] + "…"
+    return (text or "*(empty)*").replace("|", "\\|").replace("\n", "<br>")
+
+
+def markdown_report(stages: list[str], rows: list[dict], summary: dict, settings: dict,
+                    samples_per_prompt: int) -> str:
+    """report.md: what produced it, the headline numbers, and every prompt's responses side by side."""
+    titles = [STAGE_TITLES[s] for s in stages]
+    lines = ["# Base vs SFT vs RLHF", "",
+             f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} by `python cli.py compare` in "
+             f"{settings['seconds']} s.",
+             "", "## Checkpoints", "", "| stage | weights |", "| --- | --- |"]
+    lines += [f"| {STAGE_TITLES[s]} | `{settings['checkpoints'][s]}` |" for s in stages]
+    if settings["reward_model"]:
+        st = settings["reward_stats"] or {}
+        lines.append(f"| reward model | `{settings['reward_model']}` (held-out score mean "
+                     f"{_fmt(st.get('mean'))}, std {_fmt(st.get('std'))}) |")
+    if settings["ppo_state"]:
+        ps = settings["ppo_state"]
+        lines += ["", f"RLHF checkpoint: PPO iteration {ps.get('iteration')}, final KL coefficient "
+                      f"{_fmt(ps.get('kl_coef'), 4)}."]
+    p, s = settings["prompts"], settings["sampling"]
+    split = (f"the seeded hold-out of {p['val_set_size']} (seed {p['seed']}, prompts up to "
+             f"{p['max_prompt_length']} tokens), as PPO's validation split holds them out of its training"
+             if p["val_set_size"] else "its records in order")
+    decoding = (f"sampling at temperature {s['temperature']}, top_k {s['top_k']}, top_p {s['top_p']}"
+                if s["temperature"] > 0 else "greedy decoding")
+    lines += ["", "## Settings", "", f"- prompts: {settings['n_prompts']} from `{p['data_path']}`, {split}",
+              f"- {decoding}, at most {s['max_new_tokens']} new tokens, {samples_per_prompt} sample(s) per "
+              f"prompt and stage, seed {settings['seed']} (reset before each stage)",
+              f"- weights: dtype {settings['dtype']}, 8-bit {settings['load_in_8bit']}", "", "## Summary", "",
+              "| stage | mean score | score std | follows template | ends with EOS | empty | mean length (tokens) |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for stage in stages:
+        st = summary["stages"][stage]
+        lines.append(f"| {STAGE_TITLES[stage]} | {_fmt(st['score_mean'])} | {_fmt(st['score_std'])} | "
+                     f"{st['follows_template']:.0%} | {st['ended_with_eos']:.0%} | {st['empty']:.0%} | "
+                     f"{st['response_tokens']:.1f} |")
+    lines += ["", "*follows template*: the response ends with EOS within the budget and starts no new "
+              "`### ...` section of the template. Scores are the reward model's raw outputs (higher is "
+              "better)."]
+    if "reward_anchors" in summary:
+        anchors = ", ".join(f"{name} {value:.3f}" for name, value in summary["reward_anchors"].items())
+        lines += ["", f"Reward-model anchors on the same prompts (mean score): {anchors}. A stage that scores "
+                      "near the empty response by answering with almost nothing is gaming the reward model."]
+    if "rlhf_vs_sft" in summary:
+        w = summary["rlhf_vs_sft"]
+        judged = (f" By the independent judge: win rate {w['judge_win_rate']:.1%}, mean gain {w['judge_gain']:+.3f}."
+                  if "judge_win_rate" in w else "")
+        lines += ["", f"**Win rate of RLHF over SFT: {w['win_rate']:.1%}** of {w['n_prompts']} prompts (the "
+                      "RLHF response's score beats the SFT one's, averaged over a prompt's samples; ties "
+                      f"count half); mean score gain {w['score_gain']:+.3f}.{judged}"]
+    if "kl_rlhf_to_sft" in summary:
+        k = summary["kl_rlhf_to_sft"]
+        lines += ["", f"**KL(RLHF ‖ SFT) = {k['mean']:.3f} nats per response** (std {k['std']:.3f}, "
+                      f"{k['n']} RLHF responses): the sum over response tokens of log π_RLHF − log π_SFT on "
+                      "the RLHF model's own samples (the k1 estimator PPO penalises), logits / "
+                      f"{settings['kl_temperature']}."]
+    lines += ["", "## Reward-hacking diagnostics", "",
+              "| stage | judge score | score~length r | distinct-1 | distinct-2 | repeats a 3-gram | hits max length |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for stage in stages:
+        st = summary["stages"][stage]
+        corr = _fmt(st.get("length_score_corr"), 2)
+        lines.append(f"| {STAGE_TITLES[stage]} | {_fmt(st.get('judge_mean'))} | {corr} | "
+                     f"{st['distinct_1']:.2f} | {st['distinct_2']:.2f} | {st['repeated_3gram']:.0%} | "
+                     f"{st['max_length_hit']:.0%} |")
+    judge_note = (f" The judge is `{settings['judge_model']}`, a reward model trained on a disjoint part of the "
+                  "preference data." if settings.get("judge_model") else " No judge model was given.")
+    flags = summary.get("reward_hacking", [])
+    verdict = ("**RLHF looks like it games the reward model:** " + "; ".join(flags) + "." if flags else
+               "**No sign of reward hacking by these checks** (judge vs reward model, length, emptiness, "
+               "diversity, length-limit hits).")
+    lines += ["", verdict + judge_note]
+    lines += ["", "## Responses", "", "| # | instruction | " + " | ".join(titles) + " |",
+              "| --- | --- | " + " | ".join("---" for _ in stages) + " |"]
+    first = [r for r in rows if r["sample"] == 0]
+    for pid in sorted({r["prompt_id"] for r in first}):
+        mine = {r["stage"]: r for r in first if r["prompt_id"] == pid}
+        any_row = next(iter(mine.values()))
+        instruction = any_row["instruction"] + (f"<br>*input:* {any_row['input']}" if any_row["input"]
+                                                else "")
+        cells = []
+        for stage in stages:
+            r = mine[stage]
+            score = "" if r["score"] is None else f"<br>*score {r['score']:.2f}*"
+            cells.append(_cell(r["response"]) + score)
+        lines.append(f"| {pid + 1} | {_cell(instruction)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def terminal_table(stages: list[str], rows: list[dict], summary: dict, show: int, width: int) -> str:
+    """The first `show` prompts with their responses in side-by-side columns, then the summary."""
+    n = len(stages)
+    col = max(20, (width - 3 * (n - 1)) // n)
+    out = []
+    first = [r for r in rows if r["sample"] == 0]
+    for pid in sorted({r["prompt_id"] for r in first})[:show]:
+        mine = {r["stage"]: r for r in first if r["prompt_id"] == pid}
+        any_row = next(iter(mine.values()))
+        head = f"#{pid + 1} {any_row['instruction']}" + (f"  [input: {any_row['input']}]" if any_row["input"]
+                                                         else "")
+        out += ["=" * min(width, col * n + 3 * (n - 1)), textwrap.shorten(head, width)]
+        columns = []
+        for stage in stages:
+            r = mine[stage]
+            title = STAGE_TITLES[stage] + ("" if r["score"] is None else f" (score {r['score']:.2f})")
+            body = textwrap.wrap(r["response"] or "(empty)", col)[:12]
+            columns.append([title, "-" * min(col, len(title))] + body)
+        for i in range(max(len(c) for c in columns)):
+            out.append(" | ".join((c[i] if i < len(c) else "").ljust(col) for c in columns).rstrip())
+    out += ["", f"{'stage':8s} {'mean score':>10s} {'follows template':>17s} {'ends with EOS':>14s} "
+                f"{'empty':>6s} {'tokens':>7s}"]
+    for stage in stages:
+        st = summary["stages"][stage]
+        out.append(f"{STAGE_TITLES[stage]:8s} {_fmt(st['score_mean']):>10s} {st['follows_template']:>17.0%} "
+                   f"{st['ended_with_eos']:>14.0%} {st['empty']:>6.0%} {st['response_tokens']:>7.1f}")
+    for name, value in summary.get("reward_anchors", {}).items():
+        out.append(f"{'':8s} {value:>10.3f}  <- {name} (reward-model anchor)")
+    if "rlhf_vs_sft" in summary:
+        judge = summary["rlhf_vs_sft"].get("judge_win_rate")
+        out.append(f"win rate RLHF over SFT: {summary['rlhf_vs_sft']['win_rate']:.1%}"
+                   + (f" (by the judge: {judge:.1%})" if judge is not None else ""))
+    for flag in summary.get("reward_hacking", []):
+        out.append(f"reward hacking? {flag}")
+    if "kl_rlhf_to_sft" in summary:
+        kl = summary["kl_rlhf_to_sft"]["mean"]
+        out.append(f"KL(RLHF || SFT) on RLHF responses: {kl:.3f} nats per response")
+    return "\n".join(out)

@@ -1,0 +1,76 @@
+"""Writing folders whole or not at all."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary sibling folder; on success it replaces `target` by rename, on error it is removed.
+
+    A reader therefore sees the old folder or the new one, never a half-written one. Renames within one
+    parent folder are atomic on POSIX; the old folder is swapped aside first and deleted last.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _atomic_checkpoint_io_class():
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        """Lightning's checkpoint writer with a local file written whole or not at all.
+
+        Lightning's own `_atomic_save` writes through an fsspec transaction whose temporary file lives in the
+        system temp folder (`tempfile.mkstemp()`); the final move is a rename only when that folder is on the same
+        filesystem as the checkpoint, and a copy (killable half-way) otherwise. Here the temporary file sits beside
+        the target, is flushed to disk, then renamed over it, so `last.ckpt` is always the old file or the new
+        one. Remote paths (`s3://...`) keep Lightning's behaviour.
+        """
+
+        def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+            import torch
+
+            if "://" in str(path) or storage_options is not None:
+                return super().save_checkpoint(checkpoint, path, storage_options)
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+            try:
+                with open(tmp, "wb") as f:
+                    torch.save(checkpoint, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+
+    return AtomicCheckpointIO
+
+
+def use_atomic_checkpoints(trainer) -> None:
+    """Swaps the trainer's plain `TorchCheckpointIO` for the atomic one (a custom CheckpointIO is left alone)."""
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    strategy = trainer.strategy
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = _atomic_checkpoint_io_class()()

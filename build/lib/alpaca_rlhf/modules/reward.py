@@ -1,0 +1,212 @@
+"""Reward model: a one-score head on the SFT model, trained with LoRA on preference pairs.
+
+The export (`adapter_dir`, and the folder `python cli.py merge` makes from it) carries `reward_stats.json`,
+`{"mean", "std", "n", "split"}`: the score statistics over the held-out chosen and rejected responses, taken
+with the final weights. PPO loads the merged folder with `alpaca_rlhf.models.load_reward_model`, which returns
+these stats, scores with `score` below and subtracts `mean` (optionally dividing by `std`) to centre rewards.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torchmetrics import MeanMetric
+from torchmetrics.aggregation import CatMetric
+from torchmetrics.classification import BinaryAccuracy
+
+from alpaca_rlhf.data.templates import PromptTemplate
+from alpaca_rlhf.guards import assert_finite, skip_nonfinite
+from alpaca_rlhf.models import (
+    REWARD_STATS_FILE,
+    LoraSpec,
+    ModelSpec,
+    adapter_sized,
+    apply_lora,
+    export_adapter,
+    load_sequence_classifier,
+    load_tokenizer,
+)
+from alpaca_rlhf.schedules import scheduler_config
+
+# read-only defaults (a dataclass instance per signature, as LightningCLI shows them in --print_config)
+DEFAULT_BASE = ModelSpec(name_or_path="output/lora-alpaca-adapter-merged")
+DEFAULT_LORA = LoraSpec()
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """(B,) index of each row's last real token: right, left or both-sides padding alike."""
+    T = attention_mask.shape[-1]
+    return T - 1 - attention_mask.flip(-1).argmax(-1)  # argmax finds the first 1 counted from the right
+
+
+def score(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """(B,) reward-model scores, read at each sequence's last real token.
+
+    Works on a PEFT-wrapped or a plain (merged) `*ForSequenceClassification`. Positions count real tokens
+    only, so a left-padded sequence scores as its right-padded twin; on right-padded input the result equals
+    the plain model's `logits` (HF pools the rightmost non-pad token).
+
+    Args:
+        model: Sequence classifier with `num_labels=1`.
+        input_ids: (B, T) token ids.
+        attention_mask: (B, T) 1 on real tokens, 0 on padding (either side, or both).
+    """
+    classifier = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(classifier, classifier.base_model_prefix)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T) 0 at the first real token
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False).last_hidden_state  # (B, T, H)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    last = hidden[rows, last_token_index(attention_mask)]  # (B, H)
+    head = classifier.score
+    with torch.autocast(hidden.device.type, enabled=False):  # an fp32 head gives fp32 scores under bf16-mixed
+        return head(last.to(head.weight.dtype)).squeeze(-1).float()
+
+
+def pairwise_loss(chosen_scores: Tensor, rejected_scores: Tensor, margin: float = 0.0) -> Tensor:
+    """Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - margin), mean over pairs (Ouyang et al., 2022;
+    the margin as in Llama 2, Touvron et al., 2023)."""
+    return -F.logsigmoid(chosen_scores - rejected_scores - margin).mean()
+
+
+class RewardModule(L.LightningModule):
+    """LoRA and a `score` head (num_labels=1) on a base LM, trained on stacked chosen/rejected pairs.
+
+    Args:
+        model: The base (the merged SFT model); its `score` head starts random and trains with the adapter.
+        lora: The LoRA adapter's settings; `score` is added to its `modules_to_save`.
+        adapter_dir: Where the adapter (with the head), tokenizer, template and `reward_stats.json` are
+            exported at the end of fit.
+        template: Prompt template (bundled name or JSON path), exported beside the adapter.
+        margin: Required score gap: the loss is -log sigmoid(r_chosen - r_rejected - margin).
+        optimizer: Optimizer over the trainable (LoRA and head) parameters.
+        scheduler: Learning-rate schedule, stepped every optimizer step; None keeps the LR constant.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec = DEFAULT_BASE,
+        lora: LoraSpec = DEFAULT_LORA,
+        adapter_dir: str = "output/reward_model",
+        template: str = "alpaca",
+        margin: float = 0.0,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.adapter_dir, self.margin = adapter_dir, margin
+        self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
+        self.template = PromptTemplate.load(template)
+        self.tokenizer = load_tokenizer(model, padding_side="right")
+        base = load_sequence_classifier(model, pad_token_id=self.tokenizer.pad_token_id)
+        self.model = apply_lora(base, lora, task_type="SEQ_CLS")
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.val_loss, self.val_margin = MeanMetric(), MeanMetric()
+        self.val_accuracy = BinaryAccuracy()
+        self.val_scores = CatMetric()  # every held-out score, for mean/std and the exported centring stats
+        self.val_chosen, self.val_rejected = CatMetric(), CatMetric()  # for TensorBoard's histograms
+        self.stats: dict | None = None  # of the latest full validation: {"mean", "std", "n", "split", "step"}
+        self.strict_loading = False  # checkpoints hold the adapter and head only; the base comes from `model`
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return score(self.model, input_ids, attention_mask)
+
+    def _pair_scores(self, batch: dict) -> tuple[Tensor, Tensor]:
+        # one forward over the stacked (2B, T) batch: rows [0, B) chosen, [B, 2B) rejected
+        return self(batch["input_ids"], batch["attention_mask"]).chunk(2)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        chosen, rejected = self._pair_scores(batch)
+        loss = pairwise_loss(chosen, rejected, self.margin)
+        if skip_nonfinite(self, loss, batch_idx):
+            return None
+        self.log_dict({"train/loss": loss, "train/accuracy": (chosen > rejected).float().mean()},
+                      prog_bar=True, batch_size=chosen.shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        chosen, rejected = self._pair_scores(batch)
+        self.update_val_metrics(chosen, rejected)
+        self.log_dict({"val/loss": self.val_loss, "val/accuracy": self.val_accuracy,
+                       "val/margin": self.val_margin}, prog_bar=True, batch_size=chosen.shape[0])
+
+    def update_val_metrics(self, chosen: Tensor, rejected: Tensor) -> None:
+        """Accumulates one batch's (B,) chosen and rejected scores into the validation metrics."""
+        self.val_loss.update(pairwise_loss(chosen, rejected, self.margin), weight=chosen.shape[0])
+        self.val_margin.update(chosen - rejected)
+        wins = (chosen > rejected).long()  # a tie is not a win
+        self.val_accuracy.update(wins, torch.ones_like(wins))
+        self.val_scores.update(torch.cat([chosen, rejected]))
+        self.val_chosen.update(chosen)
+        self.val_rejected.update(rejected)
+
+    def on_validation_epoch_end(self) -> None:
+        scores = self.val_scores.compute() if self.val_scores.update_count else torch.zeros(0)
+        self.val_scores.reset()
+        for tag, metric in (("val/scores_chosen", self.val_chosen), ("val/scores_rejected", self.val_rejected)):
+            values = metric.compute() if metric.update_count else None
+            metric.reset()
+            if (values is not None and isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero
+                    and not self.trainer.sanity_checking):
+                self.logger.experiment.add_histogram(tag, values.float().cpu(), self.global_step)
+        if scores.numel():
+            mean, std = scores.mean(), scores.std(unbiased=False)
+            self.log_dict({"val/score_mean": mean, "val/score_std": std})
+            if not self.trainer.sanity_checking:
+                self.stats = {"mean": mean.item(), "std": std.item(), "n": scores.numel(), "split": "val",
+                              "step": self.global_step}
+
+    @torch.no_grad()
+    def score_stats(self, loader) -> dict:
+        """Mean and std of the scores of every chosen and rejected response in `loader`."""
+        was_training = self.model.training
+        self.model.eval()
+        # outside a step Lightning applies no precision context (bf16 autocast): apply it here
+        context = self.trainer.precision_plugin.forward_context() if self._trainer else nullcontext()
+        with context:
+            scores = torch.cat([self(b["input_ids"].to(self.device), b["attention_mask"].to(self.device))
+                                for b in loader])
+        self.model.train(was_training)
+        return {"mean": scores.mean().item(), "std": scores.std(unbiased=False).item(), "n": scores.numel()}
+
+    def final_stats(self) -> dict | None:
+        """Score statistics of the final weights over the held-out pairs (the training pairs if none)."""
+        if self.stats and self.stats["step"] == self.global_step:  # the last validation saw the final weights
+            return {k: v for k, v in self.stats.items() if k != "step"}
+        datamodule = self.trainer.datamodule
+        for split in ("val", "train"):
+            pairs = getattr(datamodule, f"{split}_data", None)
+            if pairs:
+                loader = DataLoader(pairs, batch_size=datamodule.batch_size, collate_fn=datamodule.collator())
+                return {**self.score_stats(loader), "split": split}
+        rank_zero_warn(f"no preference pairs to compute {REWARD_STATS_FILE} from: PPO will not centre scores")
+        return None
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_fn([p for p in self.parameters() if p.requires_grad])
+        if self.scheduler_fn is None:
+            return optimizer
+        scheduler = scheduler_config(self.scheduler_fn(optimizer), self.trainer)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        adapter_sized(self, checkpoint)  # trainable weights only; hyper-parameters as plain types
+        assert_finite(checkpoint["state_dict"], "checkpoint")
+
+    def on_fit_end(self) -> None:
+        # on_fit_end, not on_train_end: a resumed run that had already reached its last step skips the training
+        # loop (and on_train_end) but still ends here, so a kill between the last checkpoint and the export heals
+        if not self.trainer.is_global_zero:
+            return
+        stats = self.final_stats()
+        extra = {"template.json": self.template.to_json(), **({REWARD_STATS_FILE: stats} if stats else {})}
+        export_adapter(self.model, self.tokenizer, self.adapter_dir, extra)

@@ -1,0 +1,134 @@
+"""Supervised fine-tuning with LoRA: causal-LM loss on the response tokens."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torchmetrics import MeanMetric
+from torchmetrics.text import Perplexity
+
+from alpaca_rlhf.data.sft import IGNORE_INDEX, encode_prompt
+from alpaca_rlhf.data.templates import PromptTemplate
+from alpaca_rlhf.guards import assert_finite, skip_nonfinite
+from alpaca_rlhf.models import (
+    LoraSpec,
+    ModelSpec,
+    adapter_sized,
+    apply_lora,
+    export_adapter,
+    load_causal_lm,
+    load_tokenizer,
+)
+from alpaca_rlhf.schedules import scheduler_config
+
+
+class SFTModule(L.LightningModule):
+    """LoRA on a causal LM, trained on the unmasked (response) tokens.
+
+    Args:
+        model: The base model to adapt.
+        lora: The LoRA adapter's settings.
+        adapter_dir: Where the trained adapter (PEFT format), tokenizer and template are exported at the end of fit.
+        template: Prompt template (bundled name or JSON path), exported beside the adapter.
+        optimizer: Optimizer over the trainable (LoRA) parameters.
+        scheduler: Learning-rate schedule, stepped every optimizer step; None keeps the LR constant.
+        sample_instruction: Instruction whose greedy generation is logged to TensorBoard at each validation.
+        sample_max_new_tokens: Length of that generation.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec = ModelSpec(),
+        lora: LoraSpec = LoraSpec(),
+        adapter_dir: str = "output/lora-alpaca",
+        template: str = "alpaca",
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        sample_instruction: str = "Give three tips for staying healthy.",
+        sample_max_new_tokens: int = 48,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.adapter_dir, self.optimizer_fn, self.scheduler_fn = adapter_dir, optimizer, scheduler
+        self.template = PromptTemplate.load(template)
+        self.sample_instruction, self.sample_max_new_tokens = sample_instruction, sample_max_new_tokens
+        self.tokenizer = load_tokenizer(model)
+        self.model = apply_lora(load_causal_lm(model), lora)
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.val_loss = MeanMetric()
+        self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
+        self.strict_loading = False  # checkpoints hold the adapter only; the base comes from `model`
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+    def response_logits(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (N, V) in fp32, targets (N,)) at the N positions that carry a label.
+
+        The model's own forward makes the logits, so whatever it does after the output layer (Gemma 2's final
+        soft-capping, Granite's logit scaling) is kept; `logits_to_keep` limits the output layer to the columns
+        where some row has a label (as TRL's default loss limits it): a full (B, T, V) logits tensor is ~1 GiB
+        in fp32 for a batch of 8 x 256 with Llama 3's 128k vocabulary.
+        """
+        targets = batch["labels"][:, 1:]  # token t is predicted at position t-1
+        keep = targets != IGNORE_INDEX  # (B, T-1)
+        columns = keep.any(0).nonzero().squeeze(-1)  # (K,) positions that predict some row's label
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                            logits_to_keep=columns).logits  # (B, K, V)
+        keep = keep[:, columns]
+        return logits[keep].float(), targets[:, columns][keep]
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits, targets = self.response_logits(batch)
+        loss = torch.nn.functional.cross_entropy(logits, targets)  # mean NLL over labelled tokens
+        if skip_nonfinite(self, loss, batch_idx):
+            return None
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logits, targets = self.response_logits(batch)
+        loss = torch.nn.functional.cross_entropy(logits, targets)
+        self.val_loss.update(loss, weight=targets.numel())
+        self.val_perplexity.update(logits[None], targets[None])
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        self.log("val/perplexity", self.val_perplexity)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._log_sample()
+
+    @rank_zero_only
+    def _log_sample(self) -> None:
+        if not isinstance(self.logger, TensorBoardLogger):
+            return
+        prompt = self.template.bind(self.tokenizer).render(self.sample_instruction)
+        ids = torch.tensor([encode_prompt(self.tokenizer, prompt)], device=self.device)
+        ids = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        with torch.no_grad():
+            out = self.model.generate(**ids, max_new_tokens=self.sample_max_new_tokens, do_sample=False,
+                                      use_cache=True, pad_token_id=self.tokenizer.pad_token_id,
+                                      eos_token_id=self.tokenizer.eos_token_id)
+        response = self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        text = f"**{self.sample_instruction}**\n\n    {response}"  # 4 spaces: TensorBoard renders markdown
+        self.logger.experiment.add_text("samples/generation", text, self.global_step)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_fn([p for p in self.parameters() if p.requires_grad])
+        if self.scheduler_fn is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": scheduler_config(self.scheduler_fn(optimizer), self.trainer)}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        adapter_sized(self, checkpoint)
+        assert_finite(checkpoint["state_dict"], "checkpoint")
+
+    def on_fit_end(self) -> None:
+        # on_fit_end, not on_train_end: a resumed run that had already reached its last step skips the training
+        # loop (and on_train_end) but still ends here, so a kill between the last checkpoint and the export heals
+        if self.trainer.is_global_zero:
+            export_adapter(self.model, self.tokenizer, self.adapter_dir,
+                           {"template.json": self.template.to_json()})

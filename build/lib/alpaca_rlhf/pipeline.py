@@ -1,0 +1,445 @@
+"""The whole recipe from one YAML: SFT -> merge -> reward model -> merge -> PPO -> compare.
+
+    python cli.py pipeline --config configs/tiny/pipeline.yaml          # CPU, minutes, nothing downloaded
+    python cli.py pipeline --config configs/tiny/pipeline.yaml --force  # redo every stage
+    python cli.py pipeline --config configs/tiny/pipeline.yaml --from_stage ppo  # redo PPO and compare
+
+Each stage is the command a user would type (`python cli.py fit --config ...`, `python cli.py merge ...`,
+`python cli.py compare ...`), run in a subprocess with its output in `<output_dir>/logs/<stage>.log`, so a
+failure is isolated and named. The pipeline adds only the wiring: the merged SFT model becomes the reward
+model's base and PPO's policy, the merged reward model PPO's scorer, and compare gets all of them plus PPO's
+held-out prompts. Wiring comes before a stage's own `overrides`, so an explicit override wins.
+
+A stage whose output exists is skipped; one that has a `last.ckpt` but no output was interrupted and resumes
+with `--ckpt_path last`. Once a stage runs, every later stage runs too (its inputs changed), from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PACKAGE_PARENT = Path(__file__).resolve().parents[1]  # the folder that holds alpaca_rlhf/
+STAGE_NAMES = ("sft", "merge_sft", "rm", "merge_rm", "ppo", "judge", "merge_judge", "compare")
+
+
+@dataclass
+class FitStage:
+    """A training stage: `python cli.py fit --config <config> ... <overrides>`.
+
+    Attributes:
+        config: The stage's YAML, or a list stacked in order (`[configs/ppo.yaml, my_ppo.yaml]`).
+        overrides: Extra arguments for this stage, e.g. `["--trainer.max_steps", "60"]`; they follow the
+            pipeline's wiring, so they win over it.
+    """
+
+    config: str | list[str]
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MergeStage:
+    """`python cli.py merge` of the previous stage's adapter.
+
+    Attributes:
+        dtype: float32, bfloat16 or float16 (the base is loaded unquantized for merging).
+        output_dir: Where the merged model goes; None = `<adapter_dir>-adapter-merged`.
+    """
+
+    dtype: str = "float32"
+    output_dir: str | None = None
+
+
+@dataclass
+class CompareStage:
+    """`python cli.py compare` of base, SFT and RLHF on PPO's held-out prompts, with reward-model scores.
+
+    Attributes:
+        config: The compare YAML (sampling, samples per prompt, report_dir); None = compare's defaults.
+        overrides: Extra arguments, e.g. `["--samples_per_prompt", "1"]`.
+        enabled: False skips the comparison.
+    """
+
+    config: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    enabled: bool = True
+
+
+@dataclass
+class Stages:
+    """Every stage's config; the defaults are the real (Llama-3.1-8B, GPU) configs.
+
+    `judge` (optional) is a second reward model, trained like `rm` but on a disjoint part of the preference data
+    (`data.train_part`), whose merged copy scores every stage in `compare` as an independent judge.
+    """
+
+    sft: FitStage = field(default_factory=lambda: FitStage("configs/sft.yaml"))
+    merge_sft: MergeStage = field(default_factory=MergeStage)
+    rm: FitStage = field(default_factory=lambda: FitStage("configs/rm.yaml"))
+    merge_rm: MergeStage = field(default_factory=MergeStage)
+    ppo: FitStage = field(default_factory=lambda: FitStage("configs/ppo.yaml"))
+    judge: FitStage | None = None
+    merge_judge: MergeStage = field(default_factory=MergeStage)
+    compare: CompareStage = field(default_factory=lambda: CompareStage("configs/compare.yaml"))
+
+
+class PipelineError(SystemExit):
+    """Stops the pipeline with a message naming the stage (exit status 1)."""
+
+
+# ---- reading the stage configs -----------------------------------------------------------------------------
+def find_file(path: str) -> Path:
+    """A config path relative to the working directory or, failing that, a packaged config (`configs/tiny/sft.yaml`
+    names the one that ships with the package, from any directory)."""
+    from alpaca_rlhf.packaged import config_root, find_config
+
+    found = find_config(path)
+    if found is not None:
+        return found.resolve()
+    raise PipelineError(f"pipeline: config file {path!r} not found (looked in . and in the packaged configs, "
+                        f"{config_root()})")
+
+
+class StageConfig:
+    """A stage's config as the stage's own parser resolves it (stacked YAML files, then the command-line
+    arguments, every spelling LightningCLI or jsonargparse accepts), for looking up output folders and the split.
+
+    `command` is "fit" (LightningCLI) or "compare"; nothing is instantiated.
+    """
+
+    def __init__(self, command: str, configs: str | list[str] | None, overrides: list[str] = (),
+                 stage: str = "") -> None:
+        from alpaca_rlhf.cli import parse_fit_config, parse_function_config
+
+        self.paths = [find_file(c) for c in ([configs] if isinstance(configs, str) else configs or [])]
+        args = [a for p in self.paths for a in ("--config", str(p))] + list(overrides)
+        try:
+            self.config = parse_fit_config(args) if command == "fit" else parse_function_config(command, args)
+        except (SystemExit, Exception) as e:  # jsonargparse exits on a bad config: name the stage's files
+            raise PipelineError(f"pipeline stopped before running anything: stage '{stage or command}': its config "
+                                f"{[str(p) for p in self.paths]} with arguments {list(overrides)} does not parse: "
+                                f"{e}") from None
+
+    def get(self, dotted: str, default=None):
+        value = self.config.get(dotted, None) if dotted in self.config else None
+        return default if value is None else value
+
+    def checkpoint_dir(self) -> Path | None:
+        """The `ModelCheckpoint` dirpath, where `last.ckpt` is written."""
+        for callback in self.get("trainer.callbacks", []) or []:
+            if str(_field(callback, "class_path")).endswith("ModelCheckpoint"):
+                dirpath = _field(_field(callback, "init_args") or {}, "dirpath")
+                if dirpath:
+                    return Path(dirpath)
+        return None
+
+    def tensorboard_dir(self) -> Path | None:
+        logger = self.get("trainer.logger")
+        logger = logger[0] if isinstance(logger, list) and logger else logger
+        if logger is not None and not isinstance(logger, bool) and "TensorBoard" in str(_field(logger, "class_path")):
+            args = _field(logger, "init_args") or {}
+            return Path(_field(args, "save_dir") or ".", _field(args, "name") or "lightning_logs")
+        return None
+
+
+def _field(node, key: str):
+    return node.get(key) if isinstance(node, dict) else getattr(node, key, None)
+
+
+# ---- the plan ----------------------------------------------------------------------------------------------
+@dataclass
+class Stage:
+    """One planned stage: its command and how to tell that it is done."""
+
+    name: str
+    args: list[str]  # after `python cli.py`
+    output: Path  # what the stage produces (shown, checked, removed on a forced rerun)
+    checkpoint_dir: Path | None = None  # a fit stage's ModelCheckpoint dirpath (resume)
+    enabled: bool = True
+
+    def last_checkpoint(self) -> Path | None:
+        if self.checkpoint_dir is None:
+            return None
+        last = self.checkpoint_dir / "last.ckpt"
+        return last if last.is_file() else None
+
+
+def merged_dir(adapter_dir: str, stage: MergeStage) -> str:
+    """The merge's output folder, spelled as the user spelled the adapter's (`./x` stays `./x-adapter-merged`)."""
+    return stage.output_dir if stage.output_dir else str(adapter_dir).rstrip("/") + "-adapter-merged"
+
+
+def fit_config(stage: FitStage, name: str, wiring: list[str] = ()) -> StageConfig:
+    return StageConfig("fit", stage.config, [*wiring, *stage.overrides], name)
+
+
+def plan(stages: Stages) -> tuple[list[Stage], dict]:
+    """The six stages with their wiring, and the paths the final message shows."""
+    sft = fit_config(stages.sft, "sft")
+    sft_adapter = str(sft.get("model.init_args.adapter_dir", "output/lora-alpaca"))
+    sft_merged = merged_dir(sft_adapter, stages.merge_sft)
+
+    rm_wiring = ["--model.init_args.model.name_or_path", sft_merged]
+    rm = fit_config(stages.rm, "rm", rm_wiring)
+    rm_adapter = str(rm.get("model.init_args.adapter_dir", "output/reward_model"))
+    rm_merged = merged_dir(rm_adapter, stages.merge_rm)
+
+    ppo_wiring = ["--model.init_args.policy.name_or_path", sft_merged]
+    if str(fit_config(stages.ppo, "ppo").get("model.init_args.scorer.class_path", "")).endswith("RewardModelScorer"):
+        ppo_wiring += ["--model.init_args.scorer.init_args.model.name_or_path", rm_merged]
+    ppo = fit_config(stages.ppo, "ppo", ppo_wiring)
+    ppo_dir = Path(ppo.get("model.init_args.output_dir", "output/checkpoints/tuning_llama_rl"))
+
+    judge = judge_adapter = judge_merged = None
+    if stages.judge is not None:
+        judge = fit_config(stages.judge, "judge", rm_wiring)
+        judge_adapter = str(judge.get("model.init_args.adapter_dir", "output/judge"))
+        judge_merged = merged_dir(judge_adapter, stages.merge_judge)
+
+    base = sft.get("model.init_args.model.name_or_path", "meta-llama/Llama-3.1-8B")
+    compare_wiring = ["--base_model", str(base), "--sft_model", sft_merged, "--rlhf_model", str(ppo_dir),
+                      "--reward_model", rm_merged] + (["--judge_model", judge_merged] if judge_merged else [])
+    for key in ("data_path", "val_set_size", "seed", "max_prompt_length", "skip_bad_records", "max_records"):
+        value = ppo.get(f"data.init_args.{key}")  # compare on PPO's held-out prompts: PPO's own split arguments
+        compare_wiring += [f"--prompts.{key}", json.dumps(value) if value is None or isinstance(value, bool)
+                           else str(value)]
+    compare = StageConfig("compare", stages.compare.config, [*compare_wiring, *stages.compare.overrides], "compare")
+    report_dir = Path(compare.get("report_dir", "output/compare"))
+
+    def fit_args(config: StageConfig, wiring: list[str], stage: FitStage) -> list[str]:
+        return ["fit", *[a for p in config.paths for a in ("--config", str(p))], *wiring, *stage.overrides]
+
+    compare_config = ["--config", str(find_file(stages.compare.config))] if stages.compare.config else []
+    planned = [
+        Stage("sft", fit_args(sft, [], stages.sft), Path(sft_adapter), sft.checkpoint_dir()),
+        Stage("merge_sft", ["merge", "--adapter_path", sft_adapter, "--output_dir", sft_merged,
+                            "--dtype", stages.merge_sft.dtype], Path(sft_merged)),
+        Stage("rm", fit_args(rm, rm_wiring, stages.rm), Path(rm_adapter), rm.checkpoint_dir()),
+        Stage("merge_rm", ["merge", "--adapter_path", rm_adapter, "--output_dir", rm_merged,
+                           "--dtype", stages.merge_rm.dtype], Path(rm_merged)),
+        Stage("ppo", fit_args(ppo, ppo_wiring, stages.ppo), ppo_dir, ppo.checkpoint_dir()),
+        *([Stage("judge", fit_args(judge, rm_wiring, stages.judge), Path(judge_adapter), judge.checkpoint_dir()),
+           Stage("merge_judge", ["merge", "--adapter_path", judge_adapter, "--output_dir", judge_merged,
+                                 "--dtype", stages.merge_judge.dtype], Path(judge_merged))] if judge else []),
+        Stage("compare", ["compare", *compare_config, *compare_wiring, *stages.compare.overrides], report_dir,
+              enabled=stages.compare.enabled),
+    ]
+    configs = (sft, rm, ppo, judge) if judge else (sft, rm, ppo)
+    tensorboard = [d for d in (c.tensorboard_dir() for c in configs) if d]
+    paths = {"report": report_dir / "report.md", "tensorboard": tensorboard, "sft": Path(sft_merged),
+             "rm": Path(rm_merged), "ppo": ppo_dir, "judge": Path(judge_merged) if judge_merged else None}
+    return planned, paths
+
+
+# ---- done, resume, invalidate ------------------------------------------------------------------------------
+def ppo_final_export(ppo_dir: Path, marker: Path) -> Path | None:
+    """The finished PPO run's last export: marked `"finished": true` in its ppo_state.json, or recorded by the
+    pipeline when the PPO stage exited successfully."""
+    finished = [p.parent for p in ppo_dir.glob("step_*/ppo_state.json")
+                if json.loads(p.read_text()).get("finished") is True]
+    if finished:
+        return max(finished, key=lambda p: (p / "ppo_state.json").stat().st_mtime)  # the newest run's
+    if marker.is_file():
+        recorded = json.loads(marker.read_text()).get("export")
+        export = ppo_dir / Path(recorded).name if recorded else None  # paths are relative to the run's cwd
+        if export is not None and (export / "adapter_config.json").is_file():
+            return export
+    return None
+
+
+def finished_output(stage: Stage, logs: Path) -> Path | None:
+    """The stage's finished output, or None if it has not finished."""
+    out = stage.output
+    if stage.name in ("sft", "rm", "judge"):
+        files = ["adapter_model.safetensors"] + (["reward_stats.json"] if stage.name != "sft" else [])
+        return out if all((out / f).is_file() for f in files) else None
+    if stage.name.startswith("merge"):
+        return out if (out / "config.json").is_file() else None
+    if stage.name == "ppo":
+        return ppo_final_export(out, logs / "ppo.done.json")
+    return out / "report.md" if (out / "report.md").is_file() and (out / "summary.json").is_file() else None
+
+
+def is_done(stage: Stage, logs: Path) -> bool:
+    return finished_output(stage, logs) is not None
+
+
+def invalidate(stage: Stage, logs: Path) -> list[Path]:
+    """Removes a stage's previous output and `last.ckpt`, so a forced rerun starts clean and a rerun after an
+    interruption cannot mistake the old output for the new one. Only folders holding the files the stage
+    writes are removed."""
+    removed = []
+    out = stage.output
+    if stage.name == "ppo":
+        targets = [p.parent for p in out.glob("step_*/ppo_state.json")]
+    elif stage.name == "compare":
+        targets = [out / f for f in ("report.md", "summary.json", "outputs.jsonl")]
+    else:
+        marker = "config.json" if stage.name.startswith("merge") else "adapter_config.json"
+        targets = [out] if (out / marker).is_file() else []
+    last = stage.last_checkpoint()
+    targets += [last] if last else []
+    targets += [logs / f"{stage.name}.done.json"]
+    for target in targets:
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.is_file():
+            target.unlink()
+        else:
+            continue
+        removed.append(target)
+    return removed
+
+
+def newest_export(ppo_dir: Path, since: float) -> Path | None:
+    """The `step_<n>` export with the largest n written since `since` (or at all, if none was)."""
+    exports = [p.parent for p in ppo_dir.glob("step_*/ppo_state.json")]
+    recent = [p for p in exports if (p / "ppo_state.json").stat().st_mtime >= since - 1] or exports
+    return max(recent, key=lambda p: int(p.name.split("_")[-1])) if recent else None
+
+
+# ---- running -----------------------------------------------------------------------------------------------
+def run_stage(stage: Stage, log_file: Path, tag: str) -> tuple[int, float]:
+    """Runs one stage's command with its output in `log_file`; on a terminal, shows the latest log line."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "alpaca_rlhf", *stage.args]  # the installed package, no checkout needed
+    # the package's own folder first on the path, as in this process (a checkout run as `python cli.py` too)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_PARENT),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    start = time.time()
+    with open(log_file, "w") as log:
+        log.write("$ " + " ".join(command) + "\n")
+        log.flush()
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            while proc.poll() is None:
+                time.sleep(1.0)
+                if sys.stdout.isatty():
+                    columns = shutil.get_terminal_size().columns - 1
+                    status = f"{tag} {time.time() - start:5.0f} s  {_last_line(log_file)}"
+                    print("\r" + status[:columns].ljust(columns), end="", flush=True)
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.wait()
+            raise PipelineError(f"\npipeline interrupted in stage '{stage.name}'; run the same command again "
+                                f"to resume it (log: {log_file})") from None
+    if sys.stdout.isatty():
+        print("\r" + " " * (shutil.get_terminal_size().columns - 1) + "\r", end="")
+    return proc.returncode, time.time() - start
+
+
+def _last_line(path: Path) -> str:
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - 2000))
+        lines = [x.strip() for x in f.read().decode("utf-8", "replace").replace("\r", "\n").splitlines()]
+    return next((x for x in reversed(lines) if x), "")
+
+
+def _tail(path: Path, n: int = 25) -> str:
+    lines = path.read_text(errors="replace").replace("\r", "\n").splitlines()
+    return "\n".join(line for line in lines[-n:] if line.strip())
+
+
+def pipeline(
+    stages: Stages = Stages(),  # noqa: B008 - read-only default, shown by --help
+    output_dir: str = "output",
+    force: bool = False,
+    from_stage: str | None = None,
+    dry_run: bool = False,
+) -> dict:
+    """Runs SFT -> merge -> reward model -> merge -> PPO -> compare, each stage's output wired into the next.
+
+    Args:
+        stages: Each stage's config and overrides (see configs/pipeline.yaml).
+        output_dir: Where `logs/<stage>.log` go.
+        force: Rerun every stage from scratch, removing its previous output and last.ckpt first.
+        from_stage: Rerun from this stage on (sft, merge_sft, rm, merge_rm, ppo, judge, merge_judge, compare);
+            earlier finished stages are kept.
+        dry_run: Print what would run (skip / resume / run, and the commands) without running anything.
+    """
+    if from_stage is not None and from_stage not in STAGE_NAMES:
+        raise PipelineError(f"pipeline: --from_stage must be one of {STAGE_NAMES}, got {from_stage!r}")
+    planned, paths = plan(stages)
+    planned = [s for s in planned if s.enabled]
+    logs = Path(output_dir) / "logs"
+    started, n = time.time(), len(planned)
+    rerun = force
+    times: dict[str, float] = {}
+    for i, stage in enumerate(planned, start=1):
+        tag = f"[{i}/{n}] {stage.name}"
+        rerun = rerun or stage.name == from_stage
+        done = None if rerun else finished_output(stage, logs)
+        if done is not None:
+            print(f"{tag} ... skipped: {done} exists", flush=True)
+            continue
+        args = list(stage.args)
+        export = ppo_final_export(paths["ppo"], logs / "ppo.done.json")
+        if stage.name == "compare" and export is not None:  # the PPO run's own final export, not the newest
+            args[args.index("--rlhf_model") + 1] = str(export)
+        note = ""
+        if rerun:
+            removed = [] if dry_run else invalidate(stage, logs)
+            note = f" (removed previous {', '.join(str(p) for p in removed)})" if removed else ""
+        elif stage.last_checkpoint() is not None:
+            args += ["--ckpt_path", "last"]
+            note = f" (resuming from {stage.last_checkpoint()})"
+        stage = Stage(stage.name, args, stage.output, stage.checkpoint_dir)
+        log_file = logs / f"{stage.name}.log"
+        if dry_run:
+            print(f"{tag} ... would run{note}: python cli.py {' '.join(args)}", flush=True)
+            rerun = True
+            continue
+        print(f"{tag} ... running{note}; log: {log_file}", flush=True)
+        stage_start = time.time()
+        code, seconds = run_stage(stage, log_file, tag)
+        if code != 0:
+            print(_tail(log_file), file=sys.stderr)
+            raise PipelineError(f"pipeline stopped: stage '{stage.name}' failed (exit {code}); "
+                                f"see {log_file}")
+        record = {"stage": stage.name, "seconds": round(seconds, 1), "command": ["cli.py", *args],
+                  "output": str(stage.output)}
+        if stage.name == "ppo":
+            export = newest_export(stage.output, stage_start)
+            if export is None:
+                raise PipelineError("pipeline stopped: stage 'ppo' exited without an export in "
+                                    f"{stage.output}; see {log_file}")
+            record["export"] = str(export)
+        (logs / f"{stage.name}.done.json").write_text(json.dumps(record, indent=2))
+        times[stage.name] = seconds
+        print(f"{tag} ... done ({seconds:.0f} s)", flush=True)
+        rerun = True  # everything after a stage that ran depends on its new output
+    if dry_run:
+        return {}
+    return finish(paths, logs, time.time() - started, times)
+
+
+def finish(paths: dict, logs: Path, seconds: float, times: dict[str, float]) -> dict:
+    """Prints the headline numbers and where the report, TensorBoard logs and checkpoints are."""
+    print(f"\npipeline finished in {seconds / 60:.1f} min" + (
+        " (" + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + ")" if times else " (nothing to do)"))
+    summary_file = paths["report"].parent / "summary.json"
+    summary = json.loads(summary_file.read_text()).get("summary", {}) if summary_file.is_file() else {}
+    for stage, stats in summary.get("stages", {}).items():
+        score = "–" if stats["score_mean"] is None else f"{stats['score_mean']:.3f}"
+        print(f"  {stage:5s} mean reward score {score:>7s}   follows template {stats['follows_template']:4.0%}"
+              f"   empty {stats.get('empty', 0.0):4.0%}   {stats['response_tokens']:5.1f} tokens")
+    for name, value in summary.get("reward_anchors", {}).items():
+        print(f"  ({name}: mean reward score {value:.3f})")
+    if "rlhf_vs_sft" in summary:
+        print(f"  win rate of RLHF over SFT: {summary['rlhf_vs_sft']['win_rate']:.1%}")
+    if "kl_rlhf_to_sft" in summary:
+        print(f"  KL(RLHF || SFT): {summary['kl_rlhf_to_sft']['mean']:.3f} nats per response")
+    ppo_export = ppo_final_export(paths["ppo"], logs / "ppo.done.json")
+    tensorboard = sorted({str(d.parent) for d in paths["tensorboard"]})
+    print(f"report:      {paths['report']} (all outputs: {paths['report'].parent / 'outputs.jsonl'})")
+    print(f"TensorBoard: tensorboard --logdir {' --logdir '.join(tensorboard) if tensorboard else '(none)'}  "
+          f"(runs: {', '.join(str(d) for d in paths['tensorboard'])})")
+    print(f"checkpoints: SFT {paths['sft']}, reward model {paths['rm']}, PPO {ppo_export or paths['ppo']}")
+    print(f"logs:        {logs}/<stage>.log")
+    return summary

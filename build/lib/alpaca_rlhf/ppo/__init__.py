@@ -1,0 +1,56 @@
+"""PPO math in plain torch: no Lightning, transformers or PEFT imports (STYLE.md, "Rooms")."""
+
+from alpaca_rlhf.ppo.advantages import (
+    explained_variance,
+    gae,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+)
+from alpaca_rlhf.ppo.kl import AdaptiveKLController, FixedKLController, KLController
+from alpaca_rlhf.ppo.logprobs import (
+    EosIds,
+    contains_eos,
+    entropy_from_logits,
+    first_eos_mask,
+    response_logits_slice,
+    response_logprobs,
+    sequence_lengths,
+)
+from alpaca_rlhf.ppo.losses import policy_loss, value_loss
+from alpaca_rlhf.ppo.rewards import (
+    KL_ESTIMATORS,
+    KLEstimator,
+    approx_kl,
+    kl_penalized_rewards,
+    process_scores,
+    whiten_rewards,
+)
+
+__all__ = [
+    "KL_ESTIMATORS",
+    "AdaptiveKLController",
+    "EosIds",
+    "FixedKLController",
+    "KLController",
+    "KLEstimator",
+    "approx_kl",
+    "contains_eos",
+    "entropy_from_logits",
+    "explained_variance",
+    "first_eos_mask",
+    "gae",
+    "kl_penalized_rewards",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "policy_loss",
+    "process_scores",
+    "response_logits_slice",
+    "response_logprobs",
+    "sequence_lengths",
+    "value_loss",
+    "whiten_rewards",
+]
