@@ -140,11 +140,25 @@ class StageConfig:
         return None
 
     def tensorboard_dir(self) -> Path | None:
+        logger = self._tensorboard_logger()
+        if logger is None:
+            return None
+        args = _field(logger, "init_args") or {}
+        return Path(_field(args, "save_dir") or ".", _field(args, "name") or "lightning_logs")
+
+    def tensorboard_run(self) -> Path | None:
+        """The run folder itself when the config pins its version (`version: run`), else None."""
+        logger = self._tensorboard_logger()
+        version = _field(_field(logger, "init_args") or {}, "version") if logger is not None else None
+        if version is None:
+            return None
+        return self.tensorboard_dir() / (version if isinstance(version, str) else f"version_{version}")
+
+    def _tensorboard_logger(self):
         logger = self.get("trainer.logger")
         logger = logger[0] if isinstance(logger, list) and logger else logger
         if logger is not None and not isinstance(logger, bool) and "TensorBoard" in str(_field(logger, "class_path")):
-            args = _field(logger, "init_args") or {}
-            return Path(_field(args, "save_dir") or ".", _field(args, "name") or "lightning_logs")
+            return logger
         return None
 
 
@@ -205,6 +219,8 @@ def plan(stages: Stages) -> tuple[list[Stage], dict]:
     base = sft.get("model.init_args.model.name_or_path", "meta-llama/Llama-3.1-8B")
     compare_wiring = ["--base_model", str(base), "--sft_model", sft_merged, "--rlhf_model", str(ppo_dir),
                       "--reward_model", rm_merged] + (["--judge_model", judge_merged] if judge_merged else [])
+    ppo_run = ppo.tensorboard_run()
+    compare_wiring += ["--ppo_log_dir", str(ppo_run)] if ppo_run is not None else []  # the training-curve plot
     for key in ("data_path", "val_set_size", "seed", "max_prompt_length", "skip_bad_records", "max_records", "split",
                 "hub_config", "revision", "fields"):
         value = ppo.get(f"data.init_args.{key}")  # compare on PPO's held-out prompts: PPO's own split arguments

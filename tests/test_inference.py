@@ -161,12 +161,23 @@ def test_response_logprob_sums_ignore_padding(tiny_stages):
 
 
 def test_compare_writes_a_report_with_all_three_stages_and_scores(tiny_stages, tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
     s = tiny_stages
+    run = tmp_path / "ppo_run"  # a PPO run's TensorBoard events, as PPOModule logs them
+    with SummaryWriter(str(run)) as writer:
+        for it in range(5):
+            for tag in ("rollout/score", "rollout/kl", "ppo/kl_coef", "rollout/response_length"):
+                writer.add_scalar(tag, it * 0.1, it)
     summary = inf.compare(base_model=s["base"], sft_model=s["merged"], rlhf_model=s["ppo_dir"],
                           reward_model=s["rm"],
                           prompts=inf.PromptSource(val_set_size=4, max_prompt_length=128),
                           sampling=inf.SamplingSpec(max_new_tokens=6, temperature=1.0), samples_per_prompt=2,
-                          report_dir=str(tmp_path / "cmp"), width=120)
+                          report_dir=str(tmp_path / "cmp"), width=120, ppo_log_dir=str(run))
+    plots = ["score_distribution.png", "score_vs_length.png", "ppo_curves.png"]
+    for name in plots:
+        assert (tmp_path / "cmp" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"]({name})" in (tmp_path / "cmp/report.md").read_text()
     rows = [json.loads(line) for line in (tmp_path / "cmp/outputs.jsonl").read_text().splitlines()]
     assert len(rows) == 4 * 2 * 3 and {r["stage"] for r in rows} == {"base", "sft", "rlhf"}
     assert all(isinstance(r["score"], float) for r in rows)

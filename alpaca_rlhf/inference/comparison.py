@@ -136,6 +136,7 @@ def compare(
     report_dir: str = "output/compare",
     show: int = 3,
     width: int | None = None,
+    ppo_log_dir: str | None = None,
 ) -> dict:
     """Runs the same held-out instructions through the base, SFT and RLHF models and compares the responses.
 
@@ -161,9 +162,11 @@ def compare(
         batch_size: Sequences per generate / forward call.
         dtype: Weight dtype; default bfloat16 on a GPU, float32 on the CPU.
         load_in_8bit: Load every model in 8 bit (bitsandbytes).
-        report_dir: Where report.md, outputs.jsonl and summary.json go.
+        report_dir: Where report.md, outputs.jsonl, summary.json and the PNG plots go.
         show: How many prompts to print side by side in the terminal.
         width: Terminal width of the table; default: the terminal's.
+        ppo_log_dir: The PPO run's TensorBoard folder, for the training-curve plot; None reads it from the RLHF
+            export's `ppo_state.json` (`log_dir`, written by PPO).
     """
     started = time.time()
     checkpoints: dict[str, Checkpoint] = {}
@@ -242,6 +245,10 @@ def compare(
     with open(out / "outputs.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
+    from alpaca_rlhf.inference.plots import write_plots
+
+    log_dir = ppo_log_dir or (ppo_state or {}).get("log_dir")
+    settings["plots"] = write_plots(rows, stages, out, log_dir if log_dir and Path(log_dir).is_dir() else None)
     (out / "report.md").write_text(markdown_report(stages, rows, summary, settings, samples_per_prompt))
     (out / "summary.json").write_text(json.dumps({"summary": summary, "settings": settings}, indent=2))
     print(terminal_table(stages, rows, summary, show, width or shutil.get_terminal_size((120, 24)).columns))

@@ -89,6 +89,11 @@ def markdown_report(stages: list[str], rows: list[dict], summary: dict, settings
                "**No sign of reward hacking by these checks** (judge vs reward model, length, emptiness, "
                "diversity, length-limit hits).")
     lines += ["", verdict + judge_note]
+    plots = settings.get("plots")
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{title}]({name})" for title, name in plots.items()]
+    elif plots is not None:
+        lines += ["", "(No plots: matplotlib is not installed; `pip install \"alpaca-rlhf[plots]\"`.)"]
     lines += ["", "## Responses", "", "| # | instruction | " + " | ".join(titles) + " |",
               "| --- | --- | " + " | ".join("---" for _ in stages) + " |"]
     first = [r for r in rows if r["sample"] == 0]

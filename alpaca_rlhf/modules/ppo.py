@@ -571,6 +571,7 @@ class PPOModule(L.LightningModule):
             (tmp / "ppo_state.json").write_text(json.dumps({
                 "iteration": self.iteration, "finished": finished, "kl_coef": self.kl_ctl.value,
                 "base_model": self.policy_spec.name_or_path,
+                "log_dir": self.logger.log_dir if isinstance(self.logger, TensorBoardLogger) else None,  # curves
                 "ppo": asdict(self.hp), "generation": asdict(self.gen)}, indent=2))
             if self.save_merged:
                 from alpaca_rlhf.models import merge_adapter

@@ -62,7 +62,8 @@ def test_plan_wires_each_output_into_the_next_stage():
     assert f"--model.init_args.scorer.init_args.model.name_or_path {merged_rm}" in ppo
     compare = " ".join(by_name["compare"])
     for arg in (f"--sft_model {merged_sft}", f"--reward_model {merged_rm}", "--base_model output/tiny/base",
-                "--rlhf_model output/tiny/ppo_checkpoints", "--prompts.max_prompt_length 128"):
+                "--rlhf_model output/tiny/ppo_checkpoints", "--prompts.max_prompt_length 128",
+                "--ppo_log_dir output/tiny/ppo/run"):
         assert arg in compare
     assert paths["report"] == Path("output/tiny/compare/report.md")
 
@@ -238,7 +239,10 @@ def test_tiny_pipeline_end_to_end_then_rerun_skips(tmp_path):
     assert set(stages) == {"base", "sft", "rlhf"}
     assert stages["sft"]["follows_template"] > stages["base"]["follows_template"]  # SFT learned the format
     assert stages["rlhf"]["score_mean"] > stages["sft"]["score_mean"]  # PPO raised the held-out reward
-    assert "Win rate of RLHF over SFT" in (out / "compare/report.md").read_text()
+    report = (out / "compare/report.md").read_text()
+    assert "Win rate of RLHF over SFT" in report
+    # the PPO curves come from the run's own TensorBoard folder, named in the export's ppo_state.json
+    assert "](ppo_curves.png)" in report and (out / "compare/ppo_curves.png").stat().st_size > 1000
     export = ppo_final_export(out / "ppo_checkpoints", out / "logs/ppo.done.json")
     assert export is not None and (export / "adapter_model.safetensors").is_file()
     print(f"tiny pipeline: {seconds:.0f} s on {os.cpu_count()} cores")
