@@ -1,33 +1,42 @@
 """Command line of alpaca-rlhf: `alpaca-rlhf ...`, `python -m alpaca_rlhf ...`, or `python cli.py ...` in a checkout.
 
-    python cli.py fit --config configs/tiny/sft.yaml        # any stage: fit / validate / test (LightningCLI)
-    python cli.py merge --adapter_path output/tiny/lora-alpaca
-    python cli.py generate --mode ppo --ppo_model_path output/tiny/ppo_checkpoints --instruction "Hi"
-    python cli.py compare --config configs/tiny/compare.yaml        # base vs SFT vs RLHF, with reward scores
-    python cli.py pipeline --config configs/tiny/pipeline.yaml      # SFT, merge, RM, merge, PPO, compare
+    alpaca-rlhf fit --config configs/tiny/sft.yaml          # train a stage (LightningCLI); validate the same way
+    alpaca-rlhf merge --adapter_path output/tiny/lora-alpaca
+    alpaca-rlhf generate --model output/tiny/ppo_checkpoints --instruction "Hi"     # or --chat
+    alpaca-rlhf compare --config configs/tiny/compare.yaml  # base vs SFT vs RLHF, with reward scores
+    alpaca-rlhf pipeline --config tiny/pipeline             # SFT, merge, RM, merge, PPO, compare
+
+One root: `alpaca-rlhf --help` lists every command without importing torch or Lightning; every command takes
+`-c/--config` (YAML, stackable) and `--print_config`; a packaged config is found by name from any directory.
 """
 
 from __future__ import annotations
 
 import sys
 import warnings
+from typing import Literal
 
-EXTRA_COMMANDS = {
+COMMANDS = {
+    "fit": "train a stage from its YAML: SFT, reward model or PPO (LightningCLI; --ckpt_path last resumes)",
+    "validate": "run a stage's validation on a checkpoint (LightningCLI)",
     "merge": "fold a LoRA adapter into its base and save a standalone checkpoint",
-    "generate": "answer instructions with a base, SFT or PPO model (--mode base|sft|ppo)",
-    "compare": "base vs SFT vs RLHF on held-out instructions: table, report.md, outputs.jsonl, reward scores",
+    "generate": "answer instructions with any stage's model (--model PATH, its kind detected); --chat to talk",
+    "compare": "base vs SFT vs RLHF on held-out prompts: scores, judge, KL, diagnostics, report.md and plots",
     "pipeline": "run SFT -> merge -> RM -> merge -> PPO -> compare from one YAML, skipping finished stages",
-    "init": "copy the packaged configs into ./configs to edit (--directory D, --force)",
+    "init": "copy the packaged configs into ./configs to edit",
 }
+FIT_COMMANDS = ("fit", "validate")
 
 
-def _merge(args: list[str]) -> None:
-    from jsonargparse import CLI
-
-    from alpaca_rlhf.models import merge_adapter
-
-    out = CLI(merge_adapter, args=args, as_positional=False)
-    print(f"merged checkpoint written to {out}")
+def root_help() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = ["usage: alpaca-rlhf <command> [-c CONFIG] [--print_config] [options]", "",
+             "The Alpaca RLHF recipe (SFT, reward model, PPO) with LoRA adapters, on Lightning.", "", "commands:"]
+    lines += [f"  {name:{width}s}  {text}" for name, text in COMMANDS.items()]
+    lines += ["", "`alpaca-rlhf <command> --help` shows a command's options. Packaged configs by name: "
+              "`-c tiny/sft`, `-c configs/smol/pipeline.yaml`;", "`alpaca-rlhf init` copies them to edit. "
+              "ALPACA_RLHF_DEBUG=1 shows tracebacks of data/config errors."]
+    return "\n".join(lines)
 
 
 def _bare_flags(function, args: list[str]) -> list[str]:
@@ -46,20 +55,59 @@ def _bare_flags(function, args: list[str]) -> list[str]:
 def _function(name: str):
     if name == "init":
         from alpaca_rlhf.packaged import init as function
+    elif name == "merge":
+        function = merge
     elif name == "generate":
-        from alpaca_rlhf.inference import generate as function
+        from alpaca_rlhf.inference.generation import generate as function
     elif name == "compare":
-        from alpaca_rlhf.inference import compare as function
+        from alpaca_rlhf.inference.comparison import compare as function
     else:
         from alpaca_rlhf.pipeline import pipeline as function
     return function
 
 
-def _function_command(name: str, args: list[str]):
-    from jsonargparse import CLI
+def merge(adapter_path: str, output_dir: str | None = None,
+          dtype: Literal["float32", "bfloat16", "float16"] = "float32", base_model: str | None = None):
+    """Folds a LoRA adapter into its base and saves a standalone checkpoint plain `transformers` loads.
+
+    The base is loaded unquantized in `dtype`. A sequence-classification adapter (the reward model's) keeps its
+    trained `score` head; a model with tied embeddings whose adapter touches the output layer is untied first.
+    Tokenizer, template and any JSON side files of the adapter folder are copied along. Written whole or not
+    at all.
+
+    Args:
+        adapter_path: Folder with `adapter_config.json` and `adapter_model.safetensors`.
+        output_dir: Where to write; defaults to `<adapter_path>-adapter-merged`.
+        dtype: Weight dtype of the merged checkpoint (never quantized: merging into quantized weights loses
+            precision).
+        base_model: Override the adapter's recorded base (hub id or folder).
+    """
+    from alpaca_rlhf.models import merge_adapter  # torch and transformers load here, not for --help
+
+    return merge_adapter(adapter_path, output_dir, dtype, base_model)
+
+
+def function_parser(name: str, exit_on_error: bool = True):
+    """The parser of a function command: its signature's arguments, `-c/--config` and `--print_config`."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
 
     function = _function(name)
-    return CLI(function, args=_bare_flags(function, args), as_positional=False)
+    parser = ArgumentParser(prog=f"alpaca-rlhf {name}", description=function.__doc__, exit_on_error=exit_on_error)
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML file(s) of these options")
+    parser.add_function_arguments(function, as_positional=False)
+    return parser
+
+
+def _function_command(name: str, args: list[str]):
+    function = _function(name)
+    parser = function_parser(name)
+    config = parser.parse_args(_bare_flags(function, args))
+    init = parser.instantiate_classes(config)
+    kwargs = {k: v for k, v in vars(init).items() if k != "config"}
+    result = function(**kwargs)
+    if name == "merge":
+        print(f"merged checkpoint written to {result}")
+    return result
 
 
 def cli_main(args: list[str] | None = None):
@@ -67,16 +115,70 @@ def cli_main(args: list[str] | None = None):
     from alpaca_rlhf.packaged import resolve_config_args
 
     argv = resolve_config_args(list(sys.argv[1:] if args is None else args))  # packaged configs by name
-    if argv and argv[0] == "merge":
-        return _merge(argv[1:])
-    if argv and argv[0] in ("generate", "compare", "pipeline", "init"):
+    if not argv or argv[0] in ("-h", "--help"):
+        print(root_help())
+        return None
+    if argv[0] in COMMANDS and argv[0] not in FIT_COMMANDS:
         return _function_command(argv[0], argv[1:])
-    if argv[:1] in (["-h"], ["--help"]):
-        print("extra commands:\n" + "\n".join(f"  {k:10s} {v}" for k, v in EXTRA_COMMANDS.items()) + "\n")
+    if argv[0] not in FIT_COMMANDS:
+        raise SystemExit(f"alpaca-rlhf: unknown command {argv[0]!r}; one of {', '.join(COMMANDS)} "
+                         "(alpaca-rlhf --help)")
+    if argv[1:] in (["-h"], ["--help"]):
+        return _cached_help(argv, lambda: lightning_cli(argv))
     if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
         sys.argv[1:] = argv
         return lightning_cli(None)
     return lightning_cli(argv)
+
+
+def _help_cache_key(argv: list[str]) -> str:
+    """Changes with the command, the terminal width, the versions of the parsers, and any source file here."""
+    import hashlib
+    import shutil
+    from importlib.metadata import version
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256(" ".join(argv).encode())
+    digest.update(str(shutil.get_terminal_size().columns).encode())
+    for dist in ("lightning", "jsonargparse", "alpaca-rlhf"):
+        try:
+            digest.update(version(dist).encode())
+        except Exception:  # not installed as a distribution (a bare checkout)
+            digest.update(dist.encode())
+    for source in sorted(package.rglob("*.py")):
+        stat = source.stat()
+        digest.update(f"{source.relative_to(package)}:{stat.st_mtime_ns}:{stat.st_size}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _cached_help(argv: list[str], build) -> None:
+    """`fit --help` needs Lightning's import (~3 s cold): the text is kept in the cache folder
+    (`$ALPACA_RLHF_CACHE`, else ~/.cache/alpaca_rlhf) and shown from there until a version or source changes."""
+    import contextlib
+    import io
+    import os
+    from pathlib import Path
+
+    cache = Path(os.environ.get("ALPACA_RLHF_CACHE", Path.home() / ".cache" / "alpaca_rlhf")) / "help"
+    path = cache / f"{argv[0]}-{_help_cache_key(argv)}.txt"
+    if path.is_file():
+        print(path.read_text(), end="")
+        raise SystemExit(0)
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            build()
+    except SystemExit as exit_:
+        text = buffer.getvalue()
+        print(text, end="")
+        if exit_.code in (0, None) and text:
+            with contextlib.suppress(OSError):
+                cache.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".tmp-{os.getpid()}")
+                tmp.write_text(text)
+                os.replace(tmp, path)
+        raise
 
 
 DEBUG_ENV = "ALPACA_RLHF_DEBUG"
@@ -89,6 +191,7 @@ def main(args: list[str] | None = None) -> None:
 
     from alpaca_rlhf.errors import USER_ERRORS
 
+    configure_logging()
     try:
         cli_main(args)
     except Exception as e:
@@ -97,6 +200,22 @@ def main(args: list[str] | None = None) -> None:
             raise
         print(f"alpaca-rlhf: error: {user_error}\n(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def configure_logging() -> None:
+    """alpaca_rlhf's own log lines (what merge, compare and generate are doing) on stderr, at INFO
+    (`ALPACA_RLHF_LOG_LEVEL` changes it); Lightning and transformers keep their own logging."""
+    import logging
+    import os
+
+    logger = logging.getLogger("alpaca_rlhf")
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(os.environ.get("ALPACA_RLHF_LOG_LEVEL", "INFO").upper())
+    logger.propagate = False
 
 
 def _user_error(error: BaseException, kinds: tuple) -> BaseException | None:
@@ -130,7 +249,12 @@ def _cli_class():
     from lightning.pytorch.cli import LightningCLI
 
     class RLHFCLI(LightningCLI):
-        """LightningCLI whose trainers write checkpoints atomically (`alpaca_rlhf.io.use_atomic_checkpoints`)."""
+        """LightningCLI with the subcommands that have steps here (fit, validate) and trainers that write
+        checkpoints atomically (`alpaca_rlhf.io.use_atomic_checkpoints`)."""
+
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            return {k: v for k, v in LightningCLI.subcommands().items() if k in FIT_COMMANDS}
 
         def instantiate_trainer(self, **kwargs):
             from alpaca_rlhf.io import use_atomic_checkpoints
@@ -162,15 +286,10 @@ def parse_fit_config(args: list[str]):
 
 
 def parse_function_config(name: str, args: list[str], instantiate: bool = False):
-    """The arguments `python cli.py <name> <args>` (compare, generate, pipeline) would run with, from
-    jsonargparse's own parser of that function; with `instantiate`, dataclass arguments come back as objects."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    function = _function(name)
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_function_arguments(function, as_positional=False)
-    config = parser.parse_args(_bare_flags(function, args))
+    """The arguments `python cli.py <name> <args>` (compare, generate, pipeline) would run with, from that
+    command's own parser; with `instantiate`, dataclass arguments come back as objects."""
+    parser = function_parser(name, exit_on_error=False)
+    config = parser.parse_args(_bare_flags(_function(name), args))
     return parser.instantiate_classes(config) if instantiate else config
 
 

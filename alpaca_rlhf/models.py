@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -513,6 +514,9 @@ def merge_adapter(adapter_path: str, output_dir: str | None = None, dtype: str =
     base = base_model or resolve_base(config.base_model_name_or_path, adapter)
     tokenizer = AutoTokenizer.from_pretrained(str(adapter) if (adapter / "tokenizer_config.json").exists() else base)
     task = str(getattr(config, "task_type", "CAUSAL_LM"))
+    started = time.perf_counter()
+    log.info("merge: loading the base %s (%s, %s)", base, dtype, "reward model" if task.endswith("SEQ_CLS") else
+             "causal LM")
     if task.endswith("SEQ_CLS"):
         model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=DTYPES[dtype],
                                                                    pad_token_id=tokenizer.pad_token_id)
@@ -520,15 +524,17 @@ def merge_adapter(adapter_path: str, output_dir: str | None = None, dtype: str =
         model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype])
     if _touches_output_layer(config):
         untie_output_embeddings(model)
+    log.info("merge: folding the adapter %s in", adapter)
     model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     model.config.pad_token_id = tokenizer.pad_token_id
+    log.info("merge: writing %s", output)
     with atomic_dir(output) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         for side_file in adapter.glob("*.json"):
             if side_file.name not in {"adapter_config.json"} and not (tmp / side_file.name).exists():
                 shutil.copy(side_file, tmp / side_file.name)
-    log.info("merged %s into %s -> %s", adapter, base, output)
+    log.info("merge: %s folded into %s -> %s in %.0f s", adapter, base, output, time.perf_counter() - started)
     return output
 
 

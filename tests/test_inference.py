@@ -31,9 +31,9 @@ def _adapter(base: Path, out: Path, scale: float, seed: int, extra: dict | None 
     )
 
     spec = ModelSpec(name_or_path=str(base))
-    model = apply_lora(load_causal_lm(spec), LoraSpec(r=4, alpha=8, dropout=0.0))
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):  # lora_A's init too: the same adapters whatever ran before
         torch.manual_seed(seed)
+        model = apply_lora(load_causal_lm(spec), LoraSpec(r=4, alpha=8, dropout=0.0))
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.data.normal_(std=scale) if scale else p.data.zero_()
@@ -83,7 +83,8 @@ def test_resolve_checkpoint_maps_the_seed_flags(tiny_stages, monkeypatch, tmp_pa
     assert ppo.ppo_state["iteration"] == 3
     assert inf.resolve_checkpoint("ppo", ppo_model_path=s["ppo_dir"]).adapter == s["ppo"]  # latest step_<n>
     for mode, kwargs, message in [("base", {}, "--model_name"), ("sft", {}, "--merged_model_path"),
-                                  ("ppo", {}, "--ppo_model_path"), ("rlhf", {}, "--mode must be")]:
+                                  ("ppo", {}, "--rlhf_model"), ("rlhf", {}, "--rlhf_model"),
+                                  ("dpo", {}, "--mode must be")]:
         with pytest.raises(ValueError, match=message):
             inf.resolve_checkpoint(mode, **kwargs)
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
@@ -96,8 +97,11 @@ def test_generate_in_each_mode(tiny_stages, capsys):
     on_base = inf.generate(mode="sft", adapter_path=s["adapter"], instruction=q, **GREEDY)[0]["response"]
     merged = inf.generate(mode="sft", merged_model_path=s["merged"], instruction=q, **GREEDY)[0]["response"]
     ppo = inf.generate(mode="ppo", ppo_model_path=s["ppo"], instruction=q, input="some context", **GREEDY)
+    merged_with_input = inf.generate(mode="sft", merged_model_path=s["merged"], instruction=q, input="some context",
+                                     **GREEDY)[0]["response"]
     assert on_base == merged  # the merged model is the adapter folded in
-    assert base != merged and ppo[0]["response"] != merged and ppo[0]["input"] == "some context"
+    assert base != merged and ppo[0]["input"] == "some context"
+    assert ppo[0]["response"] != merged_with_input  # the PPO adapter on top changes the answer to the same prompt
     printed = capsys.readouterr().out
     assert merged in printed and "### Response" not in printed  # only the response part is printed
 
@@ -144,6 +148,64 @@ def test_generate_through_the_cli(tiny_stages, capsys):
                  "--tokenizer_name", "--instruction", "--input", "--max_new_tokens", "--temperature",
                  "--top_p", "--top_k", "--load_in_8bit", "--allow_cpu_offload"):
         assert flag in help_text
+
+
+def test_one_path_is_enough_the_kind_of_checkpoint_is_detected(tiny_stages, tmp_path):
+    s = tiny_stages
+    for path, kind, adapter in [(s["ppo"], "rlhf", s["ppo"]), (s["ppo_dir"], "rlhf", s["ppo"]),
+                                (s["adapter"], "adapter", s["adapter"]), (s["merged"], "model", None),
+                                (s["base"], "model", None)]:
+        checkpoint, found = inf.detect_checkpoint(path)
+        assert (found, checkpoint.adapter) == (kind, adapter), path
+    with pytest.raises(ValueError, match="reward model"):
+        inf.detect_checkpoint(s["rm"])
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        inf.detect_checkpoint(str(tmp_path))
+    # --model gives what the stage flags give; compare's flag names work in generate too
+    by_model = inf.generate(model=s["ppo_dir"], instruction="Name a color.", **GREEDY)
+    by_flags = inf.generate(rlhf_model=s["ppo"], instruction="Name a color.", **GREEDY)
+    by_seed_flags = inf.generate(mode="ppo", ppo_model_path=s["ppo"], instruction="Name a color.", **GREEDY)
+    assert by_model == by_flags == by_seed_flags
+    assert inf.generate(sft_model=s["adapter"], instruction="Hi.", **GREEDY) == \
+        inf.generate(mode="sft", adapter_path=s["adapter"], instruction="Hi.", **GREEDY)
+    with pytest.raises(ValueError, match="--model detects the stage itself"):
+        inf.generate(model=s["merged"], mode="sft", instruction="Hi.")
+
+
+def test_chat_keeps_the_conversation_and_streams_each_answer(tiny_stages, monkeypatch, capsys):
+    import io
+
+    turns = io.StringIO("Name a color.\nAnd another one?\n/reset\nHi.\n/exit\n")
+    monkeypatch.setattr("sys.stdin", turns)
+    messages = inf.generate(model=tiny_stages["merged"], chat=True, temperature=0.0, max_new_tokens=5)
+    assert [m["role"] for m in messages] == ["user", "assistant"]  # /reset forgot the first two turns
+    assert messages[0]["content"] == "Hi."
+    out = capsys.readouterr().out
+    assert out.count(">>> ") == 5 and "(conversation forgotten)" in out
+    assert messages[1]["content"] in out  # streamed as it was generated
+
+
+def test_every_command_has_config_and_print_config_and_help_lists_them(capsys):
+    from alpaca_rlhf.cli import COMMANDS, cli_main, root_help
+
+    cli_main(["--help"])
+    listed = capsys.readouterr().out
+    assert all(f"  {c} " in listed for c in COMMANDS) and "test" not in COMMANDS
+    for command in ("merge", "generate", "compare", "pipeline", "init"):
+        with pytest.raises(SystemExit):
+            cli_main([command, "--help"])
+        text = capsys.readouterr().out
+        assert "-c CONFIG, --config CONFIG" in text and "--print_config" in text, command
+    with pytest.raises(SystemExit):
+        cli_main(["generate", "--help"])
+    assert "Literal['base', 'sft', 'rlhf', 'ppo']" in capsys.readouterr().out  # choices shown
+    with pytest.raises(SystemExit) as unknown:
+        cli_main(["test", "--config", "x.yaml"])
+    assert "unknown command 'test'" in str(unknown.value.code)
+    with pytest.raises(SystemExit):
+        cli_main(["merge", "--adapter_path", "a", "--print_config"])
+    assert "adapter_path: a" in capsys.readouterr().out
+    assert "alpaca-rlhf init" in root_help()
 
 
 def test_response_logprob_sums_ignore_padding(tiny_stages):

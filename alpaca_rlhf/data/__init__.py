@@ -1,9 +1,17 @@
-"""Data: templates, record loading with validation, and the stages' LightningDataModules."""
+"""Data: templates, record loading with validation, and the stages' LightningDataModules.
 
-from alpaca_rlhf.data.preference import PreferenceDataModule
-from alpaca_rlhf.data.prompts import PromptDataModule
-from alpaca_rlhf.data.records import DataValidationError
-from alpaca_rlhf.data.sft import AlpacaDataModule
-from alpaca_rlhf.data.templates import PromptTemplate
+The names load on first use (PEP 562), so `alpaca_rlhf.data.templates` alone does not import Lightning (the
+command line's help stays fast).
+"""
 
-__all__ = ["AlpacaDataModule", "DataValidationError", "PreferenceDataModule", "PromptDataModule", "PromptTemplate"]
+from importlib import import_module
+
+_WHERE = {"PreferenceDataModule": "preference", "PromptDataModule": "prompts", "DataValidationError": "records",
+          "AlpacaDataModule": "sft", "PromptTemplate": "templates"}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(import_module(f"alpaca_rlhf.data.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'alpaca_rlhf.data' has no attribute {name!r}")

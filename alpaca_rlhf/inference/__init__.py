@@ -19,6 +19,7 @@ from alpaca_rlhf.inference.checkpoints import (
     STAGE_TITLES,
     STAGES,
     Checkpoint,
+    detect_checkpoint,
     latest_export,
     load_checkpoint,
     resolve_base,
@@ -39,6 +40,7 @@ from alpaca_rlhf.inference.comparison import (
 from alpaca_rlhf.inference.generation import (
     Generation,
     SamplingSpec,
+    chat_loop,
     generate,
     generate_responses,
     pad_prompt_responses,
@@ -48,9 +50,9 @@ from alpaca_rlhf.inference.generation import (
 from alpaca_rlhf.inference.report import markdown_report, terminal_table
 
 __all__ = [
-    "MODES", "STAGES", "STAGE_TITLES", "Checkpoint", "latest_export", "load_checkpoint", "resolve_base",
-    "resolve_checkpoint", "PromptSource", "build_rows", "compare", "distinct_n", "follows_template", "hacking_flags",
-    "held_out_records", "score_generations", "summarize", "win_rate", "Generation", "SamplingSpec", "generate",
-    "generate_responses", "pad_prompt_responses", "read_instructions", "response_logprob_sums", "markdown_report",
-    "terminal_table",
+    "MODES", "STAGES", "STAGE_TITLES", "Checkpoint", "detect_checkpoint", "latest_export", "load_checkpoint",
+    "resolve_base", "resolve_checkpoint", "PromptSource", "build_rows", "compare", "distinct_n", "follows_template",
+    "hacking_flags", "held_out_records", "score_generations", "summarize", "win_rate", "Generation", "SamplingSpec",
+    "chat_loop", "generate", "generate_responses", "pad_prompt_responses", "read_instructions",
+    "response_logprob_sums", "markdown_report", "terminal_table",
 ]

@@ -9,11 +9,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 log = logging.getLogger(__name__)
 
-MODES = ("base", "sft", "ppo")  # generate --mode
+MODES = ("base", "sft", "rlhf", "ppo")  # generate --mode (ppo: the seed's name for rlhf)
 STAGES = ("base", "sft", "rlhf")  # compare's stages, in report order
 STAGE_TITLES = {"base": "base", "sft": "SFT", "rlhf": "RLHF"}
 @dataclass
@@ -74,6 +72,7 @@ def resolve_checkpoint(mode: str, model_name: str | None = None, adapter_path: s
     """Maps the seed's inference flags to a `Checkpoint`, with a clear error for a missing or wrong one."""
     if mode not in MODES:
         raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
+    mode = "rlhf" if mode == "ppo" else mode
     if mode == "base":
         if not model_name:
             raise ValueError("--mode base needs --model_name (hub id or folder)")
@@ -93,7 +92,7 @@ def resolve_checkpoint(mode: str, model_name: str | None = None, adapter_path: s
         tokenizer = tokenizer_name or (adapter_path if (folder / "tokenizer_config.json").is_file() else base)
         return Checkpoint(base, adapter_path, tokenizer, _template_of(folder))
     if not ppo_model_path:
-        raise ValueError("--mode ppo needs --ppo_model_path (a PPO export step_<n>, or the PPO output_dir)")
+        raise ValueError("--mode rlhf needs --rlhf_model (a PPO export step_<n>, or the PPO output_dir)")
     folder = latest_export(ppo_model_path)
     state = _read_json(folder / "ppo_state.json")
     adapter_config = _read_json(folder / "adapter_config.json")
@@ -101,6 +100,26 @@ def resolve_checkpoint(mode: str, model_name: str | None = None, adapter_path: s
     base = model_name or resolve_base(recorded, folder)
     tokenizer = tokenizer_name or (str(folder) if (folder / "tokenizer_config.json").is_file() else base)
     return Checkpoint(base, str(folder), tokenizer, _template_of(folder), state)
+
+
+def detect_checkpoint(path: str, tokenizer_name: str | None = None) -> tuple[Checkpoint, str]:
+    """(Checkpoint, kind) of any stage's output from one path: a PPO export or output_dir ("rlhf"), a PEFT
+    adapter folder ("sft", on its recorded base), a merged or base folder or a hub id ("model")."""
+    folder = Path(path)
+    if (folder / "ppo_state.json").is_file() or any(folder.glob("step_*/ppo_state.json")):
+        return resolve_checkpoint("rlhf", ppo_model_path=path, tokenizer_name=tokenizer_name), "rlhf"
+    if (folder / "adapter_config.json").is_file():
+        return resolve_checkpoint("sft", adapter_path=path, tokenizer_name=tokenizer_name), "adapter"
+    config = _read_json(folder / "config.json")
+    if config and any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+        from alpaca_rlhf.errors import ConfigError
+
+        raise ConfigError(f"{path}: a reward model (sequence classifier); it scores responses, it does not generate")
+    if folder.is_dir() and config is None and not str(path).endswith(".gguf"):
+        raise FileNotFoundError(f"{path}: no config.json, adapter_config.json or ppo_state.json (is this a "
+                                "model folder or a stage's output?)")
+    template = _template_of(folder) if folder.is_dir() else "alpaca"
+    return Checkpoint(path, tokenizer=tokenizer_name, template=template), "model"
 
 
 def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None, load_in_8bit: bool = False,
@@ -115,6 +134,8 @@ def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None, load_in_8b
             fit; without a GPU there is nothing to offload from, so the model simply runs on the CPU.
         offload_folder: Where weights that fit neither GPU nor CPU memory are offloaded to disk.
     """
+    import torch
+
     from alpaca_rlhf.models import ModelSpec, load_causal_lm, load_tokenizer
 
     cuda = torch.cuda.is_available()

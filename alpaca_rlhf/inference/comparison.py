@@ -11,10 +11,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from alpaca_rlhf.data.templates import PromptTemplate
-from alpaca_rlhf.inference.checkpoints import STAGES, Checkpoint, load_checkpoint, resolve_checkpoint
+from alpaca_rlhf.inference.checkpoints import STAGE_TITLES, STAGES, Checkpoint, load_checkpoint, resolve_checkpoint
 from alpaca_rlhf.inference.generation import (
     Generation,
     SamplingSpec,
@@ -115,6 +113,8 @@ def _std(xs: list[float]) -> float:
 def _release_memory() -> None:
     import gc
 
+    import torch
+
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -168,6 +168,8 @@ def compare(
         ppo_log_dir: The PPO run's TensorBoard folder, for the training-curve plot; None reads it from the RLHF
             export's `ppo_state.json` (`log_dir`, written by PPO).
     """
+    import torch
+
     started = time.time()
     checkpoints: dict[str, Checkpoint] = {}
     if rlhf_model:
@@ -194,6 +196,7 @@ def compare(
         if stage not in checkpoints:
             continue
         t0 = time.time()
+        log.info("compare: loading %s: %s", STAGE_TITLES[stage], checkpoints[stage].describe())
         model, tokenizer = load_checkpoint(checkpoints[stage], **load_kwargs)
         vocabularies[stage] = tokenizer.get_vocab()
         if records is None:
@@ -203,7 +206,8 @@ def compare(
                 raise ValueError(f"{prompts.data_path}: no held-out prompts selected")
         texts = [r["prompt"] for r in records for _ in range(samples_per_prompt)]
         torch.manual_seed(seed)
-        generations[stage] = generate_responses(model, tokenizer, texts, sampling, batch_size)
+        generations[stage] = generate_responses(model, tokenizer, texts, sampling, batch_size,
+                                                progress=f"compare: {STAGE_TITLES[stage]} generates")
         if stage == "rlhf":
             rlhf_logprobs = response_logprob_sums(model, *_ids(generations["rlhf"]), tokenizer.pad_token_id,
                                                   kl_temperature, batch_size)
@@ -271,6 +275,8 @@ def score_generations(reward_model: str, records: list[dict], generations: dict[
     Returns:
         ({stage: scores in generation order, "anchor/<name>": scores per prompt}, the RM's reward_stats.json).
     """
+    import torch
+
     from alpaca_rlhf.data.sft import encode_prompt
     from alpaca_rlhf.models import ModelSpec
     from alpaca_rlhf.modules.scorers import RewardModelScorer
@@ -283,7 +289,7 @@ def score_generations(reward_model: str, records: list[dict], generations: dict[
     if cuda and not load_kwargs["load_in_8bit"]:
         scorer = scorer.to("cuda")
     prompts = [r["prompt"] for r in records for _ in range(samples_per_prompt)]
-    scores = {stage: _score_all(scorer, prompts, gens, tokenizers[stage], batch_size)
+    scores = {stage: _score_all(scorer, prompts, gens, tokenizers[stage], batch_size, STAGE_TITLES[stage])
               for stage, gens in generations.items()}
     anchors = {"empty response": [""] * len(records)}
     if all(r.get("reference") for r in records):
@@ -300,12 +306,15 @@ def score_generations(reward_model: str, records: list[dict], generations: dict[
     return scores, stats
 
 
-def _score_all(scorer, prompts: list[str], gens: list[Generation], tokenizer, batch_size: int) -> list[float]:
+def _score_all(scorer, prompts: list[str], gens: list[Generation], tokenizer, batch_size: int,
+               label: str = "") -> list[float]:
+    from tqdm.auto import tqdm
+
     from alpaca_rlhf.modules.scorers import ScoringBatch
 
     device = model_device(scorer.model)
     values = []
-    for i in range(0, len(gens), batch_size):
+    for i in tqdm(range(0, len(gens), batch_size), desc=f"compare: scoring {label}", unit="batch", leave=False):
         chunk = gens[i : i + batch_size]
         ids, mask, C = pad_prompt_responses(*_ids(chunk), tokenizer.pad_token_id)
         batch = ScoringBatch(prompts[i : i + batch_size], ids.to(device), mask.to(device), C, tokenizer,

@@ -7,12 +7,10 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from torch import Tensor
+from typing import Literal
 
 from alpaca_rlhf.data.templates import PromptTemplate
-from alpaca_rlhf.inference.checkpoints import load_checkpoint, resolve_checkpoint
+from alpaca_rlhf.inference.checkpoints import Checkpoint, detect_checkpoint, load_checkpoint, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +50,15 @@ class Generation:
     ended: bool  # the model emitted EOS within max_new_tokens
 
 
-def model_device(model) -> torch.device:
+def model_device(model):  # -> torch.device (torch is imported lazily here)
     return next(model.parameters()).device
 
 
-@torch.no_grad()
 def generate_responses(model, tokenizer, prompts: list[str], sampling: SamplingSpec, batch_size: int = 8,
-                       streamer=None) -> list[Generation]:
-    """Responses to rendered prompts, `batch_size` at a time (left padding: every row ends at its prompt)."""
+                       streamer=None, progress: str | None = None) -> list[Generation]:
+    """Responses to rendered prompts, `batch_size` at a time (left padding: every row ends at its prompt); with
+    `progress`, a progress bar of that name over the batches (on stderr)."""
+
     from alpaca_rlhf.ppo import first_eos_mask
 
     if tokenizer.padding_side != "left":
@@ -69,7 +68,12 @@ def generate_responses(model, tokenizer, prompts: list[str], sampling: SamplingS
     config = sampling.generation_config(tokenizer)
     device = model_device(model)
     out: list[Generation] = []
-    for i in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=progress, unit="batch", total=len(starts))
+    for i in starts:
         enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True,  # BOS once, as encode_prompt
                         add_special_tokens=adds_special_tokens(tokenizer, prompts[i]))
         enc = {k: v.to(device) for k, v in enc.items()}
@@ -87,9 +91,11 @@ def generate_responses(model, tokenizer, prompts: list[str], sampling: SamplingS
 
 
 def pad_prompt_responses(prompt_ids: list[list[int]], response_ids: list[list[int]],
-                         pad_token_id: int) -> tuple[Tensor, Tensor, int]:
+                         pad_token_id: int) -> tuple:
     """The PPO layout: (query_responses (B, C+T), attention_mask (B, C+T), C), prompts left-padded to C and
     responses right-padded to T."""
+    import torch
+
     C = max(len(p) for p in prompt_ids)
     T = max(1, max(len(r) for r in response_ids))
     ids = torch.full((len(prompt_ids), C + T), pad_token_id, dtype=torch.long)
@@ -101,25 +107,27 @@ def pad_prompt_responses(prompt_ids: list[list[int]], response_ids: list[list[in
     return ids, mask, C
 
 
-@torch.no_grad()
 def response_logprob_sums(model, prompt_ids: list[list[int]], response_ids: list[list[int]],
-                          pad_token_id: int, temperature: float = 1.0, batch_size: int = 8) -> Tensor:
+                          pad_token_id: int, temperature: float = 1.0, batch_size: int = 8):
     """(N,) sum over each response's tokens of log pi(y_t | x, y_<t), with logits / temperature as in PPO."""
+    import torch
+
     from alpaca_rlhf.ppo import masked_sum, response_logprobs
     from alpaca_rlhf.ppo.rollout import position_ids_from_mask
 
-    sums = []
-    device = model_device(model)
-    for i in range(0, len(prompt_ids), batch_size):
-        ids, mask, C = pad_prompt_responses(prompt_ids[i : i + batch_size], response_ids[i : i + batch_size],
-                                            pad_token_id)
-        ids, mask = ids.to(device), mask.to(device)
-        T = ids.shape[1] - C
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                       use_cache=False, logits_to_keep=T + 1).logits[:, :-1]  # (B, T, V): response positions only
-        logprobs = response_logprobs(logits, ids[:, C:], temperature)  # (B, T)
-        sums.append(masked_sum(logprobs, mask[:, C:].bool(), dim=1).cpu())
-    return torch.cat(sums)
+    with torch.no_grad():  # scoring only
+        sums = []
+        device = model_device(model)
+        for i in range(0, len(prompt_ids), batch_size):
+            ids, mask, C = pad_prompt_responses(prompt_ids[i : i + batch_size], response_ids[i : i + batch_size],
+                                                pad_token_id)
+            ids, mask = ids.to(device), mask.to(device)
+            T = ids.shape[1] - C
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                           use_cache=False, logits_to_keep=T + 1).logits[:, :-1]  # (B, T, V): response positions only
+            logprobs = response_logprobs(logits, ids[:, C:], temperature)  # (B, T)
+            sums.append(masked_sum(logprobs, mask[:, C:].bool(), dim=1).cpu())
+        return torch.cat(sums)
 
 
 # ---- generate ----------------------------------------------------------------------------------------------
@@ -134,7 +142,11 @@ def read_instructions(path: str) -> list[dict]:
 
 
 def generate(
-    mode: str = "sft",
+    model: str | None = None,
+    mode: Literal["base", "sft", "rlhf", "ppo"] | None = None,
+    base_model: str | None = None,
+    sft_model: str | None = None,
+    rlhf_model: str | None = None,
     model_name: str | None = None,
     adapter_path: str | None = None,
     merged_model_path: str | None = None,
@@ -144,32 +156,43 @@ def generate(
     input: str | None = None,
     instructions_file: str | None = None,
     output_file: str | None = None,
+    chat: bool = False,
     max_new_tokens: int = 128,
     temperature: float = 0.1,
     top_p: float = 0.75,
     top_k: int = 40,
     load_in_8bit: bool = False,
     allow_cpu_offload: bool = False,
-    dtype: str | None = None,
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None,
     batch_size: int = 8,
     seed: int | None = 42,
     stream: bool = True,
 ) -> list[dict]:
-    """Generates responses to Alpaca-template prompts with a base, SFT or PPO model; prints only the response.
+    """Answers instructions with any stage's model (base, SFT or RLHF); prints only the response.
+
+    One path is enough: `--model` takes any stage's output and detects its kind. The stage flags are
+    `compare`'s (`--base_model`, `--sft_model`, `--rlhf_model`); the seed's flag names still work.
 
     Args:
-        mode: base (--model_name), sft (--merged_model_path, or --adapter_path on its base) or ppo
-            (--ppo_model_path: a PPO export step_<n>, whose ppo_state.json names the merged SFT base).
-        model_name: Base model (hub id or folder) in mode base; in the other modes, overrides the adapter's
-            recorded base.
-        adapter_path: SFT LoRA adapter folder (mode sft).
-        merged_model_path: Merged SFT folder (mode sft), as `python cli.py merge` writes it.
-        ppo_model_path: PPO export folder step_<n>, or the PPO output_dir (its latest step_<n>).
+        model: Any stage's output, its kind detected: a PPO export step_<n> or PPO output_dir, an SFT adapter
+            folder (on its recorded base), a merged folder, a base folder, a .gguf file or a hub id.
+        mode: Which stage, when the stage flags below are used: base, sft or rlhf (ppo: the seed's name for rlhf);
+            None = the stage whose flag is given.
+        base_model: The base model (hub id or folder), as compare's --base_model.
+        sft_model: The merged SFT folder or the SFT adapter folder, as compare's --sft_model.
+        rlhf_model: A PPO export step_<n>, or the PPO output_dir (its latest step_<n>), as compare's --rlhf_model.
+        model_name: The seed's name for the base model; with an adapter, overrides its recorded base.
+        adapter_path: The seed's SFT LoRA adapter folder (mode sft).
+        merged_model_path: The seed's merged SFT folder (mode sft).
+        ppo_model_path: The seed's PPO export folder (mode ppo), = --rlhf_model.
         tokenizer_name: Tokenizer to use instead of the checkpoint's.
         instruction: The instruction to answer.
         input: Optional context for the instruction (the template's Input section).
         instructions_file: JSON list or JSONL of {instruction, input} records, answered in batches.
         output_file: Write {instruction, input, response} lines here (JSONL).
+        chat: Talk with the model: read turns from stdin, stream each answer; the conversation is kept (the
+            chat template renders it; the Alpaca template gets the earlier turns as its input). `/reset`
+            forgets it, `/exit` or end of input stops.
         max_new_tokens: Longest response in tokens.
         temperature: Sampling temperature; 0 decodes greedily.
         top_p: Nucleus sampling mass (1.0 = off).
@@ -177,29 +200,35 @@ def generate(
         load_in_8bit: Load the weights in 8 bit with bitsandbytes (GPU or CPU).
         allow_cpu_offload: On a GPU, offload what does not fit to CPU RAM (device_map="auto"); ignored, with a
             message, on a machine without a GPU.
-        dtype: float32, bfloat16 or float16; default bfloat16 on a GPU, float32 on the CPU.
+        dtype: Weight dtype; default bfloat16 on a GPU, float32 on the CPU.
         batch_size: Prompts per generate call for an instructions file.
         seed: Seed of the sampling; None leaves the RNG alone.
         stream: Print a single instruction's response token by token as it is generated.
     """
-    if (instruction is None) == (instructions_file is None):
-        raise ValueError("give exactly one of --instruction or --instructions_file")
-    records = ([{"instruction": instruction, "input": input or ""}] if instruction is not None
-               else read_instructions(instructions_file))
-    checkpoint = resolve_checkpoint(mode, model_name, adapter_path, merged_model_path, ppo_model_path,
-                                    tokenizer_name)
-    model, tokenizer = load_checkpoint(checkpoint, dtype, load_in_8bit, allow_cpu_offload)
+    import torch
+
+    if sum(x is not None for x in (instruction, instructions_file)) + chat != 1:
+        raise ValueError("give exactly one of --instruction, --instructions_file or --chat")
+    checkpoint, kind = _checkpoint_from_flags(model, mode, base_model, sft_model, rlhf_model, model_name,
+                                              adapter_path, merged_model_path, ppo_model_path, tokenizer_name)
+    log.info("generate: loading %s (%s)", checkpoint.describe(), kind)
+    loaded, tokenizer = load_checkpoint(checkpoint, dtype, load_in_8bit, allow_cpu_offload)
     template = PromptTemplate.load(checkpoint.template).bind(tokenizer)
-    prompts = [template.render(r["instruction"], r["input"]) for r in records]
     sampling = SamplingSpec(max_new_tokens, temperature, top_p, top_k)
     if seed is not None:
         torch.manual_seed(seed)
+    if chat:
+        return chat_loop(loaded, tokenizer, template, sampling, title=f"{checkpoint.describe()} ({kind})")
+    records = ([{"instruction": instruction, "input": input or ""}] if instruction is not None
+               else read_instructions(instructions_file))
+    prompts = [template.render(r["instruction"], r["input"]) for r in records]
     streamer = None
     if stream and len(prompts) == 1:
         from transformers import TextStreamer
 
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    generations = generate_responses(model, tokenizer, prompts, sampling, batch_size, streamer)
+    generations = generate_responses(loaded, tokenizer, prompts, sampling, batch_size, streamer,
+                                     progress="generate" if len(prompts) > batch_size else None)
     results = [{**r, "response": g.text} for r, g in zip(records, generations, strict=True)]
     if streamer is None:
         for i, r in enumerate(results):
@@ -208,5 +237,59 @@ def generate(
     if output_file:
         Path(output_file).parent.mkdir(parents=True, exist_ok=True)
         Path(output_file).write_text("".join(json.dumps(r) + "\n" for r in results))
+        log.info("generate: %d responses written to %s", len(results), output_file)
     return results
 
+
+def _checkpoint_from_flags(model, mode, base_model, sft_model, rlhf_model, model_name, adapter_path,
+                           merged_model_path, ppo_model_path, tokenizer_name) -> tuple[Checkpoint, str]:
+    if model is not None:
+        if any(x is not None for x in (mode, base_model, sft_model, rlhf_model, adapter_path, merged_model_path,
+                                       ppo_model_path)):
+            raise ValueError("--model detects the stage itself: give it alone, or use --mode with the stage flags")
+        return detect_checkpoint(model, tokenizer_name)
+    rlhf_model = rlhf_model or ppo_model_path
+    model_name = base_model or model_name
+    if sft_model is not None:  # compare's --sft_model: merged folder or adapter folder
+        if (Path(sft_model) / "adapter_config.json").is_file():
+            adapter_path = sft_model
+        else:
+            merged_model_path = sft_model
+    if mode is None:
+        mode = ("rlhf" if rlhf_model else "sft" if (adapter_path or merged_model_path) else
+                "base" if model_name else None)
+        if mode is None:
+            raise ValueError("give --model PATH (any stage's output), or one of --base_model, --sft_model, "
+                             "--rlhf_model")
+    checkpoint = resolve_checkpoint(mode, model_name, adapter_path, merged_model_path, rlhf_model, tokenizer_name)
+    return checkpoint, {"ppo": "rlhf"}.get(mode, mode)
+
+
+def chat_loop(model, tokenizer, template: PromptTemplate, sampling: SamplingSpec, title: str = "",
+              stream=None) -> list[dict]:
+    """Reads user turns from `stream` (stdin), streams each answer; returns the conversation."""
+    import sys
+
+    from transformers import TextStreamer
+
+    stream = stream or sys.stdin
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    print(f"chat with {title}; /reset forgets the conversation, /exit (or end of input) stops", flush=True)
+    messages: list[dict] = []
+    while True:
+        print(">>> ", end="", flush=True)
+        line = stream.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            print()
+            return messages
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            messages = []
+            print("(conversation forgotten)")
+            continue
+        messages.append({"role": "user", "content": text})
+        prompt = template.render_messages(messages)
+        generation = generate_responses(model, tokenizer, [prompt], sampling, 1, streamer)[0]
+        messages.append({"role": "assistant", "content": generation.text})
