@@ -15,6 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -91,9 +92,9 @@ class ModelSpec:
     trust_remote_code: bool = False
     attn_implementation: str | None = None
     gguf_cache: str | None = None
-    dtype: str = "float32"
-    quantization: str | None = None
-    bnb_4bit_quant_type: str = "nf4"
+    dtype: Literal["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"] = "float32"
+    quantization: Literal["8bit", "4bit"] | None = None
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     gradient_checkpointing: bool = False
     tiny: dict | None = None
     tiny_corpus: str = TINY_CORPUS

@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]  # the folder that holds alpaca_rlhf/
 STAGE_NAMES = ("sft", "merge_sft", "rm", "merge_rm", "ppo", "judge", "merge_judge", "compare")
@@ -52,7 +53,7 @@ class MergeStage:
         output_dir: Where the merged model goes; None = `<adapter_dir>-adapter-merged`.
     """
 
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     output_dir: str | None = None
 
 

@@ -23,6 +23,7 @@ import os
 import random
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -356,7 +357,7 @@ class PreferenceDataModule(TokenizedDataModule):
     def __init__(
         self,
         data_path: str = "comparision_data.json",
-        format: str = "auto",
+        format: Literal["auto", "seed", "prompt_chosen_rejected", "hh", "conversational"] = "auto",
         template: str = "alpaca",
         max_length: int = 512,
         add_eos_token: bool = True,

@@ -10,6 +10,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 from alpaca_rlhf.data.templates import PromptTemplate
 from alpaca_rlhf.inference.checkpoints import STAGE_TITLES, STAGES, Checkpoint, load_checkpoint, resolve_checkpoint
@@ -131,7 +132,7 @@ def compare(
     samples_per_prompt: int = 1,
     seed: int = 42,
     batch_size: int = 16,
-    dtype: str | None = None,
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None,
     load_in_8bit: bool = False,
     report_dir: str = "output/compare",
     show: int = 3,
