@@ -23,6 +23,7 @@ COMMANDS = {
     "generate": "answer instructions with any stage's model (--model PATH, its kind detected); --chat to talk",
     "compare": "base vs SFT vs RLHF on held-out prompts: scores, judge, KL, diagnostics, report.md and plots",
     "pipeline": "run SFT -> merge -> RM -> merge -> PPO -> compare from one YAML, skipping finished stages",
+    "preflight": "estimate a stage's peak GPU memory from its config, per component (-c CONFIG [--budget_gb N])",
     "init": "copy the packaged configs into ./configs to edit",
 }
 FIT_COMMANDS = ("fit", "validate")
@@ -118,6 +119,8 @@ def cli_main(args: list[str] | None = None):
     if not argv or argv[0] in ("-h", "--help"):
         print(root_help())
         return None
+    if argv[0] == "preflight":
+        return _preflight(argv[1:])
     if argv[0] in COMMANDS and argv[0] not in FIT_COMMANDS:
         return _function_command(argv[0], argv[1:])
     if argv[0] not in FIT_COMMANDS:
@@ -129,6 +132,37 @@ def cli_main(args: list[str] | None = None):
         sys.argv[1:] = argv
         return lightning_cli(None)
     return lightning_cli(argv)
+
+
+PREFLIGHT_HELP = """usage: alpaca-rlhf preflight -c CONFIG [--budget_gb N] [--model_shape NAME] [fit overrides]
+
+Estimates the peak accelerator memory of one optimizer step of a stage from its config alone (nothing is
+loaded): weights by dtype and quantization, LoRA and value head, gradients and optimizer state, activations
+with and without gradient checkpointing, the generation KV cache, and the logits at the kept positions.
+
+  -c, --config CONFIG   the stage's YAML, as `fit` takes it (stackable; packaged names work)
+  --budget_gb N         compare with N GiB (default: this machine's GPU, if any)
+  --model_shape NAME    the model an earlier stage's output (not written yet) will have the shape of
+  fit overrides         any `fit` argument, e.g. --data.init_args.batch_size 8
+
+`fit` runs the same estimate before training and refuses when it is clearly over the GPU's memory
+(--preflight warn|off, --preflight_budget_gb N)."""
+
+
+def _preflight(args: list[str]):
+    if not args or args[0] in ("-h", "--help"):
+        print(PREFLIGHT_HELP)
+        return None
+    from alpaca_rlhf.preflight import preflight
+
+    options = {"--budget_gb": None, "--model_shape": None}
+    for flag in options:
+        if flag in args:
+            i = args.index(flag)
+            options[flag] = args[i + 1]
+            args = args[:i] + args[i + 2:]
+    budget = float(options["--budget_gb"]) if options["--budget_gb"] else None
+    return preflight(args, budget, options["--model_shape"])
 
 
 def _help_cache_key(argv: list[str]) -> str:
@@ -255,6 +289,19 @@ def _cli_class():
         @staticmethod
         def subcommands() -> dict[str, set[str]]:
             return {k: v for k, v in LightningCLI.subcommands().items() if k in FIT_COMMANDS}
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_argument("--preflight", type=Literal["check", "warn", "off"], default="check",
+                                help="Memory preflight before fit: check refuses a config clearly over the GPU's "
+                                     "memory, warn only warns, off skips it (alpaca-rlhf preflight --help)")
+            parser.add_argument("--preflight_budget_gb", type=float | None, default=None,
+                                help="Budget of the preflight in GiB; None = the GPU's memory (none: log only)")
+
+        def before_fit(self) -> None:
+            from alpaca_rlhf.preflight import check
+
+            config = self.config["fit"]
+            check(config, config.get("preflight", "check"), config.get("preflight_budget_gb"))
 
         def instantiate_trainer(self, **kwargs):
             from alpaca_rlhf.io import use_atomic_checkpoints

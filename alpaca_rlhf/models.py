@@ -93,7 +93,7 @@ class ModelSpec:
     attn_implementation: str | None = None
     gguf_cache: str | None = None
     dtype: Literal["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"] = "float32"
-    quantization: Literal["8bit", "4bit"] | None = None
+    quantization: str | None = None  # null, "8bit" or "4bit" (a Literal | None refuses null on the command line)
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     gradient_checkpointing: bool = False
     tiny: dict | None = None
@@ -102,6 +102,8 @@ class ModelSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.quantization in ("None", "null", "none", ""):  # `--...quantization null` arrives as "None"
+            self.quantization = None
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.quantization not in (None, "8bit", "4bit"):

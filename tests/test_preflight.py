@@ -1,0 +1,72 @@
+"""The memory preflight: estimates from configs alone, held against measured peaks, and the check at fit start."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from conftest import ROOT
+
+from alpaca_rlhf.cli import parse_fit_config
+from alpaca_rlhf.preflight import GIB, estimate
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def lines(est) -> dict[str, float]:
+    return {c: b for c, b, _ in est.lines}
+
+
+def test_real_configs_fit_a_24_gb_card_and_each_knob_moves_the_right_component():
+    llama = ["--model.init_args.model.name_or_path", "meta-llama/Llama-3.1-8B"]
+    sft = estimate(parse_fit_config(["--config", str(ROOT / "configs/sft.yaml")]))
+    assert {"weights", "LoRA (+ score head)", "gradients", "optimizer state", "activations", "logits"} == \
+        set(lines(sft))
+    assert 8 * GIB < lines(sft)["weights"] < 10 * GIB  # 8B in 8-bit, embeddings and lm_head in bf16
+    assert sft.total < 24 * GIB
+    fp16 = estimate(parse_fit_config(["--config", str(ROOT / "configs/sft.yaml"),
+                                      "--model.init_args.model.quantization", "null"]))
+    assert lines(fp16)["weights"] > 14 * GIB  # 16 GB of bf16 weights
+    no_ckpt = estimate(parse_fit_config(["--config", str(ROOT / "configs/sft.yaml"),
+                                         "--model.init_args.model.gradient_checkpointing", "false"]))
+    assert lines(no_ckpt)["activations"] > 5 * lines(sft)["activations"]
+    ppo = estimate(parse_fit_config(["--config", str(ROOT / "configs/ppo.yaml"),
+                                     "--model.init_args.policy.name_or_path", "meta-llama/Llama-3.1-8B",
+                                     "--model.init_args.scorer.init_args.model.name_or_path",
+                                     "meta-llama/Llama-3.1-8B"]), model_shape="meta-llama/Llama-3.1-8B")
+    assert {"policy weights", "reward-model weights", "generation KV cache", "logits"} <= set(lines(ppo))
+    assert ppo.total < 24 * GIB and "reference" not in " ".join(lines(ppo))  # the reference is the adapter off
+    rm = estimate(parse_fit_config(["--config", str(ROOT / "configs/rm.yaml"), *llama]))
+    assert lines(rm)["weights"] < lines(sft)["weights"]  # a one-score head instead of a 128k-row lm_head
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])
+def test_the_estimate_is_within_25_percent_of_the_measured_peak_at_the_tiny_shape(stage, tmp_path, monkeypatch):
+    """Measured: every tensor alive at the peak of one optimizer step (PyTorch's memory profiler), worst batch."""
+    import memory
+
+    monkeypatch.chdir(tmp_path)
+    fit_args = memory.configs("tiny", stage, tmp_path)
+    cli = memory.instantiate(fit_args)
+    measured = memory.measure_ppo(cli) if stage == "ppo" else memory.measure_supervised(cli, stage)
+    estimated = estimate(parse_fit_config(fit_args)).total
+    assert 0.75 <= estimated / measured <= 1.25, (estimated, measured)
+
+
+def test_fit_refuses_a_config_over_the_budget_and_preflight_prints_the_table(tmp_path, monkeypatch, capsys):
+    from alpaca_rlhf.cli import cli_main, main
+
+    monkeypatch.chdir(tmp_path)
+    sft = ["fit", "--config", str(ROOT / "configs/tiny/sft.yaml"), "--trainer.max_steps", "1",
+           "--trainer.enable_progress_bar", "false"]
+    with pytest.raises(SystemExit) as refused:
+        main([*sft, "--preflight_budget_gb", "0.001"])
+    assert refused.value.code == 1
+    err = capsys.readouterr().err
+    assert "preflight: the estimated peak" in err and "activations" in err and "--preflight warn" in err
+    assert not (tmp_path / "output/tiny/lora-alpaca").exists()  # nothing trained
+    cli_main([*sft, "--preflight_budget_gb", "0.001", "--preflight", "warn"])  # overridden: it trains
+    assert (tmp_path / "output/tiny/lora-alpaca/adapter_model.safetensors").is_file()
+    cli_main(["preflight", "-c", "tiny/sft", "--budget_gb", "24"])
+    out = capsys.readouterr().out
+    assert "preflight (SFT)" in out and "fits" in out and "optimizer state" in out
