@@ -5,7 +5,8 @@
 
 Measured on CPU: the bytes of every tensor alive at the peak of one optimizer step on the worst batch the config
 allows (every sequence at its length limit, every position labelled), from PyTorch's memory profiler timeline
-plus the weights and adapters already in memory; on a GPU: `torch.cuda.max_memory_allocated`. The estimate is
+plus the weights and adapters already in memory (CPU only for now; a GPU run would read
+`torch.cuda.max_memory_allocated`, not written yet). The estimate is
 `alpaca_rlhf.preflight.estimate` of the same config. PPO is measured through one real iteration (generation
 included) on the tiny shape's prompts, whose lengths and early EOS make it a lower bound of the worst case.
 """
