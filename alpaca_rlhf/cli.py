@@ -93,7 +93,10 @@ def function_parser(name: str, exit_on_error: bool = True):
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     function = _function(name)
-    parser = ArgumentParser(prog=f"alpaca-rlhf {name}", description=function.__doc__, exit_on_error=exit_on_error)
+    import inspect
+
+    summary = inspect.cleandoc(function.__doc__ or "").split("\nArgs:")[0].strip()  # the options carry the rest
+    parser = ArgumentParser(prog=f"alpaca-rlhf {name}", description=summary, exit_on_error=exit_on_error)
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML file(s) of these options")
     parser.add_function_arguments(function, as_positional=False)
     return parser

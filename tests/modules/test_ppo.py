@@ -510,3 +510,19 @@ def test_progress_bar_shows_score_kl_and_length(tiny_sft_run, tmp_path):
     assert {"score", "kl", "len"} <= set(shown), shown
     assert shown["len"] == pytest.approx(module.last_stats["rollout/response_length"])
     assert shown["score"] == pytest.approx(module.last_stats["rollout/score"])
+
+
+@pytest.mark.parametrize("threshold", [0.5, None])
+def test_ratio_threshold_zeroes_the_loss_of_runaway_micro_batches(tiny_sft_run, tmp_path, threshold):
+    """TRL's classic guard: a micro-batch whose mean ratio exceeds the threshold adds no gradient. At 0.5 every
+    micro-batch is over it (the ratio starts at exactly 1), so the adapter's B matrices never leave zero."""
+    module = make_module(tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged", tmp_path,
+                         ratio_threshold=threshold)
+    module.save_freq = 0
+    trainer(2).fit(module, make_data())
+    lora_b = [p for n, p in module.policy.named_parameters() if "lora_B" in n]
+    if threshold is None:
+        assert any(p.abs().max() > 0 for p in lora_b) and "ppo/ratio_skipped" not in module.last_stats
+    else:
+        assert all(torch.equal(p, torch.zeros_like(p)) for p in lora_b)
+        assert module.last_stats["ppo/ratio_skipped"] == 1.0
