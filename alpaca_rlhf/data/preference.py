@@ -261,7 +261,8 @@ class PreferenceCollator:
     """Stacks a batch of B pairs into one (2B, T) batch: rows [0, B) chosen, rows [B, 2B) rejected.
 
     Padding goes on `padding_side`; `attention_mask` is 1 on real tokens, which is all `score` needs to find
-    each sequence's last token under either side.
+    each sequence's last token under either side; `response_mask` is True on the response tokens (after the
+    shared prompt), which DPO sums log-probabilities over.
     """
 
     pad_token_id: int
@@ -272,11 +273,15 @@ class PreferenceCollator:
         width = max(len(s) for s in sequences)
         input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        response_mask = torch.zeros((len(sequences), width), dtype=torch.bool)  # DPO's log-probs: responses only
+        prompt_lengths = [p.get("prompt_length") for p in pairs] * 2
         for i, s in enumerate(sequences):
-            cols = slice(width - len(s), width) if self.padding_side == "left" else slice(0, len(s))
-            input_ids[i, cols] = torch.tensor(s)
-            attention_mask[i, cols] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+            start = width - len(s) if self.padding_side == "left" else 0
+            input_ids[i, start : start + len(s)] = torch.tensor(s)
+            attention_mask[i, start : start + len(s)] = 1
+            if prompt_lengths[i] is not None:
+                response_mask[i, start + prompt_lengths[i] : start + len(s)] = True
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
 
 
 def build_shuffled_pairs(records: list[dict], seed: int = 0) -> list[dict]:

@@ -1,7 +1,8 @@
-"""LightningModules of the three training stages."""
+"""LightningModules of the training stages."""
 
+from alpaca_rlhf.modules.dpo import DPOModule
 from alpaca_rlhf.modules.ppo import PPOModule
 from alpaca_rlhf.modules.reward import RewardModule
 from alpaca_rlhf.modules.sft import SFTModule
 
-__all__ = ["PPOModule", "RewardModule", "SFTModule"]
+__all__ = ["DPOModule", "PPOModule", "RewardModule", "SFTModule"]
