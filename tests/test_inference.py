@@ -56,6 +56,7 @@ def tiny_stages(tiny_base, tmp_path_factory):
                                        "base_model": "output/lora-alpaca-adapter-merged"}})
     _adapter(merged, out / "ppo_identity" / "step_1", scale=0.0, seed=3,
              extra={"ppo_state.json": {"iteration": 1, "base_model": "output/lora-alpaca-adapter-merged"}})
+    _adapter(merged, out / "dpo", scale=0.0, seed=4)  # an RL adapter without ppo_state.json, as DPO exports it
     spec = ModelSpec(name_or_path=str(merged))
     tokenizer = load_tokenizer(spec)
     rm = load_sequence_classifier(spec, pad_token_id=tokenizer.pad_token_id, trainable=False)
@@ -64,7 +65,7 @@ def tiny_stages(tiny_base, tmp_path_factory):
     (out / "rm-merged" / "reward_stats.json").write_text(json.dumps({"mean": 0.5, "std": 2.0, "n": 10}))
     return {"work": work, "base": str(tiny_base), "adapter": str(sft), "merged": str(merged),
             "ppo": str(out / "ppo" / "step_3"), "ppo_dir": str(out / "ppo"),
-            "identity": str(out / "ppo_identity"), "rm": str(out / "rm-merged")}
+            "identity": str(out / "ppo_identity"), "rm": str(out / "rm-merged"), "dpo": str(out / "dpo")}
 
 
 GREEDY = dict(temperature=0.0, max_new_tokens=8, stream=False)
@@ -268,6 +269,13 @@ def test_compare_identity_adapter_has_zero_kl_and_ties(tiny_stages, tmp_path):
     assert summary["kl_rlhf_to_sft"]["mean"] == 0.0
     assert summary["rlhf_vs_sft"]["win_rate"] == 0.5
     assert "base" not in summary["stages"]
+    # a DPO adapter (no ppo_state.json) as the RLHF stage: found from its folder, the same identity result
+    dpo = inf.compare(sft_model=s["merged"], rlhf_model=s["dpo"], reward_model=s["rm"],
+                      prompts=inf.PromptSource(val_set_size=3, max_prompt_length=128),
+                      sampling=inf.SamplingSpec(max_new_tokens=5, temperature=1.0), report_dir=str(tmp_path / "d"))
+    assert dpo["kl_rlhf_to_sft"]["mean"] == 0.0 and dpo["rlhf_vs_sft"]["win_rate"] == 0.5
+    with pytest.raises(FileNotFoundError, match="run the RL stage"):
+        inf.compare(sft_model=s["merged"], rlhf_model=str(tmp_path / "nope"))
 
 
 def test_held_out_prompts_are_ppo_validation_prompts(tiny_tokenizer):

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Literal
 
 from alpaca_rlhf.data.templates import PromptTemplate
-from alpaca_rlhf.inference.checkpoints import STAGE_TITLES, STAGES, Checkpoint, load_checkpoint, resolve_checkpoint
+from alpaca_rlhf.inference.checkpoints import (
+    STAGE_TITLES,
+    STAGES,
+    Checkpoint,
+    detect_checkpoint,
+    load_checkpoint,
+    resolve_checkpoint,
+)
 from alpaca_rlhf.inference.generation import (
     Generation,
     SamplingSpec,
@@ -149,7 +156,8 @@ def compare(
     Args:
         base_model: The model SFT started from (folder or hub id); None leaves the stage out.
         sft_model: The merged SFT folder, or the SFT adapter folder (on its recorded base).
-        rlhf_model: A PPO export step_<n>, or the PPO output_dir (its latest step_<n>).
+        rlhf_model: A PPO export step_<n>, the PPO output_dir (its latest step_<n>), or another RL stage's
+            adapter folder (DPO's), on its recorded base.
         reward_model: The merged reward-model folder; None compares without scores.
         judge_model: An independent merged reward model (trained on a disjoint part of the preference data) that
             scores every stage too: the optimised RM's score rising while the judge's falls flags
@@ -174,7 +182,9 @@ def compare(
     started = time.time()
     checkpoints: dict[str, Checkpoint] = {}
     if rlhf_model:
-        checkpoints["rlhf"] = resolve_checkpoint("ppo", ppo_model_path=rlhf_model)
+        if not Path(rlhf_model).exists():
+            raise FileNotFoundError(f"rlhf_model {rlhf_model!r} does not exist: run the RL stage (PPO or DPO) first")
+        checkpoints["rlhf"] = detect_checkpoint(rlhf_model)[0]  # a PPO export or run, or a DPO adapter
     if sft_model:
         is_adapter = (Path(sft_model) / "adapter_config.json").is_file()
         checkpoints["sft"] = resolve_checkpoint("sft", **({"adapter_path": sft_model} if is_adapter
