@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]  # the folder that holds alpaca_rlhf/
-STAGE_NAMES = ("sft", "merge_sft", "rm", "merge_rm", "ppo", "judge", "merge_judge", "compare")
+STAGE_NAMES = ("sft", "merge_sft", "rm", "merge_rm", "ppo", "dpo", "judge", "merge_judge", "compare")
 
 
 @dataclass
@@ -76,13 +76,16 @@ class CompareStage:
 class Stages:
     """Every stage's config; the defaults are the real (Llama-3.1-8B, GPU) configs.
 
-    `judge` (optional) is a second reward model, trained like `rm` but on a disjoint part of the preference data
-    (`data.train_part`), whose merged copy scores every stage in `compare` as an independent judge.
+    `ppo` is the RL stage: its config's module says which algorithm runs (`PPOModule`, or `DPOModule`, which
+    trains on the preference data directly and needs no reward model; `rm: null` then drops the reward-model
+    stages, and compare runs without scores unless a judge is there). `judge` (optional) is a second reward
+    model, trained like `rm` but on a disjoint part of the preference data (`data.train_part`), whose merged
+    copy scores every stage in `compare` as an independent judge.
     """
 
     sft: FitStage = field(default_factory=lambda: FitStage("configs/sft.yaml"))
     merge_sft: MergeStage = field(default_factory=MergeStage)
-    rm: FitStage = field(default_factory=lambda: FitStage("configs/rm.yaml"))
+    rm: FitStage | None = field(default_factory=lambda: FitStage("configs/rm.yaml"))
     merge_rm: MergeStage = field(default_factory=MergeStage)
     ppo: FitStage = field(default_factory=lambda: FitStage("configs/ppo.yaml"))
     judge: FitStage | None = None
@@ -201,15 +204,27 @@ def plan(stages: Stages) -> tuple[list[Stage], dict]:
     sft_merged = merged_dir(sft_adapter, stages.merge_sft)
 
     rm_wiring = ["--model.init_args.model.name_or_path", sft_merged]
-    rm = fit_config(stages.rm, "rm", rm_wiring)
-    rm_adapter = str(rm.get("model.init_args.adapter_dir", "output/reward_model"))
-    rm_merged = merged_dir(rm_adapter, stages.merge_rm)
+    rm = rm_adapter = rm_merged = None
+    if stages.rm is not None:
+        rm = fit_config(stages.rm, "rm", rm_wiring)
+        rm_adapter = str(rm.get("model.init_args.adapter_dir", "output/reward_model"))
+        rm_merged = merged_dir(rm_adapter, stages.merge_rm)
 
-    ppo_wiring = ["--model.init_args.policy.name_or_path", sft_merged]
-    if str(fit_config(stages.ppo, "ppo").get("model.init_args.scorer.class_path", "")).endswith("RewardModelScorer"):
-        ppo_wiring += ["--model.init_args.scorer.init_args.model.name_or_path", rm_merged]
-    ppo = fit_config(stages.ppo, "ppo", ppo_wiring)
-    ppo_dir = Path(ppo.get("model.init_args.output_dir", "output/checkpoints/tuning_llama_rl"))
+    # the RL stage: the `ppo:` entry's config says which algorithm (PPOModule or DPOModule)
+    rl = fit_config(stages.ppo, "ppo")
+    rl_name = "dpo" if str(rl.get("model.class_path", "")).endswith("DPOModule") else "ppo"
+    if rl_name == "dpo":  # trained on the preference data directly: the merged SFT model is its start
+        ppo_wiring = ["--model.init_args.model.name_or_path", sft_merged]
+        ppo = fit_config(stages.ppo, "dpo", ppo_wiring)
+        ppo_dir = Path(ppo.get("model.init_args.adapter_dir", "output/dpo"))
+    else:
+        ppo_wiring = ["--model.init_args.policy.name_or_path", sft_merged]
+        if str(rl.get("model.init_args.scorer.class_path", "")).endswith("RewardModelScorer"):
+            if rm_merged is None:
+                raise PipelineError("pipeline: PPO's scorer is a reward model, but the pipeline has no rm stage")
+            ppo_wiring += ["--model.init_args.scorer.init_args.model.name_or_path", rm_merged]
+        ppo = fit_config(stages.ppo, "ppo", ppo_wiring)
+        ppo_dir = Path(ppo.get("model.init_args.output_dir", "output/checkpoints/tuning_llama_rl"))
 
     judge = judge_adapter = judge_merged = None
     if stages.judge is not None:
@@ -218,12 +233,15 @@ def plan(stages: Stages) -> tuple[list[Stage], dict]:
         judge_merged = merged_dir(judge_adapter, stages.merge_judge)
 
     base = sft.get("model.init_args.model.name_or_path", "meta-llama/Llama-3.1-8B")
-    compare_wiring = ["--base_model", str(base), "--sft_model", sft_merged, "--rlhf_model", str(ppo_dir),
-                      "--reward_model", rm_merged] + (["--judge_model", judge_merged] if judge_merged else [])
-    ppo_run = ppo.tensorboard_run()
+    compare_wiring = ["--base_model", str(base), "--sft_model", sft_merged, "--rlhf_model", str(ppo_dir)]
+    compare_wiring += ["--reward_model", rm_merged] if rm_merged else []
+    compare_wiring += ["--judge_model", judge_merged] if judge_merged else []
+    ppo_run = ppo.tensorboard_run() if rl_name == "ppo" else None
     compare_wiring += ["--ppo_log_dir", str(ppo_run)] if ppo_run is not None else []  # the training-curve plot
     for key in ("data_path", "val_set_size", "seed", "max_prompt_length", "skip_bad_records", "max_records", "split",
                 "hub_config", "revision", "fields"):
+        if rl_name != "ppo":  # DPO's data are pairs: compare keeps its own prompts
+            break
         value = ppo.get(f"data.init_args.{key}")  # compare on PPO's held-out prompts: PPO's own split arguments
         compare_wiring += [f"--prompts.{key}", json.dumps(value) if value is None or isinstance(value, (bool, dict))
                            else str(value)]
@@ -238,20 +256,21 @@ def plan(stages: Stages) -> tuple[list[Stage], dict]:
         Stage("sft", fit_args(sft, [], stages.sft), Path(sft_adapter), sft.checkpoint_dir()),
         Stage("merge_sft", ["merge", "--adapter_path", sft_adapter, "--output_dir", sft_merged,
                             "--dtype", stages.merge_sft.dtype], Path(sft_merged)),
-        Stage("rm", fit_args(rm, rm_wiring, stages.rm), Path(rm_adapter), rm.checkpoint_dir()),
-        Stage("merge_rm", ["merge", "--adapter_path", rm_adapter, "--output_dir", rm_merged,
-                           "--dtype", stages.merge_rm.dtype], Path(rm_merged)),
-        Stage("ppo", fit_args(ppo, ppo_wiring, stages.ppo), ppo_dir, ppo.checkpoint_dir()),
+        *([Stage("rm", fit_args(rm, rm_wiring, stages.rm), Path(rm_adapter), rm.checkpoint_dir()),
+           Stage("merge_rm", ["merge", "--adapter_path", rm_adapter, "--output_dir", rm_merged,
+                              "--dtype", stages.merge_rm.dtype], Path(rm_merged))] if rm else []),
+        Stage(rl_name, fit_args(ppo, ppo_wiring, stages.ppo), ppo_dir, ppo.checkpoint_dir()),
         *([Stage("judge", fit_args(judge, rm_wiring, stages.judge), Path(judge_adapter), judge.checkpoint_dir()),
            Stage("merge_judge", ["merge", "--adapter_path", judge_adapter, "--output_dir", judge_merged,
                                  "--dtype", stages.merge_judge.dtype], Path(judge_merged))] if judge else []),
         Stage("compare", ["compare", *compare_config, *compare_wiring, *stages.compare.overrides], report_dir,
               enabled=stages.compare.enabled),
     ]
-    configs = (sft, rm, ppo, judge) if judge else (sft, rm, ppo)
+    configs = [c for c in (sft, rm, ppo, judge) if c is not None]
     tensorboard = [d for d in (c.tensorboard_dir() for c in configs) if d]
     paths = {"report": report_dir / "report.md", "tensorboard": tensorboard, "sft": Path(sft_merged),
-             "rm": Path(rm_merged), "ppo": ppo_dir, "judge": Path(judge_merged) if judge_merged else None}
+             "rm": Path(rm_merged) if rm_merged else None, "ppo": ppo_dir, "rl": rl_name,
+             "judge": Path(judge_merged) if judge_merged else None}
     return planned, paths
 
 
@@ -274,8 +293,8 @@ def ppo_final_export(ppo_dir: Path, marker: Path) -> Path | None:
 def finished_output(stage: Stage, logs: Path) -> Path | None:
     """The stage's finished output, or None if it has not finished."""
     out = stage.output
-    if stage.name in ("sft", "rm", "judge"):
-        files = ["adapter_model.safetensors"] + (["reward_stats.json"] if stage.name != "sft" else [])
+    if stage.name in ("sft", "rm", "judge", "dpo"):
+        files = ["adapter_model.safetensors"] + (["reward_stats.json"] if stage.name in ("rm", "judge") else [])
         return out if all((out / f).is_file() for f in files) else None
     if stage.name.startswith("merge"):
         return out if (out / "config.json").is_file() else None
@@ -377,7 +396,8 @@ def pipeline(
         stages: Each stage's config and overrides (see configs/pipeline.yaml).
         output_dir: Where `logs/<stage>.log` go.
         force: Rerun every stage from scratch, removing its previous output and last.ckpt first.
-        from_stage: Rerun from this stage on (sft, merge_sft, rm, merge_rm, ppo, judge, merge_judge, compare);
+        from_stage: Rerun from this stage on (sft, merge_sft, rm, merge_rm, ppo or dpo, judge, merge_judge,
+            compare);
             earlier finished stages are kept.
         dry_run: Print what would run (skip / resume / run, and the commands) without running anything.
     """
@@ -458,6 +478,8 @@ def finish(paths: dict, logs: Path, seconds: float, times: dict[str, float]) -> 
     print(f"report:      {paths['report']} (all outputs: {paths['report'].parent / 'outputs.jsonl'})")
     print(f"TensorBoard: tensorboard --logdir {' --logdir '.join(tensorboard) if tensorboard else '(none)'}  "
           f"(runs: {', '.join(str(d) for d in paths['tensorboard'])})")
-    print(f"checkpoints: SFT {paths['sft']}, reward model {paths['rm']}, PPO {ppo_export or paths['ppo']}")
+    rl = "DPO" if paths.get("rl") == "dpo" else "PPO"
+    print(f"checkpoints: SFT {paths['sft']}, reward model {paths['rm'] or '(none)'}, {rl} "
+          f"{ppo_export or paths['ppo']}")
     print(f"logs:        {logs}/<stage>.log")
     return summary

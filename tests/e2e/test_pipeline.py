@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_cli
 
-from alpaca_rlhf.pipeline import FitStage, MergeStage, Stages, invalidate, is_done, plan, ppo_final_export
+from alpaca_rlhf.pipeline import (
+    CompareStage,
+    FitStage,
+    MergeStage,
+    Stages,
+    invalidate,
+    is_done,
+    plan,
+    ppo_final_export,
+)
 
 
 def tiny_stages(**changes) -> Stages:
@@ -249,3 +258,28 @@ def test_tiny_pipeline_end_to_end_then_rerun_skips(tmp_path):
 
     again = run_cli(["pipeline", "--config", config], cwd=tmp_path)
     assert again.stdout.count("skipped") == 6 and "win rate of RLHF over SFT" in again.stdout
+
+
+def test_the_rl_stage_is_the_configs_algorithm_dpo_needs_no_reward_model(capsys):
+    from alpaca_rlhf.pipeline import FitStage, Stages
+
+    stages, paths = plan(Stages(sft=FitStage(str(ROOT / "configs/tiny/sft.yaml")),
+                                rm=FitStage(str(ROOT / "configs/tiny/rm.yaml")),
+                                ppo=FitStage(str(ROOT / "configs/tiny/dpo.yaml")),
+                                compare=CompareStage(str(ROOT / "configs/tiny/compare.yaml"))))
+    by_name = {s.name: s for s in stages}
+    assert [s.name for s in stages] == ["sft", "merge_sft", "rm", "merge_rm", "dpo", "compare"]
+    dpo = " ".join(by_name["dpo"].args)
+    assert "--model.init_args.model.name_or_path output/tiny/lora-alpaca-adapter-merged" in dpo
+    assert by_name["dpo"].output == Path("output/tiny/dpo")
+    compare = " ".join(by_name["compare"].args)
+    assert "--rlhf_model output/tiny/dpo" in compare and "--ppo_log_dir" not in compare
+    assert "--prompts.max_prompt_length" not in compare  # DPO's data are pairs: compare keeps its own prompts
+    no_rm, _ = plan(Stages(sft=FitStage(str(ROOT / "configs/tiny/sft.yaml")), rm=None,
+                           ppo=FitStage(str(ROOT / "configs/tiny/dpo.yaml")),
+                           compare=CompareStage(str(ROOT / "configs/tiny/compare.yaml"))))
+    assert [s.name for s in no_rm] == ["sft", "merge_sft", "dpo", "compare"]
+    assert "--reward_model" not in " ".join(no_rm[-1].args)
+    with pytest.raises(SystemExit, match="no rm stage"):
+        plan(Stages(sft=FitStage(str(ROOT / "configs/tiny/sft.yaml")), rm=None,
+                    ppo=FitStage(str(ROOT / "configs/tiny/ppo.yaml"))))

@@ -72,3 +72,18 @@ def _check_merged_scores(merged: Path) -> None:
     with torch.no_grad():
         chosen, rejected = model(**batch).logits.squeeze(-1).chunk(2)  # one score per prompt + response
     assert (chosen > rejected).float().mean() >= 0.8
+
+
+def test_tiny_dpo_through_the_cli_learns_and_compare_reports_it(tiny_sft_run, tmp_path):
+    """configs/tiny/dpo.yaml as a user runs it, then compare with the DPO adapter as the RLHF stage."""
+    shutil.copytree(tiny_sft_run / MERGED_SFT, tmp_path / MERGED_SFT)
+    cli("fit", "--config", str(ROOT / "configs/tiny/dpo.yaml"), "--trainer.enable_progress_bar", "false", cwd=tmp_path)
+    accuracy = scalars(tmp_path / "output/tiny/dpo/run", "val/rewards/accuracies")
+    margins = scalars(tmp_path / "output/tiny/dpo/run", "val/rewards/margins")
+    assert accuracy[-1] >= 0.7 and margins[-1] > margins[0], (accuracy, margins)  # chance is 0.5
+    assert (tmp_path / "output/tiny/dpo/adapter_model.safetensors").is_file()
+    cli("compare", "--config", str(ROOT / "configs/tiny/compare.yaml"), "--sft_model", MERGED_SFT, "--rlhf_model",
+        "output/tiny/dpo", "--base_model", "null", "--reward_model", "null", "--prompts.max_prompts", "4",
+        "--report_dir", "cmp", cwd=tmp_path)
+    summary = json.loads((tmp_path / "cmp/summary.json").read_text())["summary"]
+    assert set(summary["stages"]) == {"sft", "rlhf"} and summary["kl_rlhf_to_sft"]["mean"] > 0
