@@ -1,0 +1,31 @@
+"""Every shipped config parses with the parser of the command that runs it (a misspelt key fails here)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from conftest import ROOT
+
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def kind(path) -> str:
+    keys = set(yaml.safe_load(path.read_text()))
+    if "stages" in keys:
+        return "pipeline"
+    if "trainer" in keys or "model" in keys:
+        return "fit"
+    return "compare"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_shipped_config_parses(path):
+    from alpaca_rlhf.cli import parse_fit_config, parse_function_config
+
+    if path.name == "judge.yaml":  # stacked on the RM config
+        parse_fit_config(["--config", str(ROOT / "configs/smol/rm.yaml"), "--config", str(path)])
+    elif kind(path) == "fit":
+        config = parse_fit_config(["--config", str(path)])
+        assert config.model.class_path.startswith("alpaca_rlhf.modules.")
+    else:
+        parse_function_config(kind(path), ["--config", str(path)])
