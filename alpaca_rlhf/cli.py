@@ -190,13 +190,20 @@ def _help_cache_key(argv: list[str]) -> str:
 
 
 def _cached_help(argv: list[str], build) -> None:
-    """`fit --help` needs Lightning's import (~3 s cold): the text is kept in the cache folder
+    """`fit --help` needs Lightning's import (~3 s cold): the package ships the text (`alpaca_rlhf/help`, made
+    for the pinned versions); with other versions the text built on first use is kept in the cache folder
     (`$ALPACA_RLHF_CACHE`, else ~/.cache/alpaca_rlhf) and shown from there until a version or source changes."""
     import contextlib
     import io
     import os
     from pathlib import Path
 
+    from alpaca_rlhf.helptext import shipped
+
+    text = shipped(argv[0])  # made with these versions and shipped: no Lightning import at all
+    if text is not None:
+        print(text, end="")
+        raise SystemExit(0)
     cache = Path(os.environ.get("ALPACA_RLHF_CACHE", Path.home() / ".cache" / "alpaca_rlhf")) / "help"
     path = cache / f"{argv[0]}-{_help_cache_key(argv)}.txt"
     if path.is_file():

@@ -29,3 +29,16 @@ def test_shipped_config_parses(path):
         assert config.model.class_path.startswith("alpaca_rlhf.modules.")
     else:
         parse_function_config(kind(path), ["--config", str(path)])
+
+
+@pytest.mark.parametrize("command", ["fit", "validate"])
+def test_the_shipped_help_text_is_the_live_one(command):
+    """`fit --help` prints alpaca_rlhf/help/<command>.txt (no Lightning import); it must say what the live parser
+    says. When this fails after a version or CLI change: python -m alpaca_rlhf.helptext"""
+    from alpaca_rlhf.helptext import HELP_DIR, live, shipped, versions_header
+
+    text = shipped(command)
+    if text is None:  # other versions installed: the shipped text is not used, the live help is built and cached
+        header = (HELP_DIR / f"{command}.txt").read_text().partition("\n")[0]
+        pytest.skip(f"shipped help is for {header}, installed: {versions_header()}")
+    assert text == live(command), "stale: python -m alpaca_rlhf.helptext"
