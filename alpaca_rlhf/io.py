@@ -74,3 +74,17 @@ def use_atomic_checkpoints(trainer) -> None:
     strategy = trainer.strategy
     if type(strategy.checkpoint_io) is TorchCheckpointIO:
         strategy.checkpoint_io = _atomic_checkpoint_io_class()()
+
+
+def check_logs_outside(module, export_dir: str | os.PathLike, option: str) -> None:
+    """Refuses, before training, an export folder that holds the run's own log folder: the export replaces the
+    folder whole at the end (`atomic_dir`), so the TensorBoard run inside it would be deleted."""
+    from alpaca_rlhf.errors import ConfigError
+
+    export = Path(export_dir).resolve()
+    for logger in getattr(module, "loggers", []) or []:
+        log_dir = getattr(logger, "log_dir", None)
+        if log_dir and (Path(log_dir).resolve() == export or export in Path(log_dir).resolve().parents):
+            raise ConfigError(f"{option} {str(export_dir)!r} holds the run's log folder {log_dir!r}: the export "
+                              "replaces that folder whole at the end of fit, deleting the logs; give the logger "
+                              "another name or save_dir, or the export another folder")

@@ -127,6 +127,11 @@ class DPOModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._step(batch, "val/")
 
+    def on_fit_start(self) -> None:
+        from alpaca_rlhf.io import check_logs_outside
+
+        check_logs_outside(self, self.adapter_dir, "model.adapter_dir")
+
     def configure_optimizers(self):
         optimizer = self.optimizer_fn([p for p in self.parameters() if p.requires_grad])
         if self.scheduler_fn is None:

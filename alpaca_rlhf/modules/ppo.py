@@ -199,6 +199,9 @@ class PPOModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """A new run starts from an output folder without exports; a resume keeps its own."""
+        from alpaca_rlhf.io import check_logs_outside
+
+        check_logs_outside(self, self.output_dir, "model.output_dir")
         if self.trainer.ckpt_path is not None:
             return
         old = sorted(p.parent for p in self.output_dir.glob("step_*/ppo_state.json"))

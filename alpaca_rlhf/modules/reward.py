@@ -191,6 +191,11 @@ class RewardModule(L.LightningModule):
         rank_zero_warn(f"no preference pairs to compute {REWARD_STATS_FILE} from: PPO will not centre scores")
         return None
 
+    def on_fit_start(self) -> None:
+        from alpaca_rlhf.io import check_logs_outside
+
+        check_logs_outside(self, self.adapter_dir, "model.adapter_dir")
+
     def configure_optimizers(self):
         optimizer = self.optimizer_fn([p for p in self.parameters() if p.requires_grad])
         if self.scheduler_fn is None:

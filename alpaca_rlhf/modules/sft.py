@@ -116,6 +116,11 @@ class SFTModule(L.LightningModule):
         text = f"**{self.sample_instruction}**\n\n    {response}"  # 4 spaces: TensorBoard renders markdown
         self.logger.experiment.add_text("samples/generation", text, self.global_step)
 
+    def on_fit_start(self) -> None:
+        from alpaca_rlhf.io import check_logs_outside
+
+        check_logs_outside(self, self.adapter_dir, "model.adapter_dir")
+
     def configure_optimizers(self):
         optimizer = self.optimizer_fn([p for p in self.parameters() if p.requires_grad])
         if self.scheduler_fn is None:

@@ -271,9 +271,9 @@ def test_the_rl_stage_is_the_configs_algorithm_dpo_needs_no_reward_model(capsys)
     assert [s.name for s in stages] == ["sft", "merge_sft", "rm", "merge_rm", "dpo", "compare"]
     dpo = " ".join(by_name["dpo"].args)
     assert "--model.init_args.model.name_or_path output/tiny/lora-alpaca-adapter-merged" in dpo
-    assert by_name["dpo"].output == Path("output/tiny/dpo")
+    assert by_name["dpo"].output == Path("output/tiny/lora-dpo")
     compare = " ".join(by_name["compare"].args)
-    assert "--rlhf_model output/tiny/dpo" in compare and "--ppo_log_dir" not in compare
+    assert "--rlhf_model output/tiny/lora-dpo" in compare and "--ppo_log_dir" not in compare
     assert "--prompts.max_prompt_length" not in compare  # DPO's data are pairs: compare keeps its own prompts
     no_rm, _ = plan(Stages(sft=FitStage(str(ROOT / "configs/tiny/sft.yaml")), rm=None,
                            ppo=FitStage(str(ROOT / "configs/tiny/dpo.yaml")),

@@ -81,9 +81,9 @@ def test_tiny_dpo_through_the_cli_learns_and_compare_reports_it(tiny_sft_run, tm
     accuracy = scalars(tmp_path / "output/tiny/dpo/run", "val/rewards/accuracies")
     margins = scalars(tmp_path / "output/tiny/dpo/run", "val/rewards/margins")
     assert accuracy[-1] >= 0.7 and margins[-1] > margins[0], (accuracy, margins)  # chance is 0.5
-    assert (tmp_path / "output/tiny/dpo/adapter_model.safetensors").is_file()
+    assert (tmp_path / "output/tiny/lora-dpo/adapter_model.safetensors").is_file()
     cli("compare", "--config", str(ROOT / "configs/tiny/compare.yaml"), "--sft_model", MERGED_SFT, "--rlhf_model",
-        "output/tiny/dpo", "--base_model", "null", "--reward_model", "null", "--prompts.max_prompts", "4",
+        "output/tiny/lora-dpo", "--base_model", "null", "--reward_model", "null", "--prompts.max_prompts", "4",
         "--report_dir", "cmp", cwd=tmp_path)
     summary = json.loads((tmp_path / "cmp/summary.json").read_text())["summary"]
     assert set(summary["stages"]) == {"sft", "rlhf"} and summary["kl_rlhf_to_sft"]["mean"] > 0

@@ -79,3 +79,20 @@ def test_the_untrained_policy_is_its_reference_and_training_raises_the_held_out_
     assert (tmp_path / "dpo/adapter_model.safetensors").is_file()
     with pytest.raises(Exception, match="bias"):
         DPOModule(ModelSpec(name_or_path=merged_sft), LoraSpec(r=4, bias="all"))
+
+
+def test_an_export_folder_holding_the_logs_is_refused_before_training(merged_sft, tmp_path):
+    """configs/smol/judge.yaml once logged to output/smol/judge/run and exported to output/smol/judge: the export
+    replaced the folder and deleted the TensorBoard run."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from alpaca_rlhf.errors import ConfigError
+
+    module = DPOModule(ModelSpec(name_or_path=merged_sft), LoraSpec(r=4, dropout=0.0),
+                       adapter_dir=str(tmp_path / "out/dpo"))
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0,
+                        logger=TensorBoardLogger(save_dir=str(tmp_path / "out"), name="dpo", version="run"))
+    with pytest.raises(ConfigError, match="holds the run's log folder"):
+        trainer.fit(module, data(module))
+    assert not (tmp_path / "out/dpo/adapter_model.safetensors").exists()
