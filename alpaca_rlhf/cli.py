@@ -130,7 +130,9 @@ def cli_main(args: list[str] | None = None):
         raise SystemExit(f"alpaca-rlhf: unknown command {argv[0]!r}; one of {', '.join(COMMANDS)} "
                          "(alpaca-rlhf --help)")
     if argv[1:] in (["-h"], ["--help"]):
-        return _cached_help(argv, lambda: lightning_cli(argv))
+        from alpaca_rlhf.helptext import live
+
+        return _cached_help(argv, lambda: print(live(argv[0]), end="") or sys.exit(0))
     if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
         sys.argv[1:] = argv
         return lightning_cli(None)
