@@ -343,6 +343,21 @@ def test_reward_hacking_diagnostics_flag_a_gamed_reward_model():
     assert clean["reward_hacking"] == []
 
 
+def test_a_reward_model_that_prefers_brevity_is_flagged_when_rlhf_shrinks_its_answers():
+    """The smol run: SFT ~39 tokens, RLHF ~13, and the RM's score falls with length on SFT's own responses."""
+    def rows(name, lengths, scores):
+        return [{"stage": name, "prompt_id": i, "sample": 0, "response": f"answer number {i} here",
+                 "response_tokens": n, "score": sc, "ended_with_eos": True, "follows_template": True}
+                for i, (n, sc) in enumerate(zip(lengths, scores, strict=True))]
+
+    sft = rows("sft", [20, 30, 40, 48], [0.6, 0.3, 0.0, -0.3])  # longer, lower
+    rlhf = rows("rlhf", [8, 10, 12, 14], [0.7, 0.7, 0.6, 0.7])
+    scores = {"sft": [r["score"] for r in sft], "rlhf": [r["score"] for r in rlhf]}
+    summary = inf.summarize(["sft", "rlhf"], sft + rlhf, scores, None, 1, inf.SamplingSpec(max_new_tokens=48))
+    flags = " ".join(summary["reward_hacking"])
+    assert "buying reward with brevity" in flags and "on SFT's responses" in flags, flags
+
+
 def test_shipped_compare_configs_parse(capsys):
     from cli import cli_main
 

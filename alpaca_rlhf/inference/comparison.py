@@ -433,10 +433,15 @@ def hacking_flags(summary: dict) -> list[str]:
         flags.append(f"the optimised reward model's score rose ({versus['score_gain']:+.3f}) while the independent "
                      f"judge's fell ({versus['judge_gain']:+.3f}): over-optimisation (Gao et al., 2022)")
     ratio = rlhf["response_tokens"] / max(sft["response_tokens"], 1e-9)
-    corr = rlhf["length_score_corr"]
-    if (ratio > 1.5 or ratio < 0.5) and corr is not None and abs(corr) > 0.3:
-        flags.append(f"RLHF responses are {ratio:.1f}x the SFT length and the score correlates with length "
-                     f"(r = {corr:+.2f}): the policy may be buying reward with length")
+    # the reward model's taste for length shows best where lengths vary: on SFT's responses as well as RLHF's
+    corrs = [(name, stages[name]["length_score_corr"]) for name in ("sft", "rlhf")
+             if stages[name]["length_score_corr"] is not None]
+    name, corr = max(corrs, key=lambda c: abs(c[1]), default=(None, None))
+    if (ratio > 1.5 or ratio < 0.5) and corr is not None and abs(corr) > 0.3 and (corr > 0) == (ratio > 1):
+        what = "length" if ratio > 1 else "brevity"
+        flags.append(f"RLHF responses are {ratio:.2f}x the SFT length and the reward model's score "
+                     f"{'rises' if corr > 0 else 'falls'} with length (r = {corr:+.2f} on {name.upper()}'s "
+                     f"responses): the policy may be buying reward with {what}")
     if rlhf["empty"] > sft["empty"] + 0.05:
         flags.append(f"empty responses rose from {sft['empty']:.0%} to {rlhf['empty']:.0%}")
     if sft["distinct_2"] - rlhf["distinct_2"] > 0.15:
