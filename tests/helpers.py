@@ -89,3 +89,29 @@ class SigkillAt(L.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.point == "before_export":
             self._die()
+
+
+def _rank_skewed_ppo():
+    from alpaca_rlhf.modules import PPOModule
+
+    class RankSkewedKLPPO(PPOModule):
+        """PPO whose rank 0 sees a huge minibatch KL and rank 1 a zero one: decided per rank, rank 0 would stop
+        after its first epoch while rank 1 went on into collectives rank 0 never joins (a hang). Each rank
+        writes how many epochs it ran to epochs_rank<r>.txt."""
+
+        def stop_early(self, minibatch_kl) -> bool:
+            skewed = minibatch_kl * 0 + (100.0 if self.global_rank == 0 else 0.0)
+            return super().stop_early(skewed)
+
+        def log_stats(self, stats: dict, batch_size: int) -> None:
+            super().log_stats(stats, batch_size)
+            with open(f"epochs_rank{self.global_rank}.txt", "a") as f:
+                f.write(f"{int(self.last_stats['ppo/epochs_run'])}\n")
+
+    return RankSkewedKLPPO
+
+
+def __getattr__(name: str):  # tests.helpers.RankSkewedKLPPO, imported only when a config names it
+    if name == "RankSkewedKLPPO":
+        return _rank_skewed_ppo()
+    raise AttributeError(name)

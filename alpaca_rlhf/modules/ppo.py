@@ -418,13 +418,17 @@ class PPOModule(L.LightningModule):
                 opt.zero_grad()
             # TRL-old: early stop on the last minibatch's KL(old || new), decided alike on every rank (a rank that
             # stopped alone would leave the others waiting in their next collective)
-            if self.hp.early_stopping:
-                kl = self.trainer.strategy.reduce(torch.as_tensor(minibatch_kl, device=self.device), reduce_op="mean")
-                if float(kl) > 1.5 * self.hp.target_kl:
-                    break
+            if self.hp.early_stopping and self.stop_early(minibatch_kl):
+                break
         out = {k: v / count for k, v in sums.items()}  # tensors: one device sync per iteration, at logging
         out["ppo/epochs_run"] = float(epochs_run)
         return out
+
+    def stop_early(self, minibatch_kl) -> bool:
+        """Whether to stop this iteration's epochs: the minibatch's KL(old || new), all-reduced so every rank
+        decides alike, above 1.5 x target_kl."""
+        kl = self.trainer.strategy.reduce(torch.as_tensor(minibatch_kl, device=self.device), reduce_op="mean")
+        return float(kl) > 1.5 * self.hp.target_kl
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         B = batch["input_ids"].shape[0]

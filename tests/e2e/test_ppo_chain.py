@@ -61,7 +61,7 @@ def test_tiny_chain_ppo_raises_the_held_out_reward(tiny_sft_run, tmp_path):
     assert {"val/scores_chosen", "val/scores_rejected"} <= set(rm["histograms"]) and "hp_metric" not in rm["scalars"]
 
 
-def short_rule_run(tiny_sft_run, work, iterations: int, extra_yaml: str, *args):
+def short_rule_run(tiny_sft_run, work, iterations: int, extra_yaml: str, *args, timeout: int = 600):
     """`fit` of configs/tiny/ppo.yaml for a few iterations with a rule-based scorer from YAML instead of the
     reward model (no RM stage needed), plus `extra_yaml` under `model.init_args`; returns the work folder."""
     shutil.copytree(tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged",
@@ -71,7 +71,7 @@ def short_rule_run(tiny_sft_run, work, iterations: int, extra_yaml: str, *args):
         "      init_args: {words: [the, a, and]}\n" + extra_yaml)
     run_cli(["fit", "--config", str(ROOT / "configs/tiny/ppo.yaml"), "--config", "override.yaml", *args,
              "--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(iterations),
-             "--trainer.limit_val_batches", "0"], cwd=work)
+             "--trainer.limit_val_batches", "0"], cwd=work, timeout=timeout)
     return work
 
 
@@ -102,3 +102,15 @@ def test_value_head_and_scorer_swap_from_yaml(tiny_sft_run, tmp_path):
     assert not any("embed_tokens" in k for k in ckpt["state_dict"])  # still adapter-sized
     head = load_file(work / "output/tiny/ppo_checkpoints/step_2/value_head.safetensors")
     assert "summary.weight" in head and sum("lora_" in k for k in head) == 4 * 2  # 2 layers x q,v x A,B
+
+
+def test_early_stopping_is_decided_alike_on_every_rank(tiny_sft_run, tmp_path):
+    """2-process CPU DDP where rank 0's minibatch KL is huge and rank 1's is zero (tests.helpers.RankSkewedKLPPO):
+    on the all-reduced KL both ranks stop after the first epoch of each iteration. Decided per rank, rank 0 would
+    stop alone and rank 1 would wait in its next collective forever (here: the 300 s timeout)."""
+    extra = ("    ppo: {mini_batch_size: null, ppo_epochs: 3, early_stopping: true, target_kl: 1.0}\n"
+             "  class_path: tests.helpers.RankSkewedKLPPO\n")
+    work = short_rule_run(tiny_sft_run, tmp_path / "skew", 2, extra, "--trainer.strategy", "ddp",
+                          "--trainer.devices", "2", "--trainer.accelerator", "cpu", timeout=300)
+    for rank in (0, 1):
+        assert (work / f"epochs_rank{rank}.txt").read_text().split() == ["1", "1"], rank
