@@ -23,10 +23,15 @@ def run(args: list[str], cwd: Path, env: dict, timeout: int = 900) -> subprocess
 
 
 def test_wheel_in_a_fresh_venv_runs_the_tiny_pipeline_from_an_empty_directory(tmp_path):
-    # the wheel, built from this checkout
+    # the wheel, built from a copy of this checkout's sources (an in-tree build/ could hold stale files)
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv*", "output", "build", "dist", ".git",
+                                                                "__pycache__", "*.egg-info", ".pytest_cache"))
     dist = tmp_path / "dist"
-    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist), str(ROOT)],
-        cwd=tmp_path, env=os.environ.copy())
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist),
+         str(source)], cwd=tmp_path, env=os.environ.copy())
     wheel = next(dist.glob("alpaca_rlhf-*.whl"))
     # a fresh venv; its dependencies (torch & co, gigabytes) are borrowed from this one through a .pth line, the
     # package itself comes only from the wheel
