@@ -261,12 +261,13 @@ class PreferenceCollator:
     """Stacks a batch of B pairs into one (2B, T) batch: rows [0, B) chosen, rows [B, 2B) rejected.
 
     Padding goes on `padding_side`; `attention_mask` is 1 on real tokens, which is all `score` needs to find
-    each sequence's last token under either side; `response_mask` is True on the response tokens (after the
-    shared prompt), which DPO sums log-probabilities over.
+    each sequence's last token under either side; with `response_mask`, a third tensor is True on the response
+    tokens (after the shared prompt), which DPO sums log-probabilities over.
     """
 
     pad_token_id: int
     padding_side: str = "right"
+    response_mask: bool = False  # add DPO's mask of response tokens
 
     def __call__(self, pairs: list[dict]) -> dict[str, torch.Tensor]:
         sequences = [p["chosen_input_ids"] for p in pairs] + [p["rejected_input_ids"] for p in pairs]
@@ -281,7 +282,8 @@ class PreferenceCollator:
             attention_mask[i, start : start + len(s)] = 1
             if prompt_lengths[i] is not None:
                 response_mask[i, start + prompt_lengths[i] : start + len(s)] = True
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        return {**batch, "response_mask": response_mask} if self.response_mask else batch
 
 
 def build_shuffled_pairs(records: list[dict], seed: int = 0) -> list[dict]:
@@ -353,6 +355,8 @@ class PreferenceDataModule(TokenizedDataModule):
         train_part: "k/n" trains on the k-th of n disjoint parts of the training pairs (every n-th pair from the
             k-th); the held-out pairs stay the same. Two reward models on "1/2" and "2/2" never share a pair:
             the second is an independent judge of the first's optimisation. None = all training pairs.
+        response_mask: Add each sequence's response-token mask to the batches (DPO needs it; `DPOModule` turns
+            it on by itself).
         split: The split of a hub dataset.
         hub_config: A hub dataset's configuration name (its `name` in `datasets.load_dataset`).
         revision: A hub dataset's revision (branch, tag or commit).
@@ -373,6 +377,7 @@ class PreferenceDataModule(TokenizedDataModule):
         skip_bad_records: bool = False,
         max_records: int | None = None,
         train_part: str | None = None,
+        response_mask: bool = False,
         split: str = "train",
         hub_config: str | None = None,
         revision: str | None = None,
@@ -381,6 +386,7 @@ class PreferenceDataModule(TokenizedDataModule):
         super().__init__(batch_size, num_workers, seed)
         self.read_options = dict(split=split, hub_config=hub_config, revision=revision, fields=fields)
         self.train_part = parse_part(train_part)
+        self.response_mask = response_mask
         if format not in ("auto", *FORMATS):
             raise ConfigError(f"data.format must be 'auto' or one of {sorted(FORMATS)}, got {format!r}")
         self.save_hyperparameters()
@@ -428,7 +434,7 @@ class PreferenceDataModule(TokenizedDataModule):
 
     def collator(self) -> PreferenceCollator:
         tokenizer = self._require_tokenizer()
-        return PreferenceCollator(tokenizer.pad_token_id, tokenizer.padding_side)
+        return PreferenceCollator(tokenizer.pad_token_id, tokenizer.padding_side, self.response_mask)
 
     def train_dataloader(self):
         return self._train_loader(self.train_data, self.collator())

@@ -97,8 +97,15 @@ class DPOModule(L.LightningModule):
         disable_dropout(self.model)  # policy and reference passes must differ only by the adapter
         self.strict_loading = False  # checkpoints hold the adapter only; the base comes from `model`
 
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(datamodule, "response_mask"):  # a PreferenceDataModule: its batches must mark the responses
+            datamodule.response_mask = True
+
     def pair_logprobs(self, batch: dict) -> tuple[Tensor, Tensor]:
         """(policy, reference) sequence log-probs, each (2B,): rows [0, B) chosen, [B, 2B) rejected."""
+        if "response_mask" not in batch:
+            raise ConfigError("DPO batches need response masks: PreferenceDataModule(response_mask=True)")
         policy = sequence_logprobs(self.model, batch)
         with torch.no_grad(), self.model.disable_adapter():
             reference = sequence_logprobs(self.model, batch)

@@ -35,7 +35,8 @@ def merged_sft(tiny_sft_run):
 
 
 def data(module, batch_size=8, val=16):
-    dm = PreferenceDataModule(PAIRS, format="seed", max_length=256, val_set_size=val, batch_size=batch_size, seed=3)
+    dm = PreferenceDataModule(PAIRS, format="seed", max_length=256, val_set_size=val, batch_size=batch_size, seed=3,
+                              response_mask=True)
     dm.connect(module.tokenizer)
     dm.setup()
     return dm
