@@ -21,18 +21,17 @@ from torch import Tensor
 
 from alpaca_rlhf.data.templates import PromptTemplate
 from alpaca_rlhf.errors import ConfigError
-from alpaca_rlhf.guards import assert_finite, skip_nonfinite
+from alpaca_rlhf.guards import skip_nonfinite
 from alpaca_rlhf.models import (
     LoraSpec,
     ModelSpec,
-    adapter_sized,
     apply_lora,
     disable_dropout,
     export_adapter,
     load_causal_lm,
     load_tokenizer,
 )
-from alpaca_rlhf.schedules import scheduler_config
+from alpaca_rlhf.modules.adapter_stage import AdapterStage
 
 
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
@@ -56,7 +55,7 @@ def sequence_logprobs(model, batch: dict) -> Tensor:
     return (logprobs * mask[:, columns]).sum(-1)
 
 
-class DPOModule(L.LightningModule):
+class DPOModule(AdapterStage, L.LightningModule):
     """LoRA on a causal LM (usually the merged SFT model) trained with the DPO loss on preference pairs.
 
     Args:
@@ -133,21 +132,6 @@ class DPOModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._step(batch, "val/")
-
-    def on_fit_start(self) -> None:
-        from alpaca_rlhf.io import check_logs_outside
-
-        check_logs_outside(self, self.adapter_dir, "model.adapter_dir")
-
-    def configure_optimizers(self):
-        optimizer = self.optimizer_fn([p for p in self.parameters() if p.requires_grad])
-        if self.scheduler_fn is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": scheduler_config(self.scheduler_fn(optimizer), self.trainer)}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        adapter_sized(self, checkpoint)
-        assert_finite(checkpoint["state_dict"], "checkpoint")
 
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero:  # on_fit_end: a resumed run past its last step still exports

@@ -32,7 +32,6 @@ from alpaca_rlhf.io import atomic_dir
 from alpaca_rlhf.models import (
     LoraSpec,
     ModelSpec,
-    adapter_sized,
     apply_lora,
     disable_dropout,
     load_causal_lm,
@@ -537,16 +536,14 @@ class PPOModule(L.LightningModule):
 
     # ---- optimizers, checkpoints, exports -------------------------------------------------------------------
     def configure_optimizers(self):
-        optimizer = self.optimizer_fn([p for p in self.policy.parameters() if p.requires_grad])
-        if self.scheduler_fn is None:
-            return optimizer
-        from alpaca_rlhf.schedules import scheduler_config
+        from alpaca_rlhf.modules.adapter_stage import build_optimizers
 
-        return {"optimizer": optimizer, "lr_scheduler": scheduler_config(self.scheduler_fn(optimizer), self.trainer)}
+        return build_optimizers(self, self.policy.parameters())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        adapter_sized(self, checkpoint)
-        assert_finite(checkpoint["state_dict"], "checkpoint")
+        from alpaca_rlhf.modules.adapter_stage import trim_checkpoint
+
+        trim_checkpoint(self, checkpoint)
         checkpoint["ppo"] = {"kl_controller": self.kl_ctl.state_dict(), "iteration": self.iteration,
                              "skipped": [self.skipped_iterations, self.nonfinite_steps]}
 

@@ -23,18 +23,17 @@ from torchmetrics.aggregation import CatMetric
 from torchmetrics.classification import BinaryAccuracy
 
 from alpaca_rlhf.data.templates import PromptTemplate
-from alpaca_rlhf.guards import assert_finite, skip_nonfinite
+from alpaca_rlhf.guards import skip_nonfinite
 from alpaca_rlhf.models import (
     REWARD_STATS_FILE,
     LoraSpec,
     ModelSpec,
-    adapter_sized,
     apply_lora,
     export_adapter,
     load_sequence_classifier,
     load_tokenizer,
 )
-from alpaca_rlhf.schedules import scheduler_config
+from alpaca_rlhf.modules.adapter_stage import AdapterStage
 
 # read-only defaults (a dataclass instance per signature, as LightningCLI shows them in --print_config)
 DEFAULT_BASE = ModelSpec(name_or_path="output/lora-alpaca-adapter-merged")
@@ -77,7 +76,7 @@ def pairwise_loss(chosen_scores: Tensor, rejected_scores: Tensor, margin: float 
     return -F.logsigmoid(chosen_scores - rejected_scores - margin).mean()
 
 
-class RewardModule(L.LightningModule):
+class RewardModule(AdapterStage, L.LightningModule):
     """LoRA and a `score` head (num_labels=1) on a base LM, trained on stacked chosen/rejected pairs.
 
     Args:
@@ -190,22 +189,6 @@ class RewardModule(L.LightningModule):
                 return {**self.score_stats(loader), "split": split}
         rank_zero_warn(f"no preference pairs to compute {REWARD_STATS_FILE} from: PPO will not centre scores")
         return None
-
-    def on_fit_start(self) -> None:
-        from alpaca_rlhf.io import check_logs_outside
-
-        check_logs_outside(self, self.adapter_dir, "model.adapter_dir")
-
-    def configure_optimizers(self):
-        optimizer = self.optimizer_fn([p for p in self.parameters() if p.requires_grad])
-        if self.scheduler_fn is None:
-            return optimizer
-        scheduler = scheduler_config(self.scheduler_fn(optimizer), self.trainer)
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        adapter_sized(self, checkpoint)  # trainable weights only; hyper-parameters as plain types
-        assert_finite(checkpoint["state_dict"], "checkpoint")
 
     def on_fit_end(self) -> None:
         # on_fit_end, not on_train_end: a resumed run that had already reached its last step skips the training

@@ -12,20 +12,19 @@ from torchmetrics.text import Perplexity
 
 from alpaca_rlhf.data.sft import IGNORE_INDEX, encode_prompt
 from alpaca_rlhf.data.templates import PromptTemplate
-from alpaca_rlhf.guards import assert_finite, skip_nonfinite
+from alpaca_rlhf.guards import skip_nonfinite
 from alpaca_rlhf.models import (
     LoraSpec,
     ModelSpec,
-    adapter_sized,
     apply_lora,
     export_adapter,
     load_causal_lm,
     load_tokenizer,
 )
-from alpaca_rlhf.schedules import scheduler_config
+from alpaca_rlhf.modules.adapter_stage import AdapterStage
 
 
-class SFTModule(L.LightningModule):
+class SFTModule(AdapterStage, L.LightningModule):
     """LoRA on a causal LM, trained on the unmasked (response) tokens.
 
     Args:
@@ -115,21 +114,6 @@ class SFTModule(L.LightningModule):
         response = self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
         text = f"**{self.sample_instruction}**\n\n    {response}"  # 4 spaces: TensorBoard renders markdown
         self.logger.experiment.add_text("samples/generation", text, self.global_step)
-
-    def on_fit_start(self) -> None:
-        from alpaca_rlhf.io import check_logs_outside
-
-        check_logs_outside(self, self.adapter_dir, "model.adapter_dir")
-
-    def configure_optimizers(self):
-        optimizer = self.optimizer_fn([p for p in self.parameters() if p.requires_grad])
-        if self.scheduler_fn is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": scheduler_config(self.scheduler_fn(optimizer), self.trainer)}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        adapter_sized(self, checkpoint)
-        assert_finite(checkpoint["state_dict"], "checkpoint")
 
     def on_fit_end(self) -> None:
         # on_fit_end, not on_train_end: a resumed run that had already reached its last step skips the training
