@@ -32,6 +32,7 @@ from alpaca_rlhf.models import (
     load_tokenizer,
 )
 from alpaca_rlhf.modules.adapter_stage import AdapterStage
+from alpaca_rlhf.ppo.logprobs import response_logprobs
 
 
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
@@ -49,9 +50,9 @@ def sequence_logprobs(model, batch: dict) -> Tensor:
     mask = batch["response_mask"][:, 1:]  # token t is predicted at position t-1
     columns = mask.any(0).nonzero().squeeze(-1)  # positions that predict some row's response token
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                   logits_to_keep=columns).logits.float()  # (2B, K, V)
+                   logits_to_keep=columns).logits  # (2B, K, V)
     targets = batch["input_ids"][:, 1:][:, columns]
-    logprobs = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (2B, K)
+    logprobs = response_logprobs(logits, targets, temperature=1.0)  # (2B, K) fp32, PPO's own function
     return (logprobs * mask[:, columns]).sum(-1)
 
 
