@@ -97,10 +97,10 @@ class PolicyWithValue(nn.Module):
     copy of the weights exists unless a separate reference model is configured.
     """
 
-    def __init__(self, lm: nn.Module, value_head: Callable[[int], nn.Module] = ValueHead) -> None:
+    def __init__(self, lm: nn.Module, value_head: Callable[[int], nn.Module] | None = ValueHead) -> None:
         super().__init__()
         self.lm = lm
-        self.value_head = value_head(lm.config.hidden_size)
+        self.value_head = value_head(lm.config.hidden_size) if value_head is not None else None  # None: no critic
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, context_length: int,
                 with_values: bool = True) -> tuple[Tensor, Tensor | None]:
@@ -113,6 +113,7 @@ class PolicyWithValue(nn.Module):
         `output_hidden_states`, which would keep every layer's).
         """
         T = input_ids.shape[1] - context_length
+        with_values = with_values and self.value_head is not None
         hidden: list[Tensor] = []
         hook = self.trunk().register_forward_hook(_keep_last_hidden(hidden)) if with_values else None
         try:

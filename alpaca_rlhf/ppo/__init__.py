@@ -8,6 +8,14 @@ from alpaca_rlhf.ppo.advantages import (
     masked_var,
     masked_whiten,
 )
+from alpaca_rlhf.ppo.critic_free import (
+    LOSS_TYPES,
+    clipped_surrogate,
+    grpo_advantages,
+    k3_kl,
+    reduce_loss,
+    rloo_advantages,
+)
 from alpaca_rlhf.ppo.kl import AdaptiveKLController, FixedKLController, KLController
 from alpaca_rlhf.ppo.logprobs import (
     EosIds,
@@ -30,17 +38,21 @@ from alpaca_rlhf.ppo.rewards import (
 
 __all__ = [
     "KL_ESTIMATORS",
+    "LOSS_TYPES",
     "AdaptiveKLController",
     "EosIds",
     "FixedKLController",
     "KLController",
     "KLEstimator",
     "approx_kl",
+    "clipped_surrogate",
     "contains_eos",
     "entropy_from_logits",
     "explained_variance",
     "first_eos_mask",
     "gae",
+    "grpo_advantages",
+    "k3_kl",
     "kl_penalized_rewards",
     "masked_mean",
     "masked_sum",
@@ -48,7 +60,9 @@ __all__ = [
     "masked_whiten",
     "policy_loss",
     "process_scores",
+    "reduce_loss",
     "response_logits_slice",
+    "rloo_advantages",
     "response_logprobs",
     "sequence_lengths",
     "value_loss",

@@ -10,19 +10,23 @@ from torch import Tensor
 
 @dataclass
 class Rollout:
-    """One PPO iteration's experience, detached. B prompts, C padded prompt length, T response length."""
+    """One iteration's experience, detached. B completions, C padded prompt length, T response length.
+
+    PPO fills every field. The critic-free methods (RLOO, GRPO) leave `values` and `returns` None, keep
+    sequence rewards (B,) in `rewards`, and put the sequence advantage on every valid token of `advantages`.
+    """
 
     query_responses: Tensor  # (B, C+T) left-padded prompt ids, then sampled response ids (pad after EOS)
     attention_mask: Tensor   # (B, C+T) 1 on real prompt tokens and on response tokens through the first EOS
     response_mask: Tensor    # (B, T) bool, 1 through the first EOS, 0 after
     logprobs: Tensor         # (B, T) log pi_old(a_t | s_t), adapter enabled, logits / temperature
-    ref_logprobs: Tensor     # (B, T) same tokens, reference policy (adapter disabled)
-    values: Tensor           # (B, T) V_old(s_t), zero outside response_mask
+    ref_logprobs: Tensor | None  # (B, T) same tokens, reference policy (adapter disabled); None if not needed
+    values: Tensor | None    # (B, T) V_old(s_t), zero outside response_mask; None without a value model
     scores: Tensor           # (B,)   processed scorer output (centred, clipped, EOS-penalised)
-    rewards: Tensor          # (B, T) -beta * kl, plus the score on the last valid token
+    rewards: Tensor          # (B, T) PPO: -beta * kl, plus the score on the last valid token; (B,) critic-free
     kl: Tensor               # (B, T) per-token KL estimate, zero outside response_mask
     advantages: Tensor       # (B, T) GAE advantages, whitened over valid tokens
-    returns: Tensor          # (B, T) advantages (before whitening) + values
+    returns: Tensor | None   # (B, T) advantages (before whitening) + values; None without a value model
 
     @property
     def context_length(self) -> int:
@@ -33,7 +37,8 @@ class Rollout:
 
     def select(self, index: Tensor) -> Rollout:
         """The rows `index` of every field."""
-        return Rollout(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+        return Rollout(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index]
+                          for f in fields(self)})
 
 
 def minibatch_indices(batch_size: int, mini_batch_size: int, generator: torch.Generator | None = None):

@@ -1,0 +1,93 @@
+"""GRPO: group-normalised advantages (Shao et al. 2024, DeepSeekMath; TRL's GRPOTrainer) on the online stages'
+shared parts. `A_i = (r_i - mean(group)) / (std(group) + 1e-4)` (unbiased std; `scale_rewards: false` drops the
+division: Dr. GRPO, Liu et al. 2025). The KL is not in the reward but in the loss, per token, with the k3
+estimator weighted by `beta`. No value model (../shared/ALGORITHMS.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from alpaca_rlhf import ppo as F
+from alpaca_rlhf.models import LoraSpec, ModelSpec
+from alpaca_rlhf.modules.critic_free import CriticFreeHParams, CriticFreeModule, LossType
+from alpaca_rlhf.modules.online import GenerationHParams, Samples
+from alpaca_rlhf.modules.scorers import Scorer
+from alpaca_rlhf.ppo.rollout import Rollout
+
+
+@dataclass
+class GRPOHParams(CriticFreeHParams):
+    """GRPO settings (TRL's GRPOConfig names). Also: the shared `RolloutHParams` (mini_batch_size,
+    gradient_accumulation_steps, max_grad_norm, score_clip, missing_eos_penalty, forward_batch_size, ...).
+
+    Attributes:
+        num_generations: Completions per prompt (k >= 2; TRL's default 8).
+        beta: Weight of the per-token k3 KL in the loss. 0.04 here (the paper's); TRL's default is now 0.0, which
+            skips the reference forward entirely (then `rollout/kl` is not measured: NaN).
+        loss_type: Loss reduction (default `grpo`, the paper's; TRL defaults to `dapo`).
+        scale_rewards: Divide by the group's std; False = Dr. GRPO.
+    """
+
+    num_generations: int = 8
+    beta: float = 0.04
+    loss_type: LossType = "grpo"
+    scale_rewards: bool = True
+
+
+class GRPOModule(CriticFreeModule):
+    """GRPO on a merged SFT model with a fresh LoRA adapter; the reward comes from `scorer`.
+
+    Args:
+        policy: The merged SFT checkpoint the policy starts from (and the reference, adapter disabled).
+        scorer: Maps prompts + responses to scores: `RewardModelScorer` (merged RM) or any `Scorer`.
+        lora: The policy's fresh LoRA adapter.
+        grpo: GRPO hyperparameters.
+        generation: Rollout sampling settings.
+        ref_model: A separate frozen reference model; None = the policy with its adapter disabled.
+        optimizer: Optimizer over the adapter.
+        scheduler: LR schedule stepped once per iteration; None = constant.
+        output_dir: Inference exports land in `<output_dir>/step_<n>`.
+        save_freq: Export every this many iterations (and at the end of fit); 0 = only at the end.
+        save_merged: Also write a merged standalone copy of the policy in each export (`merged/`).
+        log_samples_every: Log a table of prompts, responses and scores every this many iterations.
+        template: Prompt template (the SFT stage's).
+        overwrite_output_dir: Remove an earlier run's exports from `output_dir` instead of stopping.
+    """
+
+    ALGORITHM = "grpo"
+
+    def __init__(self, policy: ModelSpec, scorer: Scorer, lora: LoraSpec = LoraSpec(),
+                 grpo: GRPOHParams = GRPOHParams(), generation: GenerationHParams = GenerationHParams(),
+                 ref_model: ModelSpec | None = None, optimizer: OptimizerCallable = torch.optim.AdamW,
+                 scheduler: LRSchedulerCallable | None = None, output_dir: str = "output/grpo", save_freq: int = 100,
+                 save_merged: bool = False, log_samples_every: int = 10, template: str = "alpaca",
+                 overwrite_output_dir: bool = False) -> None:
+        super().__init__(grpo, policy=policy, scorer=scorer, lora=lora, generation=generation, ref_model=ref_model,
+                         optimizer=optimizer, scheduler=scheduler, output_dir=output_dir, save_freq=save_freq,
+                         save_merged=save_merged, log_samples_every=log_samples_every, template=template,
+                         overwrite_output_dir=overwrite_output_dir)
+        self.save_hyperparameters(ignore=["scorer"])
+
+    def needs_reference(self) -> bool:
+        return self.hp.beta != 0.0  # beta 0: no reference forward at all (TRL)
+
+    def kl_in_loss_coef(self) -> float:
+        return self.hp.beta
+
+    def build_rollout(self, s: Samples) -> Rollout:
+        mask = s.response_mask
+        if s.ref_logprobs is not None:
+            kl = F.k3_kl(s.logprobs, s.ref_logprobs) * mask  # what the loss penalises, at the rollout's policy
+        else:
+            kl = torch.full_like(s.logprobs, math.nan)  # not measured (no reference forward with beta 0)
+        advantages, self._zero_std = F.grpo_advantages(s.scores, self.k, self.hp.scale_rewards)
+        return self.sequence_rollout(s, s.scores, kl, advantages)
+
+    def iteration_stats(self, rollout: Rollout, samples: Samples) -> dict:
+        return {"grpo/reward": rollout.rewards.mean(), "grpo/reward_std": rollout.rewards.std(),
+                "grpo/frac_reward_zero_std": self._zero_std.float().mean()}

@@ -1,0 +1,86 @@
+"""RLOO: REINFORCE with a leave-one-out baseline (Ahmadian et al. 2024, "Back to Basics"; TRL's RLOOTrainer),
+on the online stages' shared parts. The KL lives in the reward, per sequence (k1):
+`r_i = score_i - beta * sum_t (logp_t - ref_logp_t)`, then `A_i = r_i - mean_{j != i} r_j` within the prompt's
+group, broadcast to every valid token of the clipped surrogate. No value model, no GAE (../shared/ALGORITHMS.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from alpaca_rlhf import ppo as F
+from alpaca_rlhf.models import LoraSpec, ModelSpec
+from alpaca_rlhf.modules.critic_free import CriticFreeHParams, CriticFreeModule
+from alpaca_rlhf.modules.online import GenerationHParams, Samples
+from alpaca_rlhf.modules.scorers import Scorer
+from alpaca_rlhf.ppo.rollout import Rollout
+
+
+@dataclass
+class RLOOHParams(CriticFreeHParams):
+    """RLOO settings (TRL's RLOOConfig names and defaults: num_generations 2, beta 0.05, num_iterations 1,
+    epsilon 0.2). Also: the shared `RolloutHParams` (mini_batch_size, gradient_accumulation_steps, max_grad_norm,
+    score_clip, missing_eos_penalty, forward_batch_size, ...).
+
+    Attributes:
+        num_generations: Completions per prompt (k >= 2; TRL's old `rloo_k`).
+        beta: KL coefficient in the reward (sequence-level k1, before the baseline).
+        loss_type: Loss reduction (default `bnpo`: a token mean over the minibatch, as PPO here and TRL's old
+            RLOOTrainer).
+        normalize_advantages: Whiten the advantages over the generation batch (mean 0, std 1; TRL).
+    """
+
+    num_generations: int = 2
+    normalize_advantages: bool = False
+
+
+class RLOOModule(CriticFreeModule):
+    """RLOO on a merged SFT model with a fresh LoRA adapter; the reward comes from `scorer`.
+
+    Args:
+        policy: The merged SFT checkpoint the policy starts from (and the reference, adapter disabled).
+        scorer: Maps prompts + responses to scores: `RewardModelScorer` (merged RM) or any `Scorer`.
+        lora: The policy's fresh LoRA adapter.
+        rloo: RLOO hyperparameters.
+        generation: Rollout sampling settings.
+        ref_model: A separate frozen reference model; None = the policy with its adapter disabled.
+        optimizer: Optimizer over the adapter.
+        scheduler: LR schedule stepped once per iteration; None = constant.
+        output_dir: Inference exports land in `<output_dir>/step_<n>`.
+        save_freq: Export every this many iterations (and at the end of fit); 0 = only at the end.
+        save_merged: Also write a merged standalone copy of the policy in each export (`merged/`).
+        log_samples_every: Log a table of prompts, responses and scores every this many iterations.
+        template: Prompt template (the SFT stage's).
+        overwrite_output_dir: Remove an earlier run's exports from `output_dir` instead of stopping.
+    """
+
+    ALGORITHM = "rloo"
+
+    def __init__(self, policy: ModelSpec, scorer: Scorer, lora: LoraSpec = LoraSpec(),
+                 rloo: RLOOHParams = RLOOHParams(), generation: GenerationHParams = GenerationHParams(),
+                 ref_model: ModelSpec | None = None, optimizer: OptimizerCallable = torch.optim.AdamW,
+                 scheduler: LRSchedulerCallable | None = None, output_dir: str = "output/rloo", save_freq: int = 100,
+                 save_merged: bool = False, log_samples_every: int = 10, template: str = "alpaca",
+                 overwrite_output_dir: bool = False) -> None:
+        super().__init__(rloo, policy=policy, scorer=scorer, lora=lora, generation=generation, ref_model=ref_model,
+                         optimizer=optimizer, scheduler=scheduler, output_dir=output_dir, save_freq=save_freq,
+                         save_merged=save_merged, log_samples_every=log_samples_every, template=template,
+                         overwrite_output_dir=overwrite_output_dir)
+        self.save_hyperparameters(ignore=["scorer"])
+
+    def build_rollout(self, s: Samples) -> Rollout:
+        mask = s.response_mask
+        kl = (s.logprobs - s.ref_logprobs) * mask  # k1 per token; its sum over the sequence enters the reward
+        rewards = s.scores - self.hp.beta * kl.sum(1)
+        advantages = F.rloo_advantages(rewards, self.k)
+        if self.hp.normalize_advantages:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-4)
+        return self.sequence_rollout(s, rewards, kl, advantages)
+
+    def iteration_stats(self, rollout: Rollout, samples: Samples) -> dict:
+        return {"rloo/reward": rollout.rewards.mean(), "rloo/reward_std": rollout.rewards.std(),
+                "rloo/advantage_std": rollout.advantages.sum(1).std() if len(rollout) > 1 else 0.0,
+                "rollout/non_score_reward": -self.hp.beta * rollout.kl.sum(1).mean()}
