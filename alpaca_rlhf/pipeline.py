@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Literal
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]  # the folder that holds alpaca_rlhf/
-STAGE_NAMES = ("sft", "merge_sft", "rm", "merge_rm", "ppo", "dpo", "judge", "merge_judge", "compare")
+STAGE_NAMES = ("sft", "merge_sft", "rm", "merge_rm", "ppo", "rloo", "grpo", "dpo", "judge", "merge_judge", "compare")
+ONLINE = ("ppo", "rloo", "grpo")  # RL stages that sample, score with the RM and export step_<n> folders
+RL_NAMES = (*ONLINE, "dpo")  # `--from_stage` with any of them reruns the RL stage, whichever it is
 
 
 @dataclass
@@ -76,9 +78,11 @@ class CompareStage:
 class Stages:
     """Every stage's config; the defaults are the real (Llama-3.1-8B, GPU) configs.
 
-    `ppo` is the RL stage: its config's module says which algorithm runs (`PPOModule`, or `DPOModule`, which
-    trains on the preference data directly and needs no reward model; `rm: null` then drops the reward-model
-    stages, and compare runs without scores unless a judge is there). `judge` (optional) is a second reward
+    The RL stage is `ppo`, or one of `rloo`, `grpo`, `dpo` in its place (give one of those three and `ppo` is
+    not run). Its config's module says which algorithm runs (`PPOModule`, `RLOOModule`, `GRPOModule` or
+    `DPOModule`, or a subclass); under `rloo`, `grpo` or `dpo` it must be that algorithm's. DPO trains on the
+    preference data directly and needs no reward model: `rm: null` then drops the reward-model stages, and
+    compare runs without scores unless a judge is there. `judge` (optional) is a second reward
     model, trained like `rm` but on a disjoint part of the preference data (`data.train_part`), whose merged
     copy scores every stage in `compare` as an independent judge.
     """
@@ -88,6 +92,9 @@ class Stages:
     rm: FitStage | None = field(default_factory=lambda: FitStage("configs/rm.yaml"))
     merge_rm: MergeStage = field(default_factory=MergeStage)
     ppo: FitStage = field(default_factory=lambda: FitStage("configs/ppo.yaml"))
+    rloo: FitStage | None = None
+    grpo: FitStage | None = None
+    dpo: FitStage | None = None
     judge: FitStage | None = None
     merge_judge: MergeStage = field(default_factory=MergeStage)
     compare: CompareStage = field(default_factory=lambda: CompareStage("configs/compare.yaml"))
@@ -193,6 +200,38 @@ def merged_dir(adapter_dir: str, stage: MergeStage) -> str:
     return stage.output_dir if stage.output_dir else str(adapter_dir).rstrip("/") + "-adapter-merged"
 
 
+ALGORITHMS = {"PPOModule": "ppo", "RLOOModule": "rloo", "GRPOModule": "grpo", "DPOModule": "dpo"}
+
+
+def rl_entry(stages: Stages) -> tuple[str, FitStage]:
+    """(key, stage) of the RL stage: the one of `rloo`, `grpo`, `dpo` given, else `ppo`."""
+    given = [k for k in ("rloo", "grpo", "dpo") if getattr(stages, k) is not None]
+    if len(given) > 1:
+        raise PipelineError(f"pipeline: give one RL stage, got {', '.join(given)}")
+    return (given[0], getattr(stages, given[0])) if given else ("ppo", stages.ppo)
+
+
+def algorithm_of(config: StageConfig, key: str) -> str:
+    """ppo, rloo, grpo or dpo: the algorithm the stage's module class is (or subclasses)."""
+    import importlib
+
+    path = str(config.get("model.class_path", ""))
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise PipelineError(f"pipeline: stage '{key}': cannot import its model class {path!r}: {e}") from e
+    from alpaca_rlhf import modules
+
+    found = next((algo for cls_name, algo in ALGORITHMS.items() if issubclass(cls, getattr(modules, cls_name))), None)
+    if found is None:
+        raise PipelineError(f"pipeline: stage '{key}': its model {path} is none of {', '.join(ALGORITHMS)}")
+    if key != "ppo" and found != key:
+        raise PipelineError(f"pipeline: stage '{key}' runs {path}, a {found.upper()} module; use the '{found}' entry "
+                            f"or a {key.upper()} config")
+    return found
+
+
 def fit_config(stage: FitStage, name: str, wiring: list[str] = ()) -> StageConfig:
     return StageConfig("fit", stage.config, [*wiring, *stage.overrides], name)
 
@@ -210,20 +249,22 @@ def plan(stages: Stages) -> tuple[list[Stage], dict]:
         rm_adapter = str(rm.get("model.init_args.adapter_dir", "output/reward_model"))
         rm_merged = merged_dir(rm_adapter, stages.merge_rm)
 
-    # the RL stage: the `ppo:` entry's config says which algorithm (PPOModule or DPOModule)
-    rl = fit_config(stages.ppo, "ppo")
-    rl_name = "dpo" if str(rl.get("model.class_path", "")).endswith("DPOModule") else "ppo"
+    # the RL stage: `ppo`, or `rloo`/`grpo`/`dpo` in its place; its config's module says which algorithm
+    rl_key, rl_stage = rl_entry(stages)
+    rl = fit_config(rl_stage, rl_key)
+    rl_name = algorithm_of(rl, rl_key)
     if rl_name == "dpo":  # trained on the preference data directly: the merged SFT model is its start
         ppo_wiring = ["--model.init_args.model.name_or_path", sft_merged]
-        ppo = fit_config(stages.ppo, "dpo", ppo_wiring)
+        ppo = fit_config(rl_stage, "dpo", ppo_wiring)
         ppo_dir = Path(ppo.get("model.init_args.adapter_dir", "output/dpo"))
     else:
         ppo_wiring = ["--model.init_args.policy.name_or_path", sft_merged]
         if str(rl.get("model.init_args.scorer.class_path", "")).endswith("RewardModelScorer"):
             if rm_merged is None:
-                raise PipelineError("pipeline: PPO's scorer is a reward model, but the pipeline has no rm stage")
+                raise PipelineError(f"pipeline: {rl_name.upper()}'s scorer is a reward model, but the pipeline has "
+                                    "no rm stage")
             ppo_wiring += ["--model.init_args.scorer.init_args.model.name_or_path", rm_merged]
-        ppo = fit_config(stages.ppo, "ppo", ppo_wiring)
+        ppo = fit_config(rl_stage, rl_name, ppo_wiring)
         ppo_dir = Path(ppo.get("model.init_args.output_dir", "output/checkpoints/tuning_llama_rl"))
 
     judge = judge_adapter = judge_merged = None
@@ -236,11 +277,11 @@ def plan(stages: Stages) -> tuple[list[Stage], dict]:
     compare_wiring = ["--base_model", str(base), "--sft_model", sft_merged, "--rlhf_model", str(ppo_dir)]
     compare_wiring += ["--reward_model", rm_merged] if rm_merged else []
     compare_wiring += ["--judge_model", judge_merged] if judge_merged else []
-    ppo_run = ppo.tensorboard_run() if rl_name == "ppo" else None
+    ppo_run = ppo.tensorboard_run() if rl_name in ONLINE else None
     compare_wiring += ["--ppo_log_dir", str(ppo_run)] if ppo_run is not None else []  # the training-curve plot
     for key in ("data_path", "val_set_size", "seed", "max_prompt_length", "skip_bad_records", "max_records", "split",
                 "hub_config", "revision", "fields"):
-        if rl_name != "ppo":  # DPO's data are pairs: compare keeps its own prompts
+        if rl_name not in ONLINE:  # DPO's data are pairs: compare keeps its own prompts
             break
         value = ppo.get(f"data.init_args.{key}")  # compare on PPO's held-out prompts: PPO's own split arguments
         compare_wiring += [f"--prompts.{key}", json.dumps(value) if value is None or isinstance(value, (bool, dict))
@@ -259,7 +300,7 @@ def plan(stages: Stages) -> tuple[list[Stage], dict]:
         *([Stage("rm", fit_args(rm, rm_wiring, stages.rm), Path(rm_adapter), rm.checkpoint_dir()),
            Stage("merge_rm", ["merge", "--adapter_path", rm_adapter, "--output_dir", rm_merged,
                               "--dtype", stages.merge_rm.dtype], Path(rm_merged))] if rm else []),
-        Stage(rl_name, fit_args(ppo, ppo_wiring, stages.ppo), ppo_dir, ppo.checkpoint_dir()),
+        Stage(rl_name, fit_args(ppo, ppo_wiring, rl_stage), ppo_dir, ppo.checkpoint_dir()),
         *([Stage("judge", fit_args(judge, rm_wiring, stages.judge), Path(judge_adapter), judge.checkpoint_dir()),
            Stage("merge_judge", ["merge", "--adapter_path", judge_adapter, "--output_dir", judge_merged,
                                  "--dtype", stages.merge_judge.dtype], Path(judge_merged))] if judge else []),
@@ -298,8 +339,8 @@ def finished_output(stage: Stage, logs: Path) -> Path | None:
         return out if all((out / f).is_file() for f in files) else None
     if stage.name.startswith("merge"):
         return out if (out / "config.json").is_file() else None
-    if stage.name == "ppo":
-        return ppo_final_export(out, logs / "ppo.done.json")
+    if stage.name in ONLINE:
+        return ppo_final_export(out, logs / f"{stage.name}.done.json")
     return out / "report.md" if (out / "report.md").is_file() and (out / "summary.json").is_file() else None
 
 
@@ -313,7 +354,7 @@ def invalidate(stage: Stage, logs: Path) -> list[Path]:
     writes are removed."""
     removed = []
     out = stage.output
-    if stage.name == "ppo":
+    if stage.name in ONLINE:
         targets = [p.parent for p in out.glob("step_*/ppo_state.json")]
     elif stage.name == "compare":
         targets = [out / f for f in ("report.md", "summary.json", "outputs.jsonl")]
@@ -396,9 +437,8 @@ def pipeline(
         stages: Each stage's config and overrides (see configs/pipeline.yaml).
         output_dir: Where `logs/<stage>.log` go.
         force: Rerun every stage from scratch, removing its previous output and last.ckpt first.
-        from_stage: Rerun from this stage on (sft, merge_sft, rm, merge_rm, ppo or dpo, judge, merge_judge,
-            compare);
-            earlier finished stages are kept.
+        from_stage: Rerun from this stage on (sft, merge_sft, rm, merge_rm, the RL stage (ppo, rloo, grpo or
+            dpo: any of them names it), judge, merge_judge, compare); earlier finished stages are kept.
         dry_run: Print what would run (skip / resume / run, and the commands) without running anything.
     """
     if from_stage is not None and from_stage not in STAGE_NAMES:
@@ -411,13 +451,13 @@ def pipeline(
     times: dict[str, float] = {}
     for i, stage in enumerate(planned, start=1):
         tag = f"[{i}/{n}] {stage.name}"
-        rerun = rerun or stage.name == from_stage
+        rerun = rerun or stage.name == from_stage or (from_stage in RL_NAMES and stage.name in RL_NAMES)
         done = None if rerun else finished_output(stage, logs)
         if done is not None:
             print(f"{tag} ... skipped: {done} exists", flush=True)
             continue
         args = list(stage.args)
-        export = ppo_final_export(paths["ppo"], logs / "ppo.done.json")
+        export = ppo_final_export(paths["ppo"], logs / f"{paths['rl']}.done.json")
         if stage.name == "compare" and export is not None:  # the PPO run's own final export, not the newest
             args[args.index("--rlhf_model") + 1] = str(export)
         note = ""
@@ -442,10 +482,10 @@ def pipeline(
                                 f"see {log_file}")
         record = {"stage": stage.name, "seconds": round(seconds, 1), "command": ["cli.py", *args],
                   "output": str(stage.output)}
-        if stage.name == "ppo":
+        if stage.name in ONLINE:
             export = newest_export(stage.output, stage_start)
             if export is None:
-                raise PipelineError("pipeline stopped: stage 'ppo' exited without an export in "
+                raise PipelineError(f"pipeline stopped: stage '{stage.name}' exited without an export in "
                                     f"{stage.output}; see {log_file}")
             record["export"] = str(export)
         (logs / f"{stage.name}.done.json").write_text(json.dumps(record, indent=2))
@@ -473,12 +513,12 @@ def finish(paths: dict, logs: Path, seconds: float, times: dict[str, float]) -> 
         print(f"  win rate of RLHF over SFT: {summary['rlhf_vs_sft']['win_rate']:.1%}")
     if "kl_rlhf_to_sft" in summary:
         print(f"  KL(RLHF || SFT): {summary['kl_rlhf_to_sft']['mean']:.3f} nats per response")
-    ppo_export = ppo_final_export(paths["ppo"], logs / "ppo.done.json")
+    ppo_export = ppo_final_export(paths["ppo"], logs / f"{paths['rl']}.done.json")
     tensorboard = sorted({str(d.parent) for d in paths["tensorboard"]})
     print(f"report:      {paths['report']} (all outputs: {paths['report'].parent / 'outputs.jsonl'})")
     print(f"TensorBoard: tensorboard --logdir {' --logdir '.join(tensorboard) if tensorboard else '(none)'}  "
           f"(runs: {', '.join(str(d) for d in paths['tensorboard'])})")
-    rl = "DPO" if paths.get("rl") == "dpo" else "PPO"
+    rl = paths.get("rl", "ppo").upper()
     print(f"checkpoints: SFT {paths['sft']}, reward model {paths['rm'] or '(none)'}, {rl} "
           f"{ppo_export or paths['ppo']}")
     print(f"logs:        {logs}/<stage>.log")

@@ -283,3 +283,51 @@ def test_the_rl_stage_is_the_configs_algorithm_dpo_needs_no_reward_model(capsys)
     with pytest.raises(SystemExit, match="no rm stage"):
         plan(Stages(sft=FitStage(str(ROOT / "configs/tiny/sft.yaml")), rm=None,
                     ppo=FitStage(str(ROOT / "configs/tiny/ppo.yaml"))))
+
+
+@pytest.mark.parametrize("algo", ["rloo", "grpo"])
+def test_rloo_or_grpo_takes_ppos_place_with_ppos_wiring(algo):
+    from alpaca_rlhf.pipeline import FitStage, Stages
+
+    tiny = lambda name: FitStage(str(ROOT / f"configs/tiny/{name}.yaml"))  # noqa: E731
+    stages, paths = plan(Stages(sft=tiny("sft"), rm=tiny("rm"), **{algo: tiny(algo)},
+                                compare=CompareStage(str(ROOT / "configs/tiny/compare.yaml"))))
+    assert [s.name for s in stages] == ["sft", "merge_sft", "rm", "merge_rm", algo, "compare"]
+    by_name = {s.name: s for s in stages}
+    rl = " ".join(by_name[algo].args)
+    assert "--model.init_args.policy.name_or_path output/tiny/lora-alpaca-adapter-merged" in rl
+    assert "--model.init_args.scorer.init_args.model.name_or_path output/tiny/reward_model-adapter-merged" in rl
+    assert by_name[algo].output == Path(f"output/tiny/{algo}_checkpoints") and paths["rl"] == algo
+    compare = " ".join(by_name["compare"].args)
+    assert f"--rlhf_model output/tiny/{algo}_checkpoints" in compare
+    assert f"--ppo_log_dir output/tiny/{algo}/run" in compare
+    assert "--prompts.max_prompt_length 128" in compare  # the RL stage's own held-out prompts
+
+
+def test_the_rl_entry_must_run_its_algorithm():
+    from alpaca_rlhf.pipeline import FitStage, Stages
+
+    tiny = lambda name: FitStage(str(ROOT / f"configs/tiny/{name}.yaml"))  # noqa: E731
+    with pytest.raises(SystemExit, match="stage 'grpo' runs alpaca_rlhf.modules.RLOOModule, a RLOO module"):
+        plan(Stages(sft=tiny("sft"), rm=tiny("rm"), grpo=tiny("rloo")))
+    with pytest.raises(SystemExit, match="give one RL stage, got rloo, dpo"):
+        plan(Stages(sft=tiny("sft"), rm=tiny("rm"), rloo=tiny("rloo"), dpo=tiny("dpo")))
+    stages, _ = plan(Stages(sft=tiny("sft"), rm=tiny("rm"), ppo=tiny("grpo")))  # `ppo:` runs what its config says
+    assert stages[4].name == "grpo"
+
+
+def test_from_stage_names_the_rl_stage_whichever_algorithm(tmp_path, monkeypatch, capsys):
+    """`--from_stage ppo` on a GRPO pipeline reruns GRPO and compare, not nothing."""
+    from alpaca_rlhf.pipeline import pipeline
+
+    monkeypatch.chdir(tmp_path)
+    fake_outputs(tmp_path, "merge_rm")
+    _touch(tmp_path / "output/tiny/grpo_checkpoints/step_30/ppo_state.json", json.dumps({"finished": True}))
+    stages = Stages(sft=FitStage(str(ROOT / "configs/tiny/sft.yaml")), rm=FitStage(str(ROOT / "configs/tiny/rm.yaml")),
+                    grpo=FitStage(str(ROOT / "configs/tiny/grpo.yaml")),
+                    compare=CompareStage(str(ROOT / "configs/tiny/compare.yaml")))
+    pipeline(stages, output_dir="output/tiny", dry_run=True)
+    assert "grpo ... skipped" in capsys.readouterr().out  # its finished export counts
+    pipeline(stages, output_dir="output/tiny", from_stage="ppo", dry_run=True)
+    out = capsys.readouterr().out
+    assert "merge_rm ... skipped" in out and "grpo ... would run" in out and "compare ... would run" in out

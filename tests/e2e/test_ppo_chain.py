@@ -13,25 +13,32 @@ pytestmark = pytest.mark.slow
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
-def held_out_score(work, *extra) -> float:
+def held_out_score(work, *extra, algo: str = "ppo") -> float:
     import os
 
     cwd = os.getcwd()
     os.chdir(work)
     try:
-        cli = cli_main(["validate", "--config", str(ROOT / "configs/tiny/ppo.yaml"), *QUIET, "--trainer.logger",
+        cli = cli_main(["validate", "--config", str(ROOT / f"configs/tiny/{algo}.yaml"), *QUIET, "--trainer.logger",
                         "false", *extra])
     finally:
         os.chdir(cwd)
     return float(cli.trainer.callback_metrics["val/score"])
 
 
-def test_tiny_chain_ppo_raises_the_held_out_reward(tiny_sft_run, tmp_path):
-    work = tmp_path / "chain"
+@pytest.fixture(scope="module")
+def chain(tiny_sft_run, tmp_path_factory):
+    """A work folder with the merged tiny SFT model and the tiny reward model trained and merged by the CLI."""
+    work = tmp_path_factory.mktemp("chain")
     shutil.copytree(tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged",
                     work / "output/tiny/lora-alpaca-adapter-merged")
     run_cli(["fit", "--config", str(ROOT / "configs/tiny/rm.yaml"), *QUIET], cwd=work)
     run_cli(["merge", "--adapter_path", "output/tiny/reward_model"], cwd=work)
+    return work
+
+
+def test_tiny_chain_ppo_raises_the_held_out_reward(chain):
+    work = chain
     assert (work / "output/tiny/reward_model-adapter-merged/reward_stats.json").is_file()
 
     before = held_out_score(work)  # no checkpoint: the fresh adapter is the identity, so this is the SFT policy
@@ -59,6 +66,39 @@ def test_tiny_chain_ppo_raises_the_held_out_reward(tiny_sft_run, tmp_path):
     assert "rollout/scores" in tags["histograms"] and "hp_metric" not in tags["scalars"]
     rm = EventAccumulator(str(work / "output/tiny/rm/run"), size_guidance={"histograms": 0}).Reload().Tags()
     assert {"val/scores_chosen", "val/scores_rejected"} <= set(rm["histograms"]) and "hp_metric" not in rm["scalars"]
+
+
+@pytest.mark.parametrize("algo", ["rloo", "grpo"])
+def test_tiny_chain_critic_free_raises_the_held_out_reward_and_compare_reports_it(chain, algo):
+    """configs/tiny/{rloo,grpo}.yaml as a user runs them on the same SFT model and reward model as PPO: the held-out
+    reward rises, TensorBoard has TRL's metric names, and compare takes the export as the RLHF stage."""
+    import json
+
+    work = chain
+    before = held_out_score(work, algo=algo)
+    run_cli(["fit", "--config", str(ROOT / f"configs/tiny/{algo}.yaml"), *QUIET], cwd=work)
+    exports = sorted((work / f"output/tiny/{algo}_checkpoints").glob("step_*"))
+    assert [p.name for p in exports] == ["step_15", "step_30"]
+    state = json.loads((exports[-1] / "ppo_state.json").read_text())
+    assert state["algorithm"] == algo and state["finished"] is True
+    after = held_out_score(work, "--ckpt_path", "last", algo=algo)
+    assert after > before + 0.5, (before, after)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(work / f"output/tiny/{algo}/run"), size_guidance={"scalars": 0}).Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("rollout/score")] == list(range(30))
+    own = {"rloo": ["rloo/reward", "rloo/reward_std"], "grpo": ["grpo/kl", "grpo/frac_reward_zero_std"]}[algo]
+    for tag in ["rollout/kl", "rollout/response_length", f"{algo}/loss", f"{algo}/clip_ratio/region_mean",
+                f"{algo}/entropy", *own]:
+        assert tag in tags, tag
+    assert not any(t.startswith("ppo/") for t in tags)
+    run_cli(["compare", "--config", str(ROOT / "configs/tiny/compare.yaml"), "--base_model", "null",
+             "--rlhf_model", f"output/tiny/{algo}_checkpoints", "--prompts.max_prompts", "8",
+             "--report_dir", f"cmp_{algo}"], cwd=work)
+    summary = json.loads((work / f"cmp_{algo}/summary.json").read_text())["summary"]
+    assert set(summary["stages"]) == {"sft", "rlhf"} and summary["kl_rlhf_to_sft"]["mean"] > 0
 
 
 def short_rule_run(tiny_sft_run, work, iterations: int, extra_yaml: str, *args, timeout: int = 600):
