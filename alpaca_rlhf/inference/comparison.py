@@ -248,7 +248,7 @@ def compare(
         "checkpoints": {s: checkpoints[s].describe() for s in stages}, "reward_model": reward_model,
         "judge_model": judge_model,
         "reward_stats": rm_stats,
-        "ppo_state": ({k: ppo_state.get(k) for k in ("iteration", "kl_coef", "base_model")} if ppo_state
+        "ppo_state": ({k: ppo_state.get(k) for k in ("algorithm", "iteration", "kl_coef", "base_model")} if ppo_state
                       else None),
         "prompts": asdict(prompts), "n_prompts": len(records), "sampling": asdict(sampling),
         "samples_per_prompt": samples_per_prompt, "seed": seed, "dtype": dtype or "auto",

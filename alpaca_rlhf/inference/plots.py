@@ -83,17 +83,20 @@ def ppo_curves(log_dir: str | Path, path: Path) -> Path | None:
     plt = _pyplot()
     if plt is None or not Path(log_dir).is_dir():
         return None
-    curves = read_scalars(log_dir, [t for t, _ in PPO_CURVES])
+    panels = list(PPO_CURVES)
+    curves = read_scalars(log_dir, [t for t, _ in panels] + ["rollout/eos_fraction"])
     if not curves:
         return None
+    if "ppo/kl_coef" not in curves:  # RLOO and GRPO have no KL controller
+        panels[2] = ("rollout/eos_fraction", "responses ending with EOS")
     fig, axes = plt.subplots(2, 2, figsize=(10, 6), squeeze=False)
-    for ax, (tag, title) in zip(axes.flat, PPO_CURVES, strict=True):
+    for ax, (tag, title) in zip(axes.flat, panels, strict=True):
         points = curves.get(tag)
         if points:
             ax.plot(*zip(*points, strict=True), linewidth=1.5)
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("PPO iteration")
-    fig.suptitle(f"PPO training ({log_dir})")
+        ax.set_xlabel("iteration")
+    fig.suptitle(f"RL training ({log_dir})")
     return _save(fig, plt, path)
 
 

@@ -34,8 +34,9 @@ def markdown_report(stages: list[str], rows: list[dict], summary: dict, settings
                      f"{_fmt(st.get('mean'))}, std {_fmt(st.get('std'))}) |")
     if settings["ppo_state"]:
         ps = settings["ppo_state"]
-        lines += ["", f"RLHF checkpoint: PPO iteration {ps.get('iteration')}, final KL coefficient "
-                      f"{_fmt(ps.get('kl_coef'), 4)}."]
+        algorithm = str(ps.get("algorithm") or "ppo").upper()
+        coef = f", final KL coefficient {_fmt(ps.get('kl_coef'), 4)}" if ps.get("kl_coef") is not None else ""
+        lines += ["", f"RLHF checkpoint: {algorithm} iteration {ps.get('iteration')}{coef}."]
     p, s = settings["prompts"], settings["sampling"]
     split = (f"the seeded hold-out of {p['val_set_size']} (seed {p['seed']}, prompts up to "
              f"{p['max_prompt_length']} tokens), as PPO's validation split holds them out of its training"
