@@ -199,9 +199,10 @@ def estimate(config, model_shape: str | None = None) -> Estimate:
     data = _get(config, "data.init_args")
     precision = str(_get(config, "trainer.precision", "32-true"))
     mixed = precision.startswith(("bf16", "16"))
-    if cls.endswith("PPOModule"):
-        return _ppo(args, data, mixed, config, model_shape)
-    stage = "reward model" if cls.endswith("RewardModule") else "SFT"
+    for name in ("PPO", "RLOO", "GRPO"):  # the online stages: sampling, a rollout, a policy loss
+        if cls.endswith(f"{name}Module"):
+            return _ppo(args, data, mixed, config, model_shape, name)
+    stage = "reward model" if cls.endswith("RewardModule") else "DPO" if cls.endswith("DPOModule") else "SFT"
     spec = _get(args, "model")
     shape = shape_of(spec, model_shape)
     dtype = str(_get(spec, "dtype", "float32"))
@@ -210,26 +211,29 @@ def estimate(config, model_shape: str | None = None) -> Estimate:
     weights, how = weight_bytes(shape, dtype, _get(spec, "quantization"), score_head=stage == "reward model")
     est.add("weights", weights, how)
     trainable = lora_params(shape, _get(args, "lora", {})) + (shape.hidden + 1 if stage == "reward model" else 0)
-    est.add("LoRA (+ score head)", trainable * BYTES[dtype], f"{trainable / 1e6:.2f}M trainable")
+    est.add("LoRA (+ score head)", trainable * BYTES[dtype], f"{trainable / 1e6:.2f}M trainable"
+            + ("; the reference is the model with its adapter disabled" if stage == "DPO" else ""))
     est.add("gradients", trainable * BYTES[dtype], "one per trainable parameter")
     per_param, opt_how = _optimizer_bytes_per_param(config)
     est.add("optimizer state", trainable * per_param, opt_how)
     batch = int(_get(data, "batch_size", 4))
-    length = int(_get(data, "max_length" if stage == "reward model" else "cutoff_len", 512))
-    sequences = 2 * batch if stage == "reward model" else batch  # chosen and rejected in one forward
+    length = int(_get(data, "cutoff_len" if stage == "SFT" else "max_length", 512))
+    sequences = batch if stage == "SFT" else 2 * batch  # pairs: chosen and rejected in one forward
     ckpt = bool(_get(spec, "gradient_checkpointing", False))
     acts, act_how = activation_bytes(shape, sequences * length, act, ckpt)
     other, _ = activation_bytes(shape, sequences * length, act, not ckpt)
     est.add("activations", acts, f"{sequences} x {length} tokens, {act_how} "
                                  f"({other / GIB:.2f} GiB {'without' if ckpt else 'with'} checkpointing)")
-    if stage == "SFT":  # logits at the labelled positions: the model's dtype, an fp32 copy, log-softmax + grad
+    if stage in ("SFT", "DPO"):  # logits at the labelled positions: the model's dtype, fp32 copy, log-softmax + grad
         est.add("logits", sequences * length * shape.vocab * (act + 4 + 4),
                 f"{sequences} x {length} positions x {shape.vocab} vocabulary (fp32 loss)")
     return est
 
 
-def _ppo(args, data, mixed: bool, config, model_shape: str | None = None) -> Estimate:
-    est = Estimate("PPO")
+def _ppo(args, data, mixed: bool, config, model_shape: str | None = None, name: str = "PPO") -> Estimate:
+    """PPO, RLOO or GRPO: the critic-free ones have no value head and sample `num_generations` per prompt."""
+    est = Estimate(name)
+    hp = name.lower()  # the hyperparameters' key: ppo, rloo, grpo
     policy = _get(args, "policy")
     shape = shape_of(policy, model_shape)
     dtype = str(_get(policy, "dtype", "float32"))
@@ -247,17 +251,19 @@ def _ppo(args, data, mixed: bool, config, model_shape: str | None = None) -> Est
         rm_weights, rm_how = weight_bytes(rm_shape, str(_get(scorer_spec, "dtype", "float32")),
                                           _get(scorer_spec, "quantization"), score_head=True)
         est.add("reward-model weights", rm_weights, rm_how)
-    trainable = lora_params(shape, _get(args, "lora", {})) + shape.hidden + 1  # + the value head
-    est.add("LoRA + value head", trainable * BYTES[dtype], f"{trainable / 1e6:.2f}M trainable")
+    critic = name == "PPO"
+    trainable = lora_params(shape, _get(args, "lora", {})) + (shape.hidden + 1 if critic else 0)  # + value head
+    est.add("LoRA + value head" if critic else "LoRA", trainable * BYTES[dtype], f"{trainable / 1e6:.2f}M trainable")
     est.add("gradients", trainable * BYTES[dtype], "one per trainable parameter")
     per_param, opt_how = _optimizer_bytes_per_param(config)
     est.add("optimizer state", trainable * per_param, opt_how)
-    batch = int(_get(data, "batch_size", 16))
+    k = 1 if critic else int(_get(args, f"{hp}.num_generations", 2 if hp == "rloo" else 8))
+    batch = int(_get(data, "batch_size", 16)) * k  # completions per iteration
     prompt = int(_get(data, "max_prompt_length", 256))
     new = int(_get(args, "generation.max_new_tokens", 128))
-    mini = _get(args, "ppo.mini_batch_size") or batch
-    micro = max(1, int(mini) // int(_get(args, "ppo.gradient_accumulation_steps", 1)))
-    forward = min(batch, int(_get(args, "ppo.forward_batch_size", 16)))
+    mini = _get(args, f"{hp}.mini_batch_size") or batch
+    micro = max(1, int(mini) // int(_get(args, f"{hp}.gradient_accumulation_steps", 1)))
+    forward = min(batch, int(_get(args, f"{hp}.forward_batch_size", 16)))
     length = prompt + new
     est.add("generation KV cache", 2 * shape.layers * shape.kv_dim * length * batch * act,
             f"{batch} rollouts x {length} positions, keys and values of {shape.layers} layers")

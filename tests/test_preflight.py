@@ -70,3 +70,26 @@ def test_fit_refuses_a_config_over_the_budget_and_preflight_prints_the_table(tmp
     cli_main(["preflight", "-c", "tiny/sft", "--budget_gb", "24"])
     out = capsys.readouterr().out
     assert "preflight (SFT)" in out and "fits" in out and "optimizer state" in out
+
+
+def test_rloo_grpo_and_dpo_are_estimated_as_what_they_run():
+    """GRPO/RLOO: k completions per prompt, no value head; DPO: chosen + rejected per pair, no reward model."""
+    smol = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+    def est(name, *extra):
+        return estimate(parse_fit_config(["--config", str(ROOT / f"configs/tiny/{name}.yaml"), *extra]),
+                        model_shape=smol)
+
+    ppo, grpo = est("ppo"), est("grpo")
+    assert grpo.stage == "GRPO" and "LoRA" in lines(grpo) and "LoRA + value head" in lines(ppo)
+    assert lines(grpo)["LoRA"] < lines(ppo)["LoRA + value head"]
+    # tiny PPO: 16 prompts x 1; tiny GRPO: 4 prompts x 4 = the same 16 completions, so the same KV cache
+    assert lines(grpo)["generation KV cache"] == lines(ppo)["generation KV cache"]
+    more = est("grpo", "--model.init_args.grpo.num_generations", "8")
+    assert lines(more)["generation KV cache"] == 2 * lines(grpo)["generation KV cache"]
+    assert est("rloo").stage == "RLOO"
+    dpo = est("dpo")
+    assert dpo.stage == "DPO" and "reward-model weights" not in lines(dpo)
+    how = {c: h for c, _, h in dpo.lines}
+    batch = parse_fit_config(["--config", str(ROOT / "configs/tiny/dpo.yaml")]).data.init_args.batch_size
+    assert how["activations"].startswith(f"{2 * batch} x ")  # chosen and rejected of every pair
