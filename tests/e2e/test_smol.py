@@ -62,6 +62,21 @@ def test_smol_pipeline_few_steps_through_the_cli(smol_gguf, tmp_path):
                       "Give three tips for staying healthy.", "--max_new_tokens", "12", "--temperature", "0",
                       "--stream", "false"], cwd=tmp_path).stdout
     assert answer.strip()
+    # RLOO and GRPO on the same real SFT model and reward model, two iterations each, 4 samples per prompt
+    for algo in ("rloo", "grpo"):
+        run_cli(["fit", "--config", str(ROOT / f"configs/smol/{algo}.yaml"), "--data.init_args.data_path", str(HH),
+                 "--data.init_args.max_records", "40", "--data.init_args.val_set_size", "2",
+                 "--data.init_args.max_prompt_length", "96", "--trainer.max_steps", "4",
+                 "--model.init_args.generation.max_new_tokens", "8", "--model.init_args.save_freq", "0",
+                 f"--model.init_args.{algo}.num_iterations", "2"], cwd=tmp_path)
+        state = json.loads((out / f"{algo}_checkpoints/step_2/ppo_state.json").read_text())
+        assert state["algorithm"] == algo and state["finished"] is True and state["samples_per_prompt"] == 4
+        events = next((out / algo / "run").glob("events.out.tfevents.*"))
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(events.parent), size_guidance={"scalars": 0}).Reload()
+        assert [e.step for e in acc.Scalars("rollout/score")] == [0, 1]
+        assert {f"{algo}/loss", f"{algo}/clip_ratio/region_mean", "rollout/kl"} <= set(acc.Tags()["scalars"])
 
 
 def test_lm_head_adapter_merges_exactly_into_tied_smollm2(smol_folder, tmp_path):
