@@ -7,8 +7,8 @@
 Needs the smol SFT model, reward model and judge (`python cli.py pipeline --config configs/smol/pipeline.yaml`,
 or its sft/rm/judge stages). Then, for each method, `python cli.py fit --config configs/smol/<method>.yaml` in a
 subprocess (wall time and peak resident memory measured around it), and `python cli.py compare` of its final
-export against the SFT model on PPO's 64 held-out HH prompts (the same split, sampling, seed and 2 samples per
-prompt for every method), scored by the reward model the online methods optimised and by the judge (a second
+export against the SFT model on PPO's 64 held-out HH prompts (the same split, sampling, seed and one sample per
+prompt for every method: CPU time), scored by the reward model the online methods optimised and by the judge (a second
 RM on the other half of the pairs, which none of them saw).
 
 The budget: the online methods generate the same number of completions (8 per iteration x 24 iterations, at most
@@ -91,7 +91,7 @@ def evaluate(method: str) -> dict:
     if not (report / "summary.json").is_file():
         args = ["compare", "--config", "configs/smol/compare.yaml", "--base_model", "null", "--sft_model", str(SFT),
                 "--rlhf_model", str(export_of(method)), "--reward_model", str(RM), "--judge_model", str(JUDGE),
-                "--report_dir", str(report)]
+                "--samples_per_prompt", "1", "--report_dir", str(report)]
         print(f"{method}: comparing with SFT; log {RESULTS / f'{method}.compare.log'}", flush=True)
         record = run_measured(args, RESULTS / f"{method}.compare.log")
         if record["exit"] != 0:
