@@ -122,12 +122,12 @@ def fmt(x, spec: str = ".3f") -> str:
 
 def table(results: dict) -> str:
     lines = ["| method | RM score | judge score | win rate vs SFT (RM / judge) | KL to SFT (nats) | length (tokens) | "
-             "EOS | tokens generated in training | wall time | peak RSS |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "EOS | empty | tokens generated in training | wall time | peak RSS |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     sft = next((r["summary"]["stages"]["sft"] for r in results.values() if r.get("summary")), None)
     if sft:
         lines.append(f"| SFT (start) | {fmt(sft['score_mean'])} | {fmt(sft.get('judge_mean'))} | – | 0 | "
-                     f"{sft['response_tokens']:.1f} | {sft['ended_with_eos']:.0%} | – | – | – |")
+                     f"{sft['response_tokens']:.1f} | {sft['ended_with_eos']:.0%} | {sft['empty']:.0%} | – | – | – |")
     for method, r in results.items():
         s = r.get("summary")
         if not s:
@@ -137,7 +137,7 @@ def table(results: dict) -> str:
             f"| {method.upper()} | {fmt(st['score_mean'])} | {fmt(st.get('judge_mean'))} | "
             f"{fmt(vs.get('win_rate'), '.1%')} / {fmt(vs.get('judge_win_rate'), '.1%')} | "
             f"{fmt(kl.get('mean'), '.2f')} | "
-            f"{st['response_tokens']:.1f} | {st['ended_with_eos']:.0%} | {fmt(r['tokens'], ',')} | "
+            f"{st['response_tokens']:.1f} | {st['ended_with_eos']:.0%} | {st['empty']:.0%} | {fmt(r['tokens'], ',')} | "
             f"{tr['seconds'] / 60:.1f} min | {tr['peak_rss_gib']:.2f} GiB |")
     flags = {m: r["summary"].get("reward_hacking", []) for m, r in results.items() if r.get("summary")}
     lines += [""] + [f"- {m.upper()} reward-hacking flags: " + ("; ".join(f) if f else "none") for m, f in
