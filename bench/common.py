@@ -32,6 +32,12 @@ SAMPLE_DATA = ROOT / "alpaca_rlhf" / "data" / "samples" / "alpaca_sample.json"
 # Full multi-head attention (kv heads = heads), as in the LLaMA-1 7B that Alpaca fine-tuned.
 LLAMA_25M = dict(hidden_size=512, intermediate_size=1280, num_hidden_layers=8, num_attention_heads=8,
                  num_key_value_heads=8)
+# The real SmolLM2-135M-Instruct (GGUF, ../shared/models; its README): 30 blocks, hidden 576, 9 heads / 3 KV
+# heads, intermediate 1536, vocabulary 49,152, tied embeddings. Dequantized once into an ordinary Hugging Face
+# folder in the gguf cache (alpaca_rlhf.models.gguf_folder); real weights and real tokenizer on both sides.
+SMOL_GGUF = Path(os.environ.get("ALPACA_RLHF_SMOL_GGUF",
+                                ROOT.parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+SIZES = ("tiny", "25M", "smol")
 QUIET_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning",
                  "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
                  "transformers", "trl", "datasets", "peft", "alpaca_rlhf")
@@ -95,7 +101,8 @@ def tiny_config() -> dict:
 
 
 def build_bases(sizes: list[str], root: str | os.PathLike) -> dict[str, dict]:
-    """Random-weight LLaMA folders (with the locally trained 1024-token tokenizer), one per named size.
+    """The model folder of each named size: `tiny` and `25M` are random-weight LLaMAs with the locally trained
+    1024-token tokenizer, built under `root`; `smol` is the real SmolLM2-135M-Instruct (see SMOL_GGUF).
 
     Returns:
         {size: {"path": folder, "params": parameter count}}.
@@ -107,14 +114,30 @@ def build_bases(sizes: list[str], root: str | os.PathLike) -> dict[str, dict]:
     configs = {"tiny": tiny_config()["tiny"], "25M": LLAMA_25M}
     bases = {}
     for size in sizes:
+        if size == "smol":
+            bases[size] = smol_base()
+            continue
         if size not in configs:
-            raise ValueError(f"unknown size {size!r}; choose from {sorted(configs)}")
+            raise ValueError(f"unknown size {size!r}; choose from {list(SIZES)}")
         path = Path(root, size)
         if not (path / "config.json").is_file():
             build_tiny_base(path, configs[size])
         cfg = {**TINY_LLAMA, **json.loads((path / "config.json").read_text())}
         bases[size] = {"path": str(path), "params": llama_params(cfg)}
     return bases
+
+
+def smol_base() -> dict:
+    """{"path", "params"} of the converted SmolLM2 folder; a clear error when the shared file is absent."""
+    import json
+
+    from alpaca_rlhf.models import ModelSpec, gguf_folder
+
+    if not SMOL_GGUF.is_file():
+        raise SystemExit(f"size smol needs the real SmolLM2 GGUF at {SMOL_GGUF} (../shared/models; or set "
+                         "ALPACA_RLHF_SMOL_GGUF); it is absent")
+    path = gguf_folder(ModelSpec(name_or_path=str(SMOL_GGUF)), str(SMOL_GGUF))
+    return {"path": str(path), "params": llama_params(json.loads((path / "config.json").read_text()))}
 
 
 def llama_params(cfg: dict) -> int:

@@ -313,7 +313,7 @@ def weights_mib(*models) -> float:
 
 # ---- the two sides -----------------------------------------------------------------------------------------
 def run_ours(path: str, rm_path: str, cfg: dict, batch_size: int, max_prompt_length: int, warmup: int,
-             steps: int, gc_off: bool = False, profile: bool | str = False) -> dict:
+             steps: int, gc_off: bool = False, profile: bool | str = False, precision: str = "32-true") -> dict:
     import lightning as L
     import torch
 
@@ -361,7 +361,7 @@ def run_ours(path: str, rm_path: str, cfg: dict, batch_size: int, max_prompt_len
         probe.attach_models(module.policy, module.scorer)
         probe.wrap_generate(module.policy.lm)
         probe.patch_backward()
-        trainer = lightning_trainer(tmp, [Iterations()], precision="32-true", max_epochs=1,
+        trainer = lightning_trainer(tmp, [Iterations()], precision=precision, max_epochs=1,
                                     limit_train_batches=total)
         if profile:
             probe.profile(warmup, steps, profile if isinstance(profile, str) else None)
@@ -593,7 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ppo_config()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--sizes", default="tiny,25M", help="comma-separated: tiny, 25M")
+    parser.add_argument("--sizes", default="tiny,25M", 
+                        help="comma-separated: tiny, 25M, smol (the real SmolLM2-135M from ../shared/models)")
     parser.add_argument("--steps", default="6,2", help="timed PPO iterations per run: one number, or one per size")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations before them (at least 1)")
     parser.add_argument("--repeats", default="3,1", help="timed runs per side: one number, or one per size")

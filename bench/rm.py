@@ -87,7 +87,7 @@ def _result(meter: StepMeter, memory: MemoryMeter, warmup: int, steps: int, batc
 
 
 def run_ours(path: str, lora: dict, lr: float, batch_size: int, max_length: int, seed: int, warmup: int,
-             steps: int) -> dict:
+             steps: int, precision: str | None = None) -> dict:
     import lightning as L
     import torch
 
@@ -107,7 +107,7 @@ def run_ours(path: str, lora: dict, lr: float, batch_size: int, max_length: int,
                               adapter_dir=f"{tmp}/adapter", optimizer=optimizer, scheduler=None)
         data = preference_data(module.tokenizer, batch_size, max_length, seed)
         meter.attach(module.model)
-        trainer = lightning_trainer(tmp, [Steps()], max_steps=warmup + steps)
+        trainer = lightning_trainer(tmp, [Steps()], precision=precision, max_steps=warmup + steps)
         memory.start()
         trainer.fit(module, datamodule=data)
         return _result(meter, memory, warmup, steps, batch_size)
@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     defaults = rm_config()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--sizes", default="tiny,25M", help="comma-separated: tiny (the tiny configs), 25M")
+    parser.add_argument("--sizes", default="tiny,25M", 
+                        help="comma-separated: tiny (the tiny configs), 25M, smol (the real SmolLM2-135M)")
     parser.add_argument("--steps", type=int, default=12, help="timed optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     parser.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="pairs per step")

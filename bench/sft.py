@@ -93,7 +93,7 @@ def trl_records(path: str, batch_size: int, max_length: int, seed: int, total_st
 
 
 def run_ours(path: str, lora: dict, lr: float, batch_size: int, max_length: int, seed: int, warmup: int,
-             steps: int) -> dict:
+             steps: int, precision: str | None = None) -> dict:
     import lightning as L
     import torch
 
@@ -115,7 +115,7 @@ def run_ours(path: str, lora: dict, lr: float, batch_size: int, max_length: int,
                            scheduler=None)
         data = alpaca_datamodule(module.tokenizer, batch_size, max_length, seed)
         meter.attach(module.model)
-        trainer = lightning_trainer(tmp, [Steps()], max_steps=warmup + steps)
+        trainer = lightning_trainer(tmp, [Steps()], precision=precision, max_steps=warmup + steps)
         memory.start()
         trainer.fit(module, datamodule=data)
         return {**meter.window(warmup, steps), **memory.stop()}
@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     defaults = tiny_config()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--sizes", default="tiny,25M", help="comma-separated: tiny, 25M")
+    parser.add_argument("--sizes", default="tiny,25M", 
+                        help="comma-separated: tiny, 25M, smol (the real SmolLM2-135M from ../shared/models)")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them (at least 1)")
     parser.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="from the tiny config")

@@ -85,9 +85,10 @@ class GRPOModule(CriticFreeModule):
             kl = F.k3_kl(s.logprobs, s.ref_logprobs) * mask  # what the loss penalises, at the rollout's policy
         else:
             kl = torch.full_like(s.logprobs, math.nan)  # not measured (no reference forward with beta 0)
-        advantages, self._zero_std = F.grpo_advantages(s.scores, self.k, self.hp.scale_rewards)
+        advantages, _ = F.grpo_advantages(s.scores, self.k, self.hp.scale_rewards)
         return self.sequence_rollout(s, s.scores, kl, advantages)
 
     def iteration_stats(self, rollout: Rollout, samples: Samples) -> dict:
+        zero_std = rollout.rewards.view(-1, self.k).std(1) == 0  # groups whose completions all scored alike
         return {"grpo/reward": rollout.rewards.mean(), "grpo/reward_std": rollout.rewards.std(),
-                "grpo/frac_reward_zero_std": self._zero_std.float().mean()}
+                "grpo/frac_reward_zero_std": zero_std.float().mean()}

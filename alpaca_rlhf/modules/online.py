@@ -57,6 +57,20 @@ class GenerationHParams:
         top_k: 0 = no truncation (anything else biases the KL estimate).
         top_p: 1.0 = no nucleus truncation.
         seed: Base seed of each iteration's sampling (seed + iteration, + rank): resumes sample alike.
+        cache_implementation: The KV cache `generate` uses: None = transformers' dynamic cache (grows per token);
+            "static" = preallocated for prompt + max_new_tokens (what compiled decoding needs).
+        compile: torch.compile the decoding step (transformers' `CompileConfig`; needs cache_implementation
+            "static"). The first iterations pay for compiling; a GPU gains most (bench/rollout.py). False also
+            stops transformers from compiling a static cache on a GPU by itself.
+        merge_adapter: Fold the LoRA weights into the base for generation and unfold them after (PEFT's
+            merge_adapter / unmerge_adapter; TRL does the same before handing weights to vLLM): generation runs the
+            plain network, without the adapter's extra matmuls per layer. Unquantized bases only. Folding and
+            unfolding round: the base weights move by ~1 ulp per iteration (measured in tests/modules/
+            test_rollout_speed.py), so a resumed run is no longer bit-identical to an unbroken one.
+        logprob_gap: Record the log-probs of the sampled tokens as generation computed them and log
+            `rollout/logprob_gap` (mean |generation - training forward| over response tokens) and
+            `rollout/logprob_gap_max`: ~0 (float rounding of the KV-cached decoding) when sampling and training
+            see the same policy; larger means the sampler is off-policy (a merge, a dtype, a bug).
     """
 
     max_new_tokens: int = 128
@@ -64,6 +78,17 @@ class GenerationHParams:
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = 42
+    cache_implementation: str | None = None
+    compile: bool = False
+    merge_adapter: bool = False
+    logprob_gap: bool = True
+
+    def __post_init__(self) -> None:
+        if self.cache_implementation in ("None", "null", "none", "dynamic", ""):
+            self.cache_implementation = None
+        if self.compile and self.cache_implementation != "static":
+            raise ConfigError("generation.compile needs generation.cache_implementation: static (a compiled "
+                              f"decoding step needs a fixed-size cache); got {self.cache_implementation!r}")
 
 
 @dataclass
@@ -117,6 +142,7 @@ class Samples:
     scoring_batch: ScoringBatch
     graph: tuple | None      # the rollout forward's outputs with autograd, for the first step (or None)
     timings: dict
+    sampled_logprobs: Tensor | None = None  # (B, T) log-probs of the sampled tokens as generation computed them
 
     @property
     def context_length(self) -> int:
@@ -170,6 +196,9 @@ class OnlineRLModule(L.LightningModule):
             raise ConfigError(f"lora.bias={lora.bias!r} trains the base model's biases, which disabling the adapter "
                              "does not undo: the reference would drift with the policy. Use bias: none, or give a "
                              "separate ref_model")
+        if generation.merge_adapter and policy.quantization:
+            raise ConfigError(f"generation.merge_adapter folds LoRA into the base weights, which a "
+                              f"{policy.quantization} base cannot hold exactly; turn it off for a quantized policy")
         self.tokenizer = load_tokenizer(policy, padding_side="left")
         self.policy = PolicyWithValue(apply_lora(load_causal_lm(policy), lora), value_head)
         neutral_generation_config(self.policy.lm)  # the rollout's sampling is exactly `generation`
@@ -254,10 +283,16 @@ class OnlineRLModule(L.LightningModule):
 
     # ---- rollout ---------------------------------------------------------------------------------------------
     def generation_kwargs(self) -> dict:
+        from transformers import CompileConfig
+
+        speed = dict(cache_implementation=self.gen.cache_implementation, disable_compile=not self.gen.compile)
+        if self.gen.compile:  # transformers compiles only on accelerators unless told to on every device
+            speed["compile_config"] = CompileConfig(fullgraph=False, dynamic=None)
+            speed["compile_config"]._compile_all_devices = True
         return dict(do_sample=True, temperature=self.gen.temperature, top_k=self.gen.top_k, top_p=self.gen.top_p,
                     max_new_tokens=self.gen.max_new_tokens, min_new_tokens=0, repetition_penalty=1.0,
                     eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                    use_cache=True)
+                    use_cache=True, **speed)
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -265,8 +300,13 @@ class OnlineRLModule(L.LightningModule):
         from transformers import GenerationConfig
 
         config = GenerationConfig(**self.generation_kwargs())
-        out = self.policy.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        if self.gen.cache_implementation == "static":  # sized in steps of 64: a new prompt width rarely recompiles
+            config.max_cache_len = -(-(input_ids.shape[1] + self.gen.max_new_tokens) // 64) * 64
+        recorder = SampledLogprobs(self.policy.lm.get_base_model(), self.gen.temperature, self.gen.logprob_gap)
+        with merged_adapter(self.policy.lm, self.gen.merge_adapter), recorder:
+            out = self.policy.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
         responses = out[:, input_ids.shape[1] :]
+        self._sampled_logprobs = recorder.result(responses)
         response_mask = F.first_eos_mask(responses, self.tokenizer.eos_token_id)
         return torch.where(response_mask, responses, self.tokenizer.pad_token_id), response_mask
 
@@ -325,7 +365,9 @@ class OnlineRLModule(L.LightningModule):
         checkpointing = is_checkpointing(self.policy.lm)
         if checkpointing:
             self.policy.eval()  # under gradient checkpointing, transformers generates without a cache in train mode
+        self._sampled_logprobs = None
         responses, response_mask = self.generate(prompt_ids, prompt_mask)
+        sampled_logprobs = self._sampled_logprobs
         if checkpointing:
             self.policy.train()
         query_responses = torch.cat([prompt_ids, responses], 1)  # (B, C+T)
@@ -354,7 +396,7 @@ class OnlineRLModule(L.LightningModule):
                                       score_bias=-self.scorer.offset)
         timings["time/scoring_and_forwards"] = time.perf_counter() - t1
         return Samples(prompts, query_responses, attention_mask, response_mask, logprobs, ref_logprobs, values,
-                       raw_scores, scores, has_eos, sb, graph, timings)
+                       raw_scores, scores, has_eos, sb, graph, timings, sampled_logprobs)
 
     def make_rollout(self, batch: dict, keep_graph: bool = False) -> tuple[Rollout, dict]:
         """Sample, score and build the algorithm's detached experience from one prompt batch."""
@@ -481,6 +523,7 @@ class OnlineRLModule(L.LightningModule):
             "rollout/eos_fraction": extra["has_eos"].float().mean(),
             f"{self.ALGORITHM}/lr": opt_lr(self.optimizers()),
             **self.iteration_stats(rollout, extra["samples"]), **extra["timings"],
+            **sampling_gap(extra["samples"]),
         })
         if kl_per_seq < self.hp.negative_kl_warning:
             rank_zero_warn(f"rollout KL is {kl_per_seq:.2f} nats per sequence: a clearly negative KL means "
@@ -637,3 +680,78 @@ def md(text: str, limit: int = 300) -> str:
 
 def opt_lr(optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
+
+
+def sampling_gap(samples: Samples) -> dict:
+    """`rollout/logprob_gap` (mean) and `rollout/logprob_gap_max` of |log-prob at sampling - log pi_old| over the
+    response tokens; nothing when generation's log-probs were not recorded."""
+    if samples.sampled_logprobs is None:
+        return {}
+    mask = samples.response_mask
+    gap = (samples.sampled_logprobs.to(samples.logprobs.device) - samples.logprobs).abs()[mask]
+    if gap.numel() == 0:
+        return {}
+    return {"rollout/logprob_gap": gap.mean(), "rollout/logprob_gap_max": gap.max()}
+
+
+class merged_adapter:
+    """With `on`, the PEFT model's LoRA weights are folded into the base inside the block and unfolded after."""
+
+    def __init__(self, model, on: bool) -> None:
+        self.model, self.on = model, on
+
+    def __enter__(self):
+        if self.on:
+            self.model.merge_adapter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.on:
+            self.model.unmerge_adapter()
+
+
+class SampledLogprobs:
+    """Log-probs of the tokens `generate` samples, from the logits it sampled them from (hooks on the causal LM).
+
+    Each decoding forward receives the token sampled from the previous forward's logits as its `input_ids`, so
+    the pre-hook gathers that token's log-prob from the stored log-softmax of the previous step (one (B, V) at a
+    time, never the (B, T, V) that `output_logits` would keep); `result()` adds the last sampled token's.
+    Log-probs use logits / temperature in fp32, as the training forward's do."""
+
+    def __init__(self, causal_lm: nn.Module, temperature: float, on: bool = True) -> None:
+        self.lm, self.temperature, self.on = causal_lm, temperature, on
+        self.previous: Tensor | None = None
+        self.gathered: list[Tensor] = []
+        self.handles = []
+
+    def __enter__(self):
+        if self.on:
+            self.handles = [self.lm.register_forward_pre_hook(self._before, with_kwargs=True),
+                            self.lm.register_forward_hook(self._after)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    @torch.compiler.disable  # bookkeeping outside a compiled decoding step (no guards on the list's length)
+    def _before(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if self.previous is not None and ids is not None:
+            self.gathered.append(self.previous.gather(1, ids[:, -1:].to(self.previous.device)))
+
+    @torch.compiler.disable
+    def _after(self, module, args, output) -> None:
+        logits = output.logits[:, -1].float()
+        self.previous = torch.log_softmax(logits / self.temperature, dim=-1)
+
+    def result(self, responses: Tensor) -> Tensor | None:
+        """(B, T) log-probs of `responses` at sampling; None when off or when the steps do not line up."""
+        if not self.on or self.previous is None:
+            return None
+        steps = [*self.gathered, self.previous.gather(1, responses[:, -1:].to(self.previous.device))]
+        self.previous, self.gathered = None, []
+        if len(steps) != responses.shape[1]:
+            return None
+        return torch.cat(steps, 1)

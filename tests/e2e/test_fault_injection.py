@@ -27,15 +27,18 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 SCORER = json.dumps({"class_path": "alpaca_rlhf.modules.scorers.TokenIdScorer",
                      "init_args": {"token_ids": list(range(40, 200))}})
 
-# stage: (config, checkpoint dir, steps per checkpoint, max_steps, the flag naming the export, its file, kill steps)
+# stage: (config, checkpoint dir, steps per checkpoint, max_steps, the flag naming the export, its file, kill points)
+# Every stage is killed mid-step (its own resume). The checkpoint write is the same code for every stage (one
+# ModelCheckpoint, one atomic write): killed under SFT only. The kill between the last checkpoint and the export
+# hits each stage's own export-on-resume (SFT's adapter, RM's adapter with its centring stats, PPO's step_<n>).
 STAGES = {
     "sft": ("configs/tiny/sft.yaml", "output/tiny/checkpoints/sft", 4, 12, "--model.init_args.adapter_dir",
-            "adapter_model.safetensors", {"mid_step": 6, "checkpoint_write": 8}),
+            "adapter_model.safetensors", {"mid_step": 6, "checkpoint_write": 8, "before_export": 0}),
     "rm": ("configs/tiny/rm.yaml", "output/tiny/checkpoints/rm", 4, 12, "--model.init_args.adapter_dir",
-           "adapter_model.safetensors", {"mid_step": 6, "checkpoint_write": 8}),
+           "adapter_model.safetensors", {"mid_step": 6, "before_export": 0}),
     # PPO: 4 epochs x 2 minibatches = 8 optimizer steps per iteration, a checkpoint after every iteration
     "ppo": ("configs/tiny/ppo.yaml", "output/tiny/checkpoints/ppo", 8, 24, "--model.init_args.output_dir",
-            "step_3/adapter_model.safetensors", {"mid_step": 13, "checkpoint_write": 16}),
+            "step_3/adapter_model.safetensors", {"mid_step": 13, "before_export": 0}),
 }
 
 
@@ -71,7 +74,7 @@ def test_kill_9_at_every_point_then_resume_gives_the_uninterrupted_adapter(stage
     straight = load_file(tmp_path / "straight" / export_file)
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    points = [*kill_steps.items(), ("before_export", 0)]
+    points = list(kill_steps.items())
     for point, step in points:
         shutil.rmtree(tmp_path / ckpt_dir, ignore_errors=True)  # a new run, not a resume of the previous one
         (tmp_path / "kill.yaml").write_text(kill_config(ckpt_dir, every, point, step))

@@ -95,12 +95,16 @@ def test_ddp_run_killed_mid_epoch_resumes_to_the_same_adapter(tmp_path):
         torch.testing.assert_close(resumed[k], straight[k], rtol=1e-5, atol=1e-6)
 
 
-def test_data_and_config_errors_print_one_clear_line_through_the_real_cli(tmp_path):
-    """Every data error the data modules raise, and a missing earlier stage, through `python cli.py`: the message
-    alone (file, record, field), exit status 1, no traceback unless ALPACA_RLHF_DEBUG=1."""
+def test_data_and_config_errors_print_one_clear_line_through_the_real_cli(tmp_path, monkeypatch, capsys):
+    """Every data error the data modules raise, and a missing earlier stage, through the command line's entry
+    point: the message alone (file, record, field), exit status 1, no traceback unless ALPACA_RLHF_DEBUG=1. The
+    first case runs as `python cli.py` in a fresh interpreter; the rest call the same `main` in this process
+    (the same code after the interpreter's start-up, which is most of each run's time)."""
     import json
     import subprocess
     import sys
+
+    from alpaca_rlhf.cli import main
 
     (tmp_path / "not_json.json").write_text("{oops")
     (tmp_path / "no_output.json").write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c"}]))
@@ -122,12 +126,21 @@ def test_data_and_config_errors_print_one_clear_line_through_the_real_cli(tmp_pa
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     env.pop("ALPACA_RLHF_DEBUG", None)
-    for args, message in cases:
-        proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 1, (args, proc.stderr[-2000:])
-        assert message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
-        assert "alpaca-rlhf: error:" in proc.stderr
+    monkeypatch.delenv("ALPACA_RLHF_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    for i, (args, message) in enumerate(cases):
+        if i == 0:
+            proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=tmp_path, env=env,
+                                  capture_output=True, text=True, timeout=300)
+            code, stderr = proc.returncode, proc.stderr
+        else:
+            capsys.readouterr()
+            with pytest.raises(SystemExit) as exit_:
+                main(args)
+            code, stderr = exit_.value.code, capsys.readouterr().err
+        assert code == 1, (args, stderr[-2000:])
+        assert message in stderr and "Traceback" not in stderr, (args, stderr[-2000:])
+        assert "alpaca-rlhf: error:" in stderr
     proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *cases[0][0]], cwd=tmp_path,
                           env={**env, "ALPACA_RLHF_DEBUG": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "not JSON" in proc.stderr
