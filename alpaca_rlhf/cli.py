@@ -254,10 +254,22 @@ def configure_logging() -> None:
     import logging
     import os
 
+    class StderrHandler(logging.StreamHandler):
+        """Writes to whatever `sys.stderr` is when a line is logged, not the stream it was made with: `main()`
+        called again in one process (a notebook, a test) after stderr was swapped must not log to a closed one."""
+
+        @property
+        def stream(self):
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value) -> None:
+            pass
+
     logger = logging.getLogger("alpaca_rlhf")
     if logger.handlers:
         return
-    handler = logging.StreamHandler()
+    handler = StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
     logger.addHandler(handler)
     logger.setLevel(os.environ.get("ALPACA_RLHF_LOG_LEVEL", "INFO").upper())

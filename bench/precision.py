@@ -51,6 +51,10 @@ def workers(stage: str, path: str, root: str, steps: int, warmup: int, lora: dic
     return ppo_bench.run_ours, kw, "episodes_per_s", "episodes/s"
 
 
+def _mib(value: float) -> str:
+    return "-" if value != value else f"{value:,.0f}"  # NaN: no memory run
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         a, b = r["32-true"], r["bf16-mixed"]
         print(f"| {r['stage']} | {a['speed']:,.2f} {r['unit']} | {b['speed']:,.2f} {r['unit']} | "
-              f"**{b['speed'] / a['speed']:.2f}** | {a['train_mib']:,.0f} / {b['train_mib']:,.0f} | "
+              f"**{b['speed'] / a['speed']:.2f}** | {_mib(a['train_mib'])} / {_mib(b['train_mib'])} | "
               f"{a['peak_mib']:,.0f} / {b['peak_mib']:,.0f} |")
     return 0
 

@@ -13,6 +13,11 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download in tests
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(ROOT))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one torch thread per worker and per CLI it starts, or
+    os.environ["OMP_NUM_THREADS"] = "1"    # the workers' OpenMP threads spin against each other on two cores
+    import torch
+
+    torch.set_num_threads(1)
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
