@@ -24,6 +24,13 @@ from alpaca_rlhf.models import (
 from alpaca_rlhf.modules.adapter_stage import AdapterStage
 
 
+def plain_output_layer(model) -> bool:
+    """Whether the causal LM's logits are just its output layer applied to the decoder's last hidden state."""
+    cfg = model.config
+    return (getattr(cfg, "final_logit_softcapping", None) is None and getattr(cfg, "logits_scaling", None) in (None, 1)
+            and hasattr(model, "get_decoder") and model.get_output_embeddings() is not None)
+
+
 class SFTModule(AdapterStage, L.LightningModule):
     """LoRA on a causal LM, trained on the unmasked (response) tokens.
 
@@ -67,13 +74,22 @@ class SFTModule(AdapterStage, L.LightningModule):
     def response_logits(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (N, V) in fp32, targets (N,)) at the N positions that carry a label.
 
-        The model's own forward makes the logits, so whatever it does after the output layer (Gemma 2's final
-        soft-capping, Granite's logit scaling) is kept; `logits_to_keep` limits the output layer to the columns
-        where some row has a label (as TRL's default loss limits it): a full (B, T, V) logits tensor is ~1 GiB
-        in fp32 for a batch of 8 x 256 with Llama 3's 128k vocabulary.
+        The output layer runs on the labelled positions only (as TRL's default loss does): the decoder's
+        hidden states are gathered at those N positions and the output layer (with its adapter, if targeted)
+        maps (N, H) to (N, V). A full (B, T, V) logits tensor is ~1 GiB in fp32 for a batch of 8 x 256 with
+        Llama 3's 128k vocabulary, and with SmolLM2's 49k vocabulary the output layer is a fifth of the
+        model's multiply-adds per position. A model that changes its logits after the output layer (Gemma 2's
+        final soft-capping, Granite's logit scaling) goes through its own forward instead, limited to the
+        columns where some row has a label (`logits_to_keep`).
         """
         targets = batch["labels"][:, 1:]  # token t is predicted at position t-1
         keep = targets != IGNORE_INDEX  # (B, T-1)
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if plain_output_layer(base):
+            hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                        use_cache=False).last_hidden_state  # (B, T, H)
+            logits = base.get_output_embeddings()(hidden[:, :-1][keep])  # (N, V)
+            return logits.float(), targets[keep]
         columns = keep.any(0).nonzero().squeeze(-1)  # (K,) positions that predict some row's label
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
                             logits_to_keep=columns).logits  # (B, K, V)
