@@ -194,9 +194,10 @@ class StepMeter:
         seconds = ends[-1] - ends[0]
         cpu_seconds = self.step_cpu[warmup + steps - 1] - self.step_cpu[warmup - 1]
         tokens = sum(self.step_tokens[warmup:warmup + steps])
+        steps_s = [b - a for a, b in zip(ends, ends[1:], strict=False)]
         return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-                "tokens_per_cpu_s": tokens / cpu_seconds,
-                "step_s_median": statistics.median(b - a for a, b in zip(ends, ends[1:], strict=False))}
+                "tokens_per_cpu_s": tokens / cpu_seconds, "step_s_median": statistics.median(steps_s),
+                "steps_s": steps_s, "tokens_per_step": self.step_tokens[warmup:warmup + steps]}
 
 
 def _status_kb(field: str) -> int | None:
@@ -350,7 +351,8 @@ def compare(workers: dict[str, Callable], repeats: int, memory_run: bool = True,
             gpu = f", peak GPU {res['cuda_peak_mib']:.0f} MiB" if "cuda_peak_mib" in res else ""
             log(f"  run {r + 1}/{repeats} {name:>5}: {res['tokens_per_s']:8.0f} tok/s, "
                 f"{res['tokens_per_cpu_s']:8.0f} tok/CPU-s, "
-                f"median step {res['step_s_median'] * 1000:.0f} ms, "
+                f"median step {res['step_s_median'] * 1000:.0f} ms "
+                f"(steps {', '.join(f'{t:.1f}' for t in res.get('steps_s', []))} s), "
                 f"peak RSS {res['peak_rss_mib']:.0f} MiB{gpu}")
     for name in names if memory_run else []:
         res = run_isolated(workers[name], live_memory=True, **kwargs)
