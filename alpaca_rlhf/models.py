@@ -102,8 +102,7 @@ class ModelSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.quantization in ("None", "null", "none", ""):  # `--...quantization null` arrives as "None"
-            self.quantization = None
+        self.quantization = null_to_none(self.quantization)  # `--...quantization null` arrives as "None"
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.quantization not in (None, "8bit", "4bit"):
@@ -369,6 +368,16 @@ def _cpu_kernel_fits(layer) -> bool:
     return layer.out_features % 32 == 0 and layer.in_features % block == 0
 
 
+def unwrap_peft(model):
+    """The model under a PEFT wrapper (the model itself when it has none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def null_to_none(value):
+    """None for the spellings of "no value" a command line or YAML hands over as text ("None", "null", "")."""
+    return None if value in ("None", "null", "none", "") else value
+
+
 def neutral_generation_config(model) -> None:
     """Replaces the model's `generation_config` (from the checkpoint's generation_config.json) with one that keeps
     only the special token ids: `generate` fills unset fields from it, so a checkpoint's `min_p`, `typical_p`,
@@ -376,7 +385,7 @@ def neutral_generation_config(model) -> None:
     PPO's KL estimate with it)."""
     from transformers import GenerationConfig
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     old = base.generation_config
     base.generation_config = GenerationConfig(bos_token_id=old.bos_token_id, eos_token_id=old.eos_token_id,
                                               pad_token_id=old.pad_token_id)

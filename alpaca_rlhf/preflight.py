@@ -133,7 +133,9 @@ class Estimate:
 def weight_bytes(shape: Shape, dtype: str, quantization: str | None, score_head: bool = False
                  ) -> tuple[float, str]:
     """Bytes of the frozen weights; a reward model (`score_head`) has a one-output head instead of lm_head."""
-    quantization = None if quantization in ("None", "null", "none", "") else quantization
+    from alpaca_rlhf.models import null_to_none
+
+    quantization = null_to_none(quantization)
     p = shape.params()
     if score_head:
         p["lm_head"] = shape.hidden

@@ -41,6 +41,8 @@ from alpaca_rlhf.models import (
     load_causal_lm,
     load_tokenizer,
     neutral_generation_config,
+    null_to_none,
+    unwrap_peft,
 )
 from alpaca_rlhf.modules.policy import PolicyWithValue
 from alpaca_rlhf.modules.scorers import Scorer, ScoringBatch
@@ -84,7 +86,7 @@ class GenerationHParams:
     logprob_gap: bool = True
 
     def __post_init__(self) -> None:
-        if self.cache_implementation in ("None", "null", "none", "dynamic", ""):
+        if null_to_none(self.cache_implementation) in (None, "dynamic"):
             self.cache_implementation = None
         if self.compile and self.cache_implementation != "static":
             raise ConfigError("generation.compile needs generation.cache_implementation: static (a compiled "
@@ -295,20 +297,22 @@ class OnlineRLModule(L.LightningModule):
                     use_cache=True, **speed)
 
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """(responses (B, T) with pad after the first EOS, response_mask (B, T) bool)."""
+    def generate(self, input_ids: Tensor, attention_mask: Tensor,
+                 record_logprobs: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(responses (B, T) with pad after the first EOS, response_mask (B, T) bool, the sampled tokens'
+        log-probs as generation computed them (B, T) if `record_logprobs`, else None)."""
         from transformers import GenerationConfig
 
         config = GenerationConfig(**self.generation_kwargs())
         if self.gen.cache_implementation == "static":  # sized in steps of 64: a new prompt width rarely recompiles
             config.max_cache_len = -(-(input_ids.shape[1] + self.gen.max_new_tokens) // 64) * 64
-        recorder = SampledLogprobs(self.policy.lm.get_base_model(), self.gen.temperature, self.gen.logprob_gap)
+        recorder = SampledLogprobs(self.policy.lm.get_base_model(), self.gen.temperature, record_logprobs)
         with merged_adapter(self.policy.lm, self.gen.merge_adapter), recorder:
             out = self.policy.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
         responses = out[:, input_ids.shape[1] :]
-        self._sampled_logprobs = recorder.result(responses)
         response_mask = F.first_eos_mask(responses, self.tokenizer.eos_token_id)
-        return torch.where(response_mask, responses, self.tokenizer.pad_token_id), response_mask
+        return (torch.where(response_mask, responses, self.tokenizer.pad_token_id), response_mask,
+                recorder.result(responses))
 
     @torch.no_grad()
     def _forward_old(self, query_responses: Tensor, attention_mask: Tensor, C: int, policy: bool = True,
@@ -365,9 +369,7 @@ class OnlineRLModule(L.LightningModule):
         checkpointing = is_checkpointing(self.policy.lm)
         if checkpointing:
             self.policy.eval()  # under gradient checkpointing, transformers generates without a cache in train mode
-        self._sampled_logprobs = None
-        responses, response_mask = self.generate(prompt_ids, prompt_mask)
-        sampled_logprobs = self._sampled_logprobs
+        responses, response_mask, sampled_logprobs = self.generate(prompt_ids, prompt_mask, self.gen.logprob_gap)
         if checkpointing:
             self.policy.train()
         query_responses = torch.cat([prompt_ids, responses], 1)  # (B, C+T)
@@ -586,7 +588,7 @@ class OnlineRLModule(L.LightningModule):
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             if self.gen.seed is not None:  # the same held-out samples for the same policy, run after run
                 torch.manual_seed(self.gen.seed + batch_idx + 7919 * self.global_rank)
-            responses, mask = self.generate(batch["input_ids"], batch["attention_mask"])
+            responses, mask, _ = self.generate(batch["input_ids"], batch["attention_mask"])
             C = batch["input_ids"].shape[1]
             qr = torch.cat([batch["input_ids"], responses], 1)
             am = torch.cat([batch["attention_mask"], mask.long()], 1)
@@ -667,7 +669,7 @@ class OnlineRLModule(L.LightningModule):
 
 def is_checkpointing(model: nn.Module) -> bool:
     """Whether transformers' gradient (activation) checkpointing is on, through a PEFT wrapper."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     for flag in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # the first is transformers >= 5.x
         if hasattr(type(base), flag):
             return bool(getattr(base, flag))

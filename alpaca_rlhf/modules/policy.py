@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from alpaca_rlhf.models import LoraSpec, ModelSpec
+from alpaca_rlhf.models import LoraSpec, ModelSpec, unwrap_peft
 from alpaca_rlhf.ppo.rollout import position_ids_from_mask
 
 
@@ -131,7 +131,7 @@ class PolicyWithValue(nn.Module):
 
     def trunk(self) -> nn.Module:
         """The decoder stack under the output layer (`LlamaModel` for LLaMA), through the PEFT wrapper."""
-        base = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+        base = unwrap_peft(self.lm)
         return getattr(base, base.base_model_prefix)
 
     @torch.no_grad()

@@ -32,6 +32,7 @@ from alpaca_rlhf.models import (
     export_adapter,
     load_sequence_classifier,
     load_tokenizer,
+    unwrap_peft,
 )
 from alpaca_rlhf.modules.adapter_stage import AdapterStage
 
@@ -58,7 +59,7 @@ def score(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         input_ids: (B, T) token ids.
         attention_mask: (B, T) 1 on real tokens, 0 on padding (either side, or both).
     """
-    classifier = model.get_base_model() if hasattr(model, "get_base_model") else model
+    classifier = unwrap_peft(model)
     backbone = getattr(classifier, classifier.base_model_prefix)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T) 0 at the first real token
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -20,6 +20,7 @@ from alpaca_rlhf.models import (
     export_adapter,
     load_causal_lm,
     load_tokenizer,
+    unwrap_peft,
 )
 from alpaca_rlhf.modules.adapter_stage import AdapterStage
 
@@ -84,7 +85,7 @@ class SFTModule(AdapterStage, L.LightningModule):
         """
         targets = batch["labels"][:, 1:]  # token t is predicted at position t-1
         keep = targets != IGNORE_INDEX  # (B, T-1)
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base = unwrap_peft(self.model)
         if plain_output_layer(base):
             hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                         use_cache=False).last_hidden_state  # (B, T, H)
