@@ -112,7 +112,7 @@ def response_logprob_sums(model, prompt_ids: list[list[int]], response_ids: list
     """(N,) sum over each response's tokens of log pi(y_t | x, y_<t), with logits / temperature as in PPO."""
     import torch
 
-    from alpaca_rlhf.ppo import masked_sum, response_logprobs
+    from alpaca_rlhf.ppo import masked_sum, response_logprobs, response_positions
     from alpaca_rlhf.ppo.rollout import position_ids_from_mask
 
     with torch.no_grad():  # scoring only
@@ -124,7 +124,7 @@ def response_logprob_sums(model, prompt_ids: list[list[int]], response_ids: list
             ids, mask = ids.to(device), mask.to(device)
             T = ids.shape[1] - C
             logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                           use_cache=False, logits_to_keep=T + 1).logits[:, :-1]  # (B, T, V): response positions only
+                           use_cache=False, logits_to_keep=response_positions(C, T, device)).logits  # (B, T, V)
             logprobs = response_logprobs(logits, ids[:, C:], temperature)  # (B, T)
             sums.append(masked_sum(logprobs, mask[:, C:].bool(), dim=1).cpu())
         return torch.cat(sums)

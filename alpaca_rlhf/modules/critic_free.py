@@ -71,7 +71,7 @@ class CriticFreeModule(OnlineRLModule):
         C = mb.context_length
         logits = (outputs if outputs is not None else self.policy(mb.query_responses, mb.attention_mask, C,
                                                                   with_values=False))[0]
-        logprobs = F.response_logprobs(logits, mb.query_responses[:, C:], self.gen.temperature)
+        logprobs, entropy = F.logprobs_and_entropy(logits, mb.query_responses[:, C:], self.gen.temperature)
         per_token, st = F.clipped_surrogate(logprobs, mb.logprobs, mb.advantages, mb.response_mask,
                                             self.hp.epsilon, self.hp.epsilon_high)
         a = self.ALGORITHM
@@ -82,8 +82,7 @@ class CriticFreeModule(OnlineRLModule):
             stats[f"{a}/kl"] = F.masked_mean(kl.detach(), mb.response_mask)  # TRL's `kl`
             per_token = per_token + beta * kl
         loss = F.reduce_loss(per_token, mb.response_mask, self.hp.loss_type, self.gen.max_new_tokens)
-        with torch.no_grad():
-            entropy = F.masked_mean(F.entropy_from_logits(logits.detach(), self.gen.temperature), mb.response_mask)
+        entropy = F.masked_mean(entropy, mb.response_mask)
         stats.update({f"{a}/loss": loss.detach(), f"{a}/entropy": entropy, **{f"{a}/{k}": v for k, v in st.items()}})
         return loss, stats
 

@@ -341,7 +341,8 @@ class OnlineRLModule(L.LightningModule):
             return self.policy.reference_logits(input_ids, attention_mask, C)
         T = input_ids.shape[1] - C
         return self.ref_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                              position_ids=position_ids_from_mask(attention_mask), logits_to_keep=T + 1).logits[:, :-1]
+                              position_ids=position_ids_from_mask(attention_mask),
+                              logits_to_keep=F.response_positions(C, T, input_ids.device)).logits
 
     def scoring_batch(self, prompts: list[str], query_responses: Tensor, attention_mask: Tensor,
                       C: int) -> ScoringBatch:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from alpaca_rlhf.models import LoraSpec, ModelSpec, unwrap_peft
+from alpaca_rlhf.ppo.logprobs import response_positions
 from alpaca_rlhf.ppo.rollout import position_ids_from_mask
 
 
@@ -108,9 +109,9 @@ class PolicyWithValue(nn.Module):
         C = `context_length` followed by a right-padded response of length T.
 
         Position t scores response token t (it sits at C-1+t). The output layer runs on those T positions only
-        (`logits_to_keep`), never on the prompt: with a 128k vocabulary, logits for every position of a batch
-        cost gigabytes. The value model sees the trunk's whole last hidden state (taken with a hook, not with
-        `output_hidden_states`, which would keep every layer's).
+        (`logits_to_keep` as indices: contiguous logits), never on the prompt: with a 128k vocabulary, logits for
+        every position of a batch cost gigabytes. The value model sees the trunk's whole last hidden state (taken
+        with a hook, not with `output_hidden_states`, which would keep every layer's).
         """
         T = input_ids.shape[1] - context_length
         with_values = with_values and self.value_head is not None
@@ -119,11 +120,11 @@ class PolicyWithValue(nn.Module):
         try:
             out = self.lm(input_ids=input_ids, attention_mask=attention_mask,
                           position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-                          logits_to_keep=T + 1)
+                          logits_to_keep=response_positions(context_length, T, input_ids.device))
         finally:
             if hook is not None:
                 hook.remove()
-        logits = out.logits[:, :-1]  # the last position predicts past the response
+        logits = out.logits
         if not with_values:
             return logits, None
         values = self.value_head(hidden_states=hidden[0], input_ids=input_ids, attention_mask=attention_mask)

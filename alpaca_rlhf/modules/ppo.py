@@ -156,11 +156,10 @@ class PPOModule(OnlineRLModule):
         """Clipped policy + value loss of a micro-batch; `outputs` = the policy's (logits, values) if already run."""
         C = mb.context_length
         logits, values = outputs if outputs is not None else self.policy(mb.query_responses, mb.attention_mask, C)
-        logprobs = F.response_logprobs(logits, mb.query_responses[:, C:], self.gen.temperature)
+        logprobs, entropy = F.logprobs_and_entropy(logits, mb.query_responses[:, C:], self.gen.temperature)
         pg_loss, pg_stats = F.policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask, self.hp.clip_range)
         vf_loss, vf_stats = F.value_loss(values, mb.values, mb.returns, mb.response_mask, self.hp.value_clip_range)
-        with torch.no_grad():
-            entropy = F.masked_mean(F.entropy_from_logits(logits.detach(), self.gen.temperature), mb.response_mask)
+        entropy = F.masked_mean(entropy, mb.response_mask)
         stats = {"ppo/policy_loss": pg_loss.detach(), "ppo/value_loss": vf_loss.detach(), "ppo/entropy": entropy,
                  **{f"ppo/{k}": v for k, v in {**pg_stats, **vf_stats}.items()}}
         return pg_loss + self.hp.vf_coef * vf_loss, stats

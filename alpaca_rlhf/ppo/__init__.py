@@ -22,8 +22,10 @@ from alpaca_rlhf.ppo.logprobs import (
     contains_eos,
     entropy_from_logits,
     first_eos_mask,
+    logprobs_and_entropy,
     response_logits_slice,
     response_logprobs,
+    response_positions,
     sequence_lengths,
 )
 from alpaca_rlhf.ppo.losses import policy_loss, value_loss
@@ -54,6 +56,7 @@ __all__ = [
     "grpo_advantages",
     "k3_kl",
     "kl_penalized_rewards",
+    "logprobs_and_entropy",
     "masked_mean",
     "masked_sum",
     "masked_var",
@@ -64,6 +67,7 @@ __all__ = [
     "response_logits_slice",
     "rloo_advantages",
     "response_logprobs",
+    "response_positions",
     "sequence_lengths",
     "value_loss",
     "whiten_rewards",

@@ -4,6 +4,7 @@ Layout (PPO.md §1): a left-padded prompt of length C followed by a right-padded
 """
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 EosIds = int | list[int] | tuple[int, ...]
@@ -23,6 +24,30 @@ def response_logits_slice(logits: Tensor, context_length: int) -> Tensor:
     return logits[:, context_length - 1 : -1]  # token t is predicted at position t-1
 
 
+def response_positions(context_length: int, response_length: int, device=None) -> Tensor:
+    """The T positions C-1 ... C+T-2 that score the response tokens, as an index tensor for a model's
+    `logits_to_keep`: the output layer then runs on those positions only and returns contiguous (B, T, V) logits
+    (`logits_to_keep=T + 1` and slicing off the last position gives a strided view that every later (B, T, V)
+    operation copies or walks slowly)."""
+    return torch.arange(context_length - 1, context_length - 1 + response_length, device=device)
+
+
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    """fp32 logits / temperature; no copy for fp32 logits at temperature 1 (x / 1 == x exactly)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    # fp32 before the softmax: bf16 log-probs make the ratio drift from 1 (PPO.md §3 item 10).
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def _token_logprobs(scaled: Tensor, responses: Tensor) -> Tensor:
+    # cross_entropy is a fused log-softmax + gather: one pass over the vocabulary forward, and a backward that
+    # writes the (..., V) gradient once (logsumexp's backward and a separate gather take about twice as long).
+    flat = F.cross_entropy(scaled.reshape(-1, scaled.shape[-1]), responses.reshape(-1), reduction="none")
+    return -flat.view(responses.shape)
+
+
 def response_logprobs(logits: Tensor, responses: Tensor, temperature: float) -> Tensor:
     """Log-probabilities of the sampled response tokens under temperature-scaled logits.
 
@@ -35,15 +60,16 @@ def response_logprobs(logits: Tensor, responses: Tensor, temperature: float) -> 
         temperature: sampling temperature τ > 0; logits are divided by it as in OAI, NPLUS and TRL-new.
 
     Returns:
-        (B, T) float32 log π(y_t | x, y_<t).
+        (B, T) float32 log π(y_t | x, y_<t), equal to log_softmax(logits / τ) at the sampled ids.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    # fp32 before the softmax: bf16 log-probs make the ratio drift from 1 (PPO.md §3 item 10).
-    scaled = logits.float() / temperature
-    # Equals log_softmax(scaled).gather(...) without materialising a second (B, T, V) tensor.
-    picked = scaled.gather(-1, responses.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(scaled, dim=-1)
+    return _token_logprobs(_scaled(logits, temperature), responses)
+
+
+def _entropy(scaled: Tensor, logsumexp: Tensor) -> Tensor:
+    probs = torch.softmax(scaled, dim=-1)
+    # Σ_v p_v z_v as a batched dot product: no third (..., V) tensor for p * z
+    dot = torch.matmul(probs.unsqueeze(-2), scaled.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+    return logsumexp - dot
 
 
 def entropy_from_logits(logits: Tensor, temperature: float) -> Tensor:
@@ -56,11 +82,27 @@ def entropy_from_logits(logits: Tensor, temperature: float) -> Tensor:
     Returns:
         (B, T) float32 entropy in nats: logsumexp(z) - Σ_v softmax(z)_v z_v with z = logits / τ.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    scaled = logits.float() / temperature
-    probs = torch.softmax(scaled, dim=-1)
-    return torch.logsumexp(scaled, dim=-1) - (probs * scaled).sum(dim=-1)
+    with torch.no_grad():
+        scaled = _scaled(logits, temperature)
+        return _entropy(scaled, torch.logsumexp(scaled, dim=-1))
+
+
+def logprobs_and_entropy(logits: Tensor, responses: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """`response_logprobs` (with autograd) and `entropy_from_logits` (without) from one scaling of the logits.
+
+    The entropy's logsumexp comes free from the log-probs: log π(y) = z_y - logsumexp(z), so
+    logsumexp(z) = z_y - log π(y); what is left is one softmax and one dot product per position. A training
+    step over a 49k vocabulary spent more time on a separate entropy than on its log-probs.
+
+    Returns:
+        ((B, T) float32 log-probs, with grad if `logits` has it; (B, T) float32 entropy, detached).
+    """
+    scaled = _scaled(logits, temperature)
+    logprobs = _token_logprobs(scaled, responses)
+    with torch.no_grad():
+        z = scaled.detach()
+        logsumexp = z.gather(-1, responses.unsqueeze(-1)).squeeze(-1) - logprobs.detach()
+        return logprobs, _entropy(z, logsumexp)
 
 
 def _is_eos(responses: Tensor, eos_token_id: EosIds) -> Tensor:

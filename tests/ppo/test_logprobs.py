@@ -7,8 +7,10 @@ from alpaca_rlhf.ppo import (
     contains_eos,
     entropy_from_logits,
     first_eos_mask,
+    logprobs_and_entropy,
     response_logits_slice,
     response_logprobs,
+    response_positions,
     sequence_lengths,
 )
 
@@ -82,3 +84,41 @@ def test_first_eos_mask_with_several_stop_ids():
     assert torch.equal(first_eos_mask(responses, [0, 9]), expected)
     assert torch.equal(first_eos_mask(responses, (9, 0)), expected)
     assert torch.equal(contains_eos(responses, [0, 9]), torch.tensor([True, True, False]))
+
+
+def test_logprobs_and_entropy_equal_the_separate_functions_and_log_softmax_gradients():
+    # The fused path (cross-entropy log-probs, entropy's logsumexp taken from them) against log_softmax + gather
+    # and the textbook entropy, values and gradients, at tau 1 (no scaling copy) and tau 0.7, on strided logits.
+    torch.manual_seed(0)
+    full = torch.randn(3, 6, 50) * 4
+    responses = torch.randint(0, 50, (3, 5))
+    for tau in (1.0, 0.7):
+        logits = full[:, :-1].clone().requires_grad_()  # (3, 5, 50)
+        strided = logits[:, :]  # a view: the functions must not rely on contiguity
+        logprobs, entropy = logprobs_and_entropy(strided, responses, tau)
+        reference = torch.log_softmax(strided / tau, -1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(logprobs, reference)
+        assert not entropy.requires_grad
+        p = torch.softmax(full[:, :-1] / tau, -1)
+        torch.testing.assert_close(entropy, -(p * p.log()).sum(-1))
+        torch.testing.assert_close(entropy_from_logits(full[:, :-1], tau), entropy)
+        weights = torch.randn(3, 5)
+        (grad,) = torch.autograd.grad((logprobs * weights).sum(), logits)
+        (expected,) = torch.autograd.grad((reference * weights).sum(), logits)
+        torch.testing.assert_close(grad, expected)
+        torch.testing.assert_close(response_logprobs(full[:, :-1], responses, tau), reference.detach())
+
+
+def test_response_positions_select_the_same_logits_as_the_slice():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    ids = torch.randint(0, 40, (2, 9))
+    C, T = 4, 5
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        kept = model(input_ids=ids, logits_to_keep=response_positions(C, T)).logits
+    assert kept.shape == (2, T, 40) and kept.is_contiguous()
+    torch.testing.assert_close(kept, response_logits_slice(full, C))
