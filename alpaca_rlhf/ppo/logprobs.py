@@ -82,9 +82,8 @@ def entropy_from_logits(logits: Tensor, temperature: float) -> Tensor:
     Returns:
         (B, T) float32 entropy in nats: logsumexp(z) - Σ_v softmax(z)_v z_v with z = logits / τ.
     """
-    with torch.no_grad():
-        scaled = _scaled(logits, temperature)
-        return _entropy(scaled, torch.logsumexp(scaled, dim=-1))
+    scaled = _scaled(logits, temperature)  # differentiable (an entropy bonus could use it)
+    return _entropy(scaled, torch.logsumexp(scaled, dim=-1))
 
 
 def logprobs_and_entropy(logits: Tensor, responses: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
