@@ -93,8 +93,9 @@ def test_logprobs_and_entropy_equal_the_separate_functions_and_log_softmax_gradi
     full = torch.randn(3, 6, 50) * 4
     responses = torch.randint(0, 50, (3, 5))
     for tau in (1.0, 0.7):
-        logits = full[:, :-1].clone().requires_grad_()  # (3, 5, 50)
-        strided = logits[:, :]  # a view: the functions must not rely on contiguity
+        logits = full.clone().requires_grad_()  # (3, 6, 50)
+        strided = logits[:, :-1]  # (3, 5, 50), a non-contiguous view: the functions must not rely on contiguity
+        assert not strided.is_contiguous()
         logprobs, entropy = logprobs_and_entropy(strided, responses, tau)
         reference = torch.log_softmax(strided / tau, -1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
         torch.testing.assert_close(logprobs, reference)
