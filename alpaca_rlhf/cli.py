@@ -22,6 +22,7 @@ COMMANDS = {
     "merge": "fold a LoRA adapter into its base and save a standalone checkpoint",
     "generate": "answer instructions with any stage's model (--model PATH, its kind detected); --chat to talk",
     "compare": "base vs SFT vs RLHF on held-out prompts: scores, judge, KL, diagnostics, report.md and plots",
+    "judge": "validate a pairwise LLM judge: its agreement with human labels on held-out pairs, per subset",
     "pipeline": "run SFT -> merge -> RM -> merge -> PPO -> compare from one YAML, skipping finished stages",
     "preflight": "estimate a stage's peak GPU memory from its config, per component (-c CONFIG [--budget_gb N])",
     "init": "copy the packaged configs into ./configs to edit",
@@ -62,6 +63,8 @@ def _function(name: str):
         from alpaca_rlhf.inference.generation import generate as function
     elif name == "compare":
         from alpaca_rlhf.inference.comparison import compare as function
+    elif name == "judge":
+        from alpaca_rlhf.inference.judge import judge as function
     else:
         from alpaca_rlhf.pipeline import pipeline as function
     return function
@@ -298,9 +301,16 @@ def lightning_cli(args: list[str] | None, cli_class=None):
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,  # the modules take `optimizer`/`scheduler` callables from YAML
+        trainer_class=_trainer_class(),  # Lightning's, with `precision: auto`
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def _trainer_class():
+    from alpaca_rlhf.trainer import Trainer
+
+    return Trainer
 
 
 def _cli_class():

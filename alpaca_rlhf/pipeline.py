@@ -22,9 +22,11 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from alpaca_rlhf.data.partition import Partition
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]  # the folder that holds alpaca_rlhf/
 STAGE_NAMES = ("sft", "merge_sft", "rm", "merge_rm", "ppo", "rloo", "grpo", "dpo", "judge", "merge_judge", "compare")
@@ -236,13 +238,18 @@ def fit_config(stage: FitStage, name: str, wiring: list[str] = ()) -> StageConfi
     return StageConfig("fit", stage.config, [*wiring, *stage.overrides], name)
 
 
-def plan(stages: Stages) -> tuple[list[Stage], dict]:
-    """The six stages with their wiring, and the paths the final message shows."""
+def plan(stages: Stages, partition: Partition | None = None) -> tuple[list[Stage], dict]:
+    """The six stages with their wiring, and the paths the final message shows.
+
+    With `partition`, every stage that reads preference data (rm, judge, the RL stage, compare) gets it, so all
+    take their parts of one split (`alpaca_rlhf.data.partition`); compare evaluates on the `eval` part whenever
+    the RL stage trains on a part."""
+    split = ["--data.init_args.partition", json.dumps(asdict(partition))] if partition is not None else []
     sft = fit_config(stages.sft, "sft")
     sft_adapter = str(sft.get("model.init_args.adapter_dir", "output/lora-alpaca"))
     sft_merged = merged_dir(sft_adapter, stages.merge_sft)
 
-    rm_wiring = ["--model.init_args.model.name_or_path", sft_merged]
+    rm_wiring = ["--model.init_args.model.name_or_path", sft_merged, *split]
     rm = rm_adapter = rm_merged = None
     if stages.rm is not None:
         rm = fit_config(stages.rm, "rm", rm_wiring)
@@ -254,11 +261,11 @@ def plan(stages: Stages) -> tuple[list[Stage], dict]:
     rl = fit_config(rl_stage, rl_key)
     rl_name = algorithm_of(rl, rl_key)
     if rl_name == "dpo":  # trained on the preference data directly: the merged SFT model is its start
-        ppo_wiring = ["--model.init_args.model.name_or_path", sft_merged]
+        ppo_wiring = ["--model.init_args.model.name_or_path", sft_merged, *split]
         ppo = fit_config(rl_stage, "dpo", ppo_wiring)
         ppo_dir = Path(ppo.get("model.init_args.adapter_dir", "output/dpo"))
     else:
-        ppo_wiring = ["--model.init_args.policy.name_or_path", sft_merged]
+        ppo_wiring = ["--model.init_args.policy.name_or_path", sft_merged, *split]
         if str(rl.get("model.init_args.scorer.class_path", "")).endswith("RewardModelScorer"):
             if rm_merged is None:
                 raise PipelineError(f"pipeline: {rl_name.upper()}'s scorer is a reward model, but the pipeline has "
@@ -280,12 +287,18 @@ def plan(stages: Stages) -> tuple[list[Stage], dict]:
     ppo_run = ppo.tensorboard_run() if rl_name in ONLINE else None
     compare_wiring += ["--ppo_log_dir", str(ppo_run)] if ppo_run is not None else []  # the training-curve plot
     for key in ("data_path", "val_set_size", "seed", "max_prompt_length", "skip_bad_records", "max_records", "split",
-                "hub_config", "revision", "fields"):
+                "hub_config", "revision", "fields", "partition"):
         if rl_name not in ONLINE:  # DPO's data are pairs: compare keeps its own prompts
             break
         value = ppo.get(f"data.init_args.{key}")  # compare on PPO's held-out prompts: PPO's own split arguments
-        compare_wiring += [f"--prompts.{key}", json.dumps(value) if value is None or isinstance(value, (bool, dict))
-                           else str(value)]
+        if key == "partition" and value is not None:
+            value = {k: _field(value, k) for k in Partition.__dataclass_fields__}
+        as_json = value is None or isinstance(value, (bool, dict, list))
+        compare_wiring += [f"--prompts.{key}", json.dumps(value) if as_json else str(value)]
+    if rl_name in ONLINE and ppo.get("data.init_args.part") is not None:
+        compare_wiring += ["--prompts.part", "eval"]  # the prompts no stage trains on
+    elif rl_name == "dpo" and partition is not None:
+        compare_wiring += ["--prompts.partition", json.dumps(asdict(partition))]
     compare = StageConfig("compare", stages.compare.config, [*compare_wiring, *stages.compare.overrides], "compare")
     report_dir = Path(compare.get("report_dir", "output/compare"))
 
@@ -430,6 +443,7 @@ def pipeline(
     force: bool = False,
     from_stage: str | None = None,
     dry_run: bool = False,
+    partition: Partition | None = None,
 ) -> dict:
     """Runs SFT -> merge -> reward model -> merge -> PPO -> compare, each stage's output wired into the next.
 
@@ -440,10 +454,14 @@ def pipeline(
         from_stage: Rerun from this stage on (sft, merge_sft, rm, merge_rm, the RL stage (ppo, rloo, grpo or
             dpo: any of them names it), judge, merge_judge, compare); earlier finished stages are kept.
         dry_run: Print what would run (skip / resume / run, and the commands) without running anything.
+        partition: One split of the preference data by prompt for every stage (`alpaca_rlhf.data.partition`):
+            passed to rm, judge and the RL stage as `data.partition` and to compare as `prompts.partition`, so
+            the reward model, the RL prompts, DPO's pairs, the held-out pairs and compare's prompts are disjoint.
+            None = each stage's own (the configs' defaults are one and the same split).
     """
     if from_stage is not None and from_stage not in STAGE_NAMES:
         raise PipelineError(f"pipeline: --from_stage must be one of {STAGE_NAMES}, got {from_stage!r}")
-    planned, paths = plan(stages)
+    planned, paths = plan(stages, partition)
     planned = [s for s in planned if s.enabled]
     logs = Path(output_dir) / "logs"
     started, n = time.time(), len(planned)
@@ -510,7 +528,17 @@ def finish(paths: dict, logs: Path, seconds: float, times: dict[str, float]) -> 
     for name, value in summary.get("reward_anchors", {}).items():
         print(f"  ({name}: mean reward score {value:.3f})")
     if "rlhf_vs_sft" in summary:
-        print(f"  win rate of RLHF over SFT: {summary['rlhf_vs_sft']['win_rate']:.1%}")
+        from alpaca_rlhf.inference.report import _ci
+
+        w = summary["rlhf_vs_sft"]
+        print(f"  win rate of RLHF over SFT by the optimised reward model: {w['win_rate']:.1%} "
+              f"{_ci(w.get('win_rate_ci95'))} (not evidence by itself)")
+        if "judge_win_rate" in w:
+            print(f"  by the judge reward model: {w['judge_win_rate']:.1%} {_ci(w.get('judge_win_rate_ci95'))}")
+    if summary.get("llm_judge"):
+        from alpaca_rlhf.inference.report import llm_judge_lines
+
+        print("\n".join("  " + line for line in llm_judge_lines(summary)))
     if "kl_rlhf_to_sft" in summary:
         print(f"  KL(RLHF || SFT): {summary['kl_rlhf_to_sft']['mean']:.3f} nats per response")
     ppo_export = ppo_final_export(paths["ppo"], logs / f"{paths['rl']}.done.json")

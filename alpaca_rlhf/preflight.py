@@ -200,7 +200,7 @@ def estimate(config, model_shape: str | None = None) -> Estimate:
     args = _get(config, "model.init_args")
     data = _get(config, "data.init_args")
     precision = str(_get(config, "trainer.precision", "32-true"))
-    mixed = precision.startswith(("bf16", "16"))
+    mixed = precision == "auto" or precision.startswith(("bf16", "16"))  # auto on a GPU: bf16 or fp16 mixed
     for name in ("PPO", "RLOO", "GRPO"):  # the online stages: sampling, a rollout, a policy loss
         if cls.endswith(f"{name}Module"):
             return _ppo(args, data, mixed, config, model_shape, name)

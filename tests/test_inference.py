@@ -259,6 +259,38 @@ def test_compare_writes_a_report_with_all_three_stages_and_scores(tiny_stages, t
     assert "RLHF (score" in printed and "win rate RLHF over SFT" in printed
 
 
+def test_compare_with_an_llm_judge_validates_it_and_gives_every_win_rate_an_interval(tiny_stages, tmp_path, capsys):
+    """The judge (here the tiny base: real code, random weights) is validated on held-out human-labelled HH pairs
+    before its RLHF-vs-SFT verdict; every win rate carries a paired-bootstrap interval; the report shows examples
+    drawn with the seed, each with the judge's verdict."""
+    hh = ROOT.parent / "shared/data/hh-rlhf-harmless/test.jsonl.gz"
+    if not hh.is_file():
+        pytest.skip(f"real-data test: {hh} is absent")
+    s = tiny_stages
+    summary = inf.compare(sft_model=s["merged"], rlhf_model=s["ppo_dir"], reward_model=s["rm"],
+                          prompts=inf.PromptSource(data_path=[str(hh)], part="eval", max_prompts=6,
+                                                   max_prompt_length=128, skip_bad_records=True, max_records=400),
+                          sampling=inf.SamplingSpec(max_new_tokens=6, temperature=1.0),
+                          report_dir=str(tmp_path / "cmp"), width=120, llm_judge=s["base"], llm_judge_pairs=6,
+                          examples=3)
+    llm = summary["llm_judge"]
+    assert llm["validation"]["n"] == 6 and llm["rlhf_vs_sft"]["n"] == 6 and len(llm["outcomes"]) == 6
+    result = llm["rlhf_vs_sft"]
+    assert result["win"] + result["tie"] + result["loss"] == 6
+    assert result["ci95"][0] <= result["win_rate"] <= result["ci95"][1]
+    assert isinstance(llm["reliable"], bool) and 0.0 <= llm["agreement"] <= 1.0
+    lo, hi = summary["rlhf_vs_sft"]["win_rate_ci95"]
+    assert lo <= summary["rlhf_vs_sft"]["win_rate"] <= hi
+    assert len(summary["examples"]) == 3 and summary["examples"] == sorted(set(summary["examples"]))
+    report = (tmp_path / "cmp/report.md").read_text()
+    for text in ("The LLM judge (shares no labels", "agreement with the human labels of 6 held-out pairs",
+                 "RLHF vs SFT:", "3 examples drawn with the seed", "LLM judge: *", "[95% CI"):
+        assert text in report, text
+    rows = [json.loads(line) for line in (tmp_path / "cmp/outputs.jsonl").read_text().splitlines()]
+    assert {r["llm_judge_rlhf_vs_sft"] for r in rows if r["stage"] == "rlhf"} <= {0.0, 0.5, 1.0}
+    assert "agreement with the human labels" in capsys.readouterr().out
+
+
 def test_compare_identity_adapter_has_zero_kl_and_ties(tiny_stages, tmp_path):
     """An RLHF adapter with B = 0 is the SFT model: same samples (same seed), KL exactly 0, prompts tie."""
     s = tiny_stages

@@ -29,7 +29,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from alpaca_rlhf.data.base import TokenizedDataModule
+from alpaca_rlhf.data.partition import Partition, take_part
 from alpaca_rlhf.data.records import (
+    SUBSET_KEY,
     DataValidationError,
     LoadReport,
     check_messages,
@@ -338,8 +340,9 @@ class PreferenceDataModule(TokenizedDataModule):
     """Preference pairs rendered with the prompt template, batched as stacked chosen/rejected sequences.
 
     Args:
-        data_path: Local `.json`/`.jsonl`(`.gz`)/`.parquet`/`.csv`/`.arrow` file, a folder of them, or a hub
-            dataset name (e.g. `comparision_data.json`).
+        data_path: Local `.json`/`.jsonl`(`.gz`)/`.parquet`/`.csv`/`.arrow` file, a folder of them (subfolders
+            too), a hub dataset name (e.g. `comparision_data.json`), or a list of these (a mix, e.g. HH harmless +
+            helpful; reports then show each file's subset).
         format: Record shape: "auto" (the most common valid shape among the first records), "seed",
             "prompt_chosen_rejected", "hh" or "conversational".
         template: Bundled template name (`alpaca`, `chat`) or a template JSON path (the same as SFT's and PPO's).
@@ -355,6 +358,11 @@ class PreferenceDataModule(TokenizedDataModule):
         train_part: "k/n" trains on the k-th of n disjoint parts of the training pairs (every n-th pair from the
             k-th); the held-out pairs stay the same. Two reward models on "1/2" and "2/2" never share a pair:
             the second is an independent judge of the first's optimisation. None = all training pairs.
+        part: Take the pairs of this part of `partition` (rm, judge, dpo, ...) to train on and the `heldout` part
+            to validate on (at most `val_set_size` of them, seeded): every stage and `compare` split the data
+            by prompt with the same function (`alpaca_rlhf.data.partition`). None = the seeded hold-out of
+            `val_set_size` below.
+        partition: The split's fractions and seed (the pipeline passes one to every stage).
         response_mask: Add each sequence's response-token mask to the batches (DPO needs it; `DPOModule` turns
             it on by itself).
         split: The split of a hub dataset.
@@ -365,7 +373,7 @@ class PreferenceDataModule(TokenizedDataModule):
 
     def __init__(
         self,
-        data_path: str = "comparision_data.json",
+        data_path: str | list[str] = "comparision_data.json",
         format: Literal["auto", "seed", "prompt_chosen_rejected", "hh", "conversational"] = "auto",
         template: str = "alpaca",
         max_length: int = 512,
@@ -377,6 +385,8 @@ class PreferenceDataModule(TokenizedDataModule):
         skip_bad_records: bool = False,
         max_records: int | None = None,
         train_part: str | None = None,
+        part: Literal["rm", "judge", "rl", "dpo", "heldout", "eval"] | None = None,
+        partition: Partition | None = None,
         response_mask: bool = False,
         split: str = "train",
         hub_config: str | None = None,
@@ -386,6 +396,7 @@ class PreferenceDataModule(TokenizedDataModule):
         super().__init__(batch_size, num_workers, seed)
         self.read_options = dict(split=split, hub_config=hub_config, revision=revision, fields=fields)
         self.train_part = parse_part(train_part)
+        self.part, self.partition = part, partition or Partition()
         self.response_mask = response_mask
         if format not in ("auto", *FORMATS):
             raise ConfigError(f"data.format must be 'auto' or one of {sorted(FORMATS)}, got {format!r}")
@@ -398,39 +409,64 @@ class PreferenceDataModule(TokenizedDataModule):
         self.val_data: list[dict] | None = None
         self.report: LoadReport | None = None
 
+    def load_records(self) -> tuple[list[dict], str]:
+        """(validated records, their shape); raises `DataValidationError` on the first bad record unless
+        skipping."""
+        raw = read_raw_records(self.data_path, **self.read_options)
+        fmt = detect_format(raw, str(self.data_path)) if self.format == "auto" else self.format
+        records, self.report = validate_records(raw, str(self.data_path), lambda r: check_preference(r, fmt),
+                                                self.skip_bad_records)
+        return (records[: self.max_records] if self.max_records else records), fmt
+
     def load_pairs(self) -> list[PreferencePair]:
         """Validated, rendered pairs; raises `DataValidationError` on the first bad record unless skipping."""
-        raw = read_raw_records(self.data_path, **self.read_options)
-        fmt = detect_format(raw, self.data_path) if self.format == "auto" else self.format
-        records, self.report = validate_records(raw, self.data_path, lambda r: check_preference(r, fmt),
-                                                self.skip_bad_records)
-        records = records[: self.max_records] if self.max_records else records
+        records, fmt = self.load_records()
         template = self.template.bind(self._require_tokenizer())
         return [render_pair(r, fmt, template) for r in records]
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_data is not None:
-            return
+    def _examples(self, records: list[dict], fmt: str) -> list[dict]:
         tokenizer = self._require_tokenizer()
+        template = self.template.bind(tokenizer)
         examples = []
-        for pair in self.load_pairs():
+        for record in records:
+            pair = render_pair(record, fmt, template)
             ex = tokenize_pair(tokenizer, pair, self.max_length, self.add_eos_token)
             if ex is None:
                 self.report.dropped_too_long += 1
                 continue
             self.report.truncated += ex["truncated"]
-            examples.append(ex)
-        if not examples:
-            raise DataValidationError(f"{self.data_path}: no pair fits max_length={self.max_length}")
-        train_idx, val_idx = (seeded_split(len(examples), self.val_set_size, self.seed) if self.val_set_size
-                              else (list(range(len(examples))), []))
+            # the texts and the subset travel along for the held-out report (accuracy beside length rules)
+            examples.append({**ex, "chosen": pair.chosen, "rejected": pair.rejected,
+                             "subset": record.get(SUBSET_KEY)})
+        return examples
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_data is not None:
+            return
+        records, fmt = self.load_records()
+        if self.part is not None:  # the shared split: train on one part, validate on the held-out part
+            train = self._examples(take_part(records, self.partition, self.part), fmt)
+            val = self._examples(take_part(records, self.partition, "heldout"), fmt) if self.val_set_size else []
+            if val and self.val_set_size and self.val_set_size < len(val):
+                _, keep = seeded_split(len(val), self.val_set_size, self.seed)
+                val = [val[i] for i in sorted(keep)]
+            if not train:
+                raise DataValidationError(f"{self.data_path}: part {self.part!r} of the partition holds no pair "
+                                          f"that fits max_length={self.max_length}")
+        else:
+            examples = self._examples(records, fmt)
+            if not examples:
+                raise DataValidationError(f"{self.data_path}: no pair fits max_length={self.max_length}")
+            train_idx, val_idx = (seeded_split(len(examples), self.val_set_size, self.seed) if self.val_set_size
+                                  else (list(range(len(examples))), []))
+            train, val = [examples[i] for i in train_idx], [examples[i] for i in val_idx]
         if self.train_part is not None:
             k, n = self.train_part
-            train_idx = train_idx[k - 1 :: n]
-        self.train_data = [examples[i] for i in train_idx]
-        self.val_data = [examples[i] for i in val_idx]
+            train = train[k - 1 :: n]
+        self.train_data, self.val_data = train, val
         n_train, n_val = len(self.train_data), len(self.val_data)
-        rank_zero_info(f"{self.report.summary()}; {n_train} train / {n_val} val pairs")
+        where = f" (part {self.part!r}, held-out part 'heldout')" if self.part else ""
+        rank_zero_info(f"{self.report.summary()}; {n_train} train / {n_val} val pairs{where}")
 
     def collator(self) -> PreferenceCollator:
         tokenizer = self._require_tokenizer()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from alpaca_rlhf.data.base import TokenizedDataModule
+from alpaca_rlhf.data.partition import Partition, take_part
 from alpaca_rlhf.data.records import (
+    SUBSET_KEY,
     DataValidationError,
     LoadReport,
     check_messages,
@@ -73,32 +76,56 @@ class PromptCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "prompt": [e["prompt"] for e in examples]}
 
 
-def prompt_split(data_path: str, tokenizer, template: PromptTemplate, max_prompt_length: int,
+def prompt_split(data_path: str | list[str], tokenizer, template: PromptTemplate, max_prompt_length: int,
                  val_set_size: int | float, seed: int, skip_bad_records: bool = False,
                  max_records: int | None = None, read_options: dict | None = None,
+                 part: str | None = None, partition: Partition | None = None,
                  ) -> tuple[list[dict], list[dict], LoadReport]:
-    """(train, held-out, report) prompt examples `{input_ids, prompt, record}`: PPO's split, and the one
+    """(train, held-out, report) prompt examples `{input_ids, prompt, record, subset}`: PPO's split, and the one
     `compare` evaluates on, from this one function so the two can never disagree.
 
     Order: validate (drop bad records if `skip_bad_records`), keep the first `max_records`, render, drop prompts
-    longer than `max_prompt_length` tokens, then take a seeded hold-out of `val_set_size`.
+    longer than `max_prompt_length` tokens, then take a seeded hold-out of `val_set_size`. With `part` (of
+    `partition`, `alpaca_rlhf.data.partition`), "train" is that part's prompts and the hold-out is drawn (seeded,
+    at most `val_set_size`) from the `heldout` part: the split by prompt every stage shares.
     """
-    records, report = validate_records(read_raw_records(data_path, **(read_options or {})), data_path, check_prompt,
-                                       skip_bad_records)
+    records, report = validate_records(read_raw_records(data_path, **(read_options or {})), str(data_path),
+                                       check_prompt, skip_bad_records)
     records = records[:max_records] if max_records else records
     template = template.bind(tokenizer)
-    examples = []
-    for record in records:
-        prompt = render_prompt(record, template)
-        ids = encode_prompt(tokenizer, prompt)
-        if len(ids) > max_prompt_length:
-            report.dropped_too_long += 1
-            continue
-        examples.append({"input_ids": ids, "prompt": prompt, "record": record})
+
+    def render(chosen: list[dict]) -> list[dict]:
+        examples = []
+        for record in chosen:
+            prompt = render_prompt(record, template)
+            ids = encode_prompt(tokenizer, prompt)
+            if len(ids) > max_prompt_length:
+                report.dropped_too_long += 1
+                continue
+            examples.append({"input_ids": ids, "prompt": prompt, "record": record, "subset": record.get(SUBSET_KEY)})
+        return examples
+
+    if part is not None:
+        partition = partition or Partition()
+        train = render(take_part(records, partition, part))
+        held = render(take_part(records, partition, "heldout")) if val_set_size and part != "heldout" else []
+        return train, seeded_sample(held, val_set_size, seed), report
+    examples = render(records)
     if not val_set_size:
         return examples, [], report
     train_idx, val_idx = seeded_split(len(examples), val_set_size, seed)
     return [examples[i] for i in train_idx], [examples[i] for i in val_idx], report
+
+
+def seeded_sample(items: list, size: int | float | None, seed: int) -> list:
+    """At most `size` of `items` (a count, or a fraction below 1), drawn with `seed`, in their order."""
+    if not size or not items:
+        return items if not size else []
+    n = int(round(size * len(items))) if isinstance(size, float) and size < 1 else int(size)
+    if n >= len(items):
+        return items
+    keep = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    return [items[i] for i in sorted(keep)]
 
 
 class PromptDataModule(TokenizedDataModule):
@@ -106,7 +133,7 @@ class PromptDataModule(TokenizedDataModule):
 
     Args:
         data_path: Hub dataset name, or a local file (`.json`/`.jsonl`(`.gz`)/`.parquet`/`.csv`/`.arrow`) or folder
-            of Alpaca records, `{user_input, ...}` records or conversations.
+            of Alpaca records, `{user_input, ...}` records, conversations or HH dialogues; or a list of these.
         template: Bundled template name or a template JSON path (the SFT stage's).
         max_prompt_length: Prompts with more tokens are dropped (and counted): cutting one would cut the template.
         val_set_size: Held-out prompts (count or fraction) on which validation measures the mean score.
@@ -115,6 +142,9 @@ class PromptDataModule(TokenizedDataModule):
         seed: Seed of the hold-out split and of the shuffling.
         skip_bad_records: Drop malformed records (counted and logged) instead of stopping with an error.
         max_records: Use only the first N valid records.
+        part: Train on this part of `partition` (`rl`) and validate on at most `val_set_size` prompts of its
+            `heldout` part: the split by prompt every stage and `compare` share. None = a seeded hold-out.
+        partition: The split's fractions and seed (the pipeline passes one to every stage).
         split: The split of a hub dataset.
         hub_config: A hub dataset's configuration name (its `name` in `datasets.load_dataset`).
         revision: A hub dataset's revision (branch, tag or commit).
@@ -123,7 +153,7 @@ class PromptDataModule(TokenizedDataModule):
 
     def __init__(
         self,
-        data_path: str = "yahma/alpaca-cleaned",
+        data_path: str | list[str] = "yahma/alpaca-cleaned",
         template: str = "alpaca",
         max_prompt_length: int = 256,
         val_set_size: int | float = 64,
@@ -132,6 +162,8 @@ class PromptDataModule(TokenizedDataModule):
         seed: int = 42,
         skip_bad_records: bool = False,
         max_records: int | None = None,
+        part: Literal["rm", "judge", "rl", "dpo", "heldout", "eval"] | None = None,
+        partition: Partition | None = None,
         split: str = "train",
         hub_config: str | None = None,
         revision: str | None = None,
@@ -139,6 +171,7 @@ class PromptDataModule(TokenizedDataModule):
     ) -> None:
         super().__init__(batch_size, num_workers, seed)
         self.save_hyperparameters()
+        self.part, self.partition = part, partition
         self.read_options = dict(split=split, hub_config=hub_config, revision=revision, fields=fields)
         self.data_path, self.max_prompt_length, self.val_set_size = data_path, max_prompt_length, val_set_size
         self.skip_bad_records, self.max_records = skip_bad_records, max_records
@@ -152,7 +185,7 @@ class PromptDataModule(TokenizedDataModule):
             return
         self.train_data, self.val_data, self.report = prompt_split(
             self.data_path, self._require_tokenizer(), self.template, self.max_prompt_length, self.val_set_size,
-            self.seed, self.skip_bad_records, self.max_records, self.read_options)
+            self.seed, self.skip_bad_records, self.max_records, self.read_options, self.part, self.partition)
         if len(self.train_data) < self.batch_size:
             raise DataValidationError(f"{self.data_path}: {len(self.train_data)} usable prompts, fewer than one batch "
                              f"of {self.batch_size} ({self.report.summary()})")

@@ -153,23 +153,54 @@ def _rename_fields(records: list, fields: dict[str, str]) -> list:
     return out
 
 
-def read_raw_records(source: str, split: str = "train", hub_config: str | None = None,
+SPLIT_NAMES = ("test", "train", "validation", "valid", "dev", "data")
+SUBSET_KEY = "_subset"  # set on each record read from a local file: where it came from, for per-subset reports
+
+
+def subset_name(path: Path) -> str:
+    """A short name for the data a file holds: its folder's name when the file is named after a split
+    (`helpful-base/test.jsonl.gz` -> helpful-base; `hh-rlhf-harmless/test.jsonl.gz` -> harmless), else its
+    own name without suffixes."""
+    stem = path.name.split(".")[0]
+    name = path.parent.name if stem.lower() in SPLIT_NAMES and path.parent.name else stem
+    return name.removeprefix("hh-rlhf-")
+
+
+def _tag(records: list, subset: str) -> None:
+    for record in records:
+        if isinstance(record, dict):
+            record.setdefault(SUBSET_KEY, subset)
+
+
+def read_raw_records(source: str | list[str], split: str = "train", hub_config: str | None = None,
                      revision: str | None = None, fields: dict[str, str] | None = None) -> Records:
-    """Raw records from a local file or folder, or a hub dataset through `datasets.load_dataset`.
+    """Raw records from a local file or folder, or a hub dataset through `datasets.load_dataset`, or a list of
+    those (read in order and joined).
 
     Local files: `.json` (a list), `.jsonl`, either gzipped, read here with line-exact errors; `.parquet`,
-    `.csv` and `.arrow` through `datasets`. A folder: every such file in it, in name order, or a
-    `save_to_disk` folder (its `split`). A hub name takes
+    `.csv` and `.arrow` through `datasets`. A folder: every such file in it and in its subfolders, in path
+    order, or a `save_to_disk` folder (its `split`). A hub name takes
     `hub_config` (the dataset's configuration), `split` and `revision` (needs network). `fields` renames columns
-    to the names a stage expects, e.g. `{instruction: question, output: answer}`.
+    to the names a stage expects, e.g. `{instruction: question, output: answer}`. Each record read from a local
+    file is tagged with its subset (`_subset`: `subset_name` of its file) for per-subset reports, where there is
+    more than one file.
     """
+    if isinstance(source, (list, tuple)):
+        if not source:
+            raise DataValidationError("data_path: an empty list of sources")
+        parts = [read_raw_records(s, split, hub_config, revision, fields) for s in source]
+        for s, part in zip(source, parts, strict=True):
+            local = resolve_path(s)
+            if local is None or not local.is_dir():  # a folder tagged its files itself
+                _tag(part, subset_name(local) if local is not None else str(s))
+        return Records([r for p in parts for r in p], [c for p in parts for c in p.files])
     local = resolve_path(source)
     if local is not None and local.is_dir() and _is_saved_dataset(local):
         records = _load_from_disk(local, split)
         counts = [(source, len(records))]
     elif local is not None:
         if local.is_dir():
-            files = sorted(p for p in local.iterdir() if p.is_file() and _kind(p) is not None)
+            files = sorted(p for p in local.rglob("*") if p.is_file() and _kind(p) is not None)
             if not files:
                 raise DataValidationError(f"{source}: is a folder with no data file in it "
                                           f"({', '.join(SUPPORTED)})")
@@ -178,9 +209,11 @@ def read_raw_records(source: str, split: str = "train", hub_config: str | None =
         records, counts = [], []
         for path in files:
             part = _read_file(path)
+            if local.is_dir():
+                _tag(part, subset_name(path))
             records += part
             counts.append((str(path) if len(files) > 1 else source, len(part)))
-    elif source.lower().endswith(SUPPORTED):
+    elif str(source).lower().endswith(SUPPORTED):
         raise FileNotFoundError(f"data file {source!r} not found")
     else:
         import datasets  # lazy: heavy import, and only hub names need it here

@@ -12,7 +12,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from alpaca_rlhf.data.partition import Partition, prompt_key
 from alpaca_rlhf.data.templates import PromptTemplate
+from alpaca_rlhf.evaluation import is_refusal, win_tie_loss
 from alpaca_rlhf.inference.checkpoints import (
     STAGE_TITLES,
     STAGES,
@@ -29,6 +31,7 @@ from alpaca_rlhf.inference.generation import (
     pad_prompt_responses,
     response_logprob_sums,
 )
+from alpaca_rlhf.inference.judge import conversation_text
 from alpaca_rlhf.inference.report import markdown_report, terminal_table
 
 log = logging.getLogger(__name__)
@@ -48,20 +51,25 @@ class PromptSource:
         max_prompt_length: Longer prompts (in tokens) are dropped before the split, as PPO's data does.
         skip_bad_records: Drop malformed records before the split, as PPO's data does with the same option.
         max_records: Only the first N valid records before the split, as PPO's data does with the same option.
-        max_prompts: Compare on the first N of them only; None = all.
+        max_prompts: Compare on the first N of them only (with `part`: N drawn with `seed`); None = all.
+        part: Compare on this part of `partition` (`eval`: the prompts no stage trains on, the split by prompt
+            every stage shares; `alpaca_rlhf.data.partition`). None = the seeded hold-out above.
+        partition: The split's fractions and seed (the pipeline passes the stages' own).
         split: The split of a hub dataset.
         hub_config: A hub dataset's configuration name (its `name` in `datasets.load_dataset`).
         revision: A hub dataset's revision (branch, tag or commit).
         fields: Our field names -> the columns holding them, e.g. `{instruction: question, output: answer}`.
     """
 
-    data_path: str = "alpaca_rlhf/data/samples/alpaca_sample.json"
+    data_path: str | list[str] = "alpaca_rlhf/data/samples/alpaca_sample.json"
     val_set_size: int | float = 32
     seed: int = 42
     max_prompt_length: int = 256
     skip_bad_records: bool = False
     max_records: int | None = None
     max_prompts: int | None = None
+    part: Literal["rm", "judge", "rl", "dpo", "heldout", "eval"] | None = None
+    partition: Partition | None = None
     split: str = "train"
     hub_config: str | None = None
     revision: str | None = None
@@ -71,17 +79,24 @@ class PromptSource:
 def held_out_records(source: PromptSource, tokenizer, template: PromptTemplate) -> list[dict]:
     """{instruction, input, prompt, reference} records: PPO's held-out prompts, from the very function
     (`prompt_split`) and arguments `PromptDataModule` uses, or a file's records in order (`val_set_size: 0`)."""
-    from alpaca_rlhf.data.prompts import prompt_split
+    from alpaca_rlhf.data.prompts import prompt_split, seeded_sample
 
+    options = dict(split=source.split, hub_config=source.hub_config, revision=source.revision, fields=source.fields)
+    if source.part is not None:  # the part itself (eval), no hold-out drawn from it
+        part, _, _ = prompt_split(source.data_path, tokenizer, template, source.max_prompt_length, 0, source.seed,
+                                  source.skip_bad_records, source.max_records, options, source.part, source.partition)
+        return [_describe(e) for e in seeded_sample(part, source.max_prompts, source.seed)]
     train, val, _ = prompt_split(source.data_path, tokenizer, template, source.max_prompt_length,
-                                 source.val_set_size, source.seed, source.skip_bad_records, source.max_records,
-                                 dict(split=source.split, hub_config=source.hub_config, revision=source.revision,
-                                      fields=source.fields))
+                                 source.val_set_size, source.seed, source.skip_bad_records, source.max_records, options)
     kept = [_describe(e) for e in (val if source.val_set_size else train)]
     return kept[: source.max_prompts] if source.max_prompts else kept
 
 
 def _describe(example: dict) -> dict:
+    return {**_describe_record(example), "subset": example.get("subset"), "prompt_key": prompt_key(example["record"])}
+
+
+def _describe_record(example: dict) -> dict:
     record = example["record"]
     if "messages" in record and "instruction" not in record:
         from alpaca_rlhf.data.prompts import prompt_messages
@@ -89,14 +104,19 @@ def _describe(example: dict) -> dict:
         turns = prompt_messages(record["messages"])
         users = [m["content"] for m in turns if m["role"] == "user"]
         reference = record["messages"][-1]["content"] if record["messages"][-1]["role"] == "assistant" else None
-        return {"instruction": users[-1], "input": "", "prompt": example["prompt"], "reference": reference}
+        return {"instruction": users[-1], "input": "", "prompt": example["prompt"], "reference": reference,
+                "conversation": conversation_text(turns)}
     if "chosen" in record and "instruction" not in record:  # an HH dialogue: its last human turn
-        from alpaca_rlhf.data.preference import split_hh_dialogue
+        from alpaca_rlhf.data.preference import hh_messages, split_hh_dialogue
 
         instruction, context, chosen, _ = split_hh_dialogue(record["chosen"], record["rejected"])
-        return {"instruction": instruction, "input": context, "prompt": example["prompt"], "reference": chosen}
-    return {"instruction": record.get("instruction", record.get("user_input")), "input": record.get("input") or "",
-            "prompt": example["prompt"], "reference": record.get("output", record.get("completion_a"))}
+        return {"instruction": instruction, "input": context, "prompt": example["prompt"], "reference": chosen,
+                "conversation": conversation_text(hh_messages(record["chosen"], record["rejected"]))}
+    instruction, extra = record.get("instruction", record.get("user_input")), record.get("input") or ""
+    return {"instruction": instruction, "input": extra, "prompt": example["prompt"],
+            "reference": record.get("output", record.get("completion_a")),
+            "conversation": conversation_text([{"role": "user", "content": instruction + (f"\n\n{extra}" if extra
+                                                                                          else "")}])}
 
 
 def follows_template(text: str, ended: bool, template: PromptTemplate) -> bool:
@@ -104,9 +124,14 @@ def follows_template(text: str, ended: bool, template: PromptTemplate) -> bool:
     return ended and bool(text) and not any(s in text for s in template.section_markers())
 
 
+def pairwise_outcomes(a: list[float], b: list[float]) -> list[float]:
+    """Per pair: 1 where a beats b, 0.5 on a tie, 0 where b wins."""
+    return [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b, strict=True)]
+
+
 def win_rate(a: list[float], b: list[float]) -> float:
     """Fraction of pairs where a beats b, ties counting half."""
-    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b, strict=True)) / len(a)
+    return sum(pairwise_outcomes(a, b)) / len(a)
 
 
 def _mean(xs: list[float]) -> float:
@@ -145,6 +170,10 @@ def compare(
     show: int = 3,
     width: int | None = None,
     ppo_log_dir: str | None = None,
+    llm_judge: str | None = None,
+    llm_judge_pairs: int = 100,
+    llm_judge_rule: Literal["both_orders", "debiased"] = "both_orders",
+    examples: int = 10,
 ) -> dict:
     """Runs the same held-out instructions through the base, SFT and RLHF models and compares the responses.
 
@@ -176,6 +205,15 @@ def compare(
         width: Terminal width of the table; default: the terminal's.
         ppo_log_dir: The PPO run's TensorBoard folder, for the training-curve plot; None reads it from the RLHF
             export's `ppo_state.json` (`log_dir`, written by PPO).
+        llm_judge: A pairwise LLM judge (folder, hub id or `.gguf`; another family than the policy, trained on
+            none of the preference labels; `alpaca_rlhf.inference.judge`) that compares RLHF with SFT on every
+            prompt, both orders. It is validated first on `llm_judge_pairs` held-out human-labelled pairs (the
+            `heldout` part of `prompts.partition`, with `prompts.part` set): its agreement is printed with its
+            verdicts, and below 0.60 they are marked unreliable. None = no LLM judge.
+        llm_judge_pairs: Held-out pairs the LLM judge is validated on (0 skips the validation).
+        llm_judge_rule: `both_orders` (a win needs both orders, else a tie: the convention) or `debiased` (the
+            two orders' log-odds summed).
+        examples: Side-by-side examples in the report, drawn with `seed` (not picked), with the LLM judge's verdict.
     """
     import torch
 
@@ -240,13 +278,22 @@ def compare(
         judge, _ = score_generations(judge_model, records, generations, tokenizers, samples_per_prompt, batch_size,
                                      load_kwargs)
     kl = (rlhf_logprobs - sft_logprobs).tolist() if sft_logprobs is not None else None
+    llm_judge = _usable_judge(llm_judge)
+    llm = (run_llm_judge(llm_judge, records, generations, prompts, llm_judge_pairs, llm_judge_rule, samples_per_prompt,
+                         dtype) if llm_judge and "rlhf" in generations and "sft" in generations else None)
 
     rows = build_rows(records, generations, scores, kl, samples_per_prompt, template, judge)
     summary = summarize(stages, rows, scores, kl, samples_per_prompt, sampling, judge)
+    if llm is not None:
+        summary["llm_judge"] = llm
+        for row in rows:  # the verdict on each prompt's first sample, beside the answers
+            if row["stage"] == "rlhf" and row["sample"] == 0:
+                row["llm_judge_rlhf_vs_sft"] = llm["outcomes"][row["prompt_id"]]
+    summary["examples"] = draw_examples(rows, examples, seed)
     ppo_state = checkpoints["rlhf"].ppo_state if "rlhf" in checkpoints else None
     settings = {
         "checkpoints": {s: checkpoints[s].describe() for s in stages}, "reward_model": reward_model,
-        "judge_model": judge_model,
+        "judge_model": judge_model, "llm_judge": llm_judge,
         "reward_stats": rm_stats,
         "ppo_state": ({k: ppo_state.get(k) for k in ("algorithm", "iteration", "kl_coef", "base_model")} if ppo_state
                       else None),
@@ -273,6 +320,58 @@ def compare(
 
 def _ids(generations: list[Generation]) -> tuple[list[list[int]], list[list[int]]]:
     return [g.prompt_ids for g in generations], [g.response_ids for g in generations]
+
+
+def run_llm_judge(model: str, records: list[dict], generations: dict[str, list[Generation]], prompts: PromptSource,
+                  n_pairs: int, rule: str, samples_per_prompt: int, dtype: str | None) -> dict:
+    """The LLM judge's validation on held-out human labels, then RLHF vs SFT on every prompt (its first sample),
+    both orders: win / tie / loss with a paired-bootstrap 95% interval."""
+    from alpaca_rlhf.inference.judge import JudgedPair, PairwiseJudge, format_validation, heldout_pairs, validate
+
+    t0 = time.time()
+    the_judge = PairwiseJudge(model, dtype=dtype or "float32")
+    validation = None
+    if n_pairs and prompts.part is not None:
+        validation = validate(the_judge, heldout_pairs(prompts.data_path, prompts.partition, n_pairs, prompts.seed))
+        log.info("compare: %s", format_validation(validation))
+    first = range(0, len(generations["rlhf"]), samples_per_prompt)
+    pairs = [JudgedPair(records[i // samples_per_prompt]["conversation"], generations["rlhf"][i].text,
+                        generations["sft"][i].text) for i in first]
+    outcomes = the_judge.outcomes(pairs, rule)
+    result = {"model": model, "rule": rule, "rlhf_vs_sft": win_tie_loss(outcomes), "outcomes": outcomes,
+              "validation": ({k: v for k, v in validation.items()} if validation else None),
+              "reliable": validation[rule]["reliable"] if validation else None,
+              "agreement": validation[rule]["agreement"] if validation else None,
+              "seconds": round(time.time() - t0, 1)}
+    per_subset: dict[str, list[float]] = {}
+    for i, o in zip(first, outcomes, strict=True):
+        per_subset.setdefault(str(records[i // samples_per_prompt].get("subset")), []).append(o)
+    if len(per_subset) > 1:
+        result["rlhf_vs_sft_by_subset"] = {k: win_tie_loss(v) for k, v in sorted(per_subset.items())}
+    del the_judge
+    _release_memory()
+    return result
+
+
+def _usable_judge(path: str | None) -> str | None:
+    """The judge's path with `~` expanded; None (with a warning saying how to fetch it) for a missing local file."""
+    if not path:
+        return None
+    expanded = str(Path(path).expanduser())
+    if expanded.endswith(".gguf") and not Path(expanded).is_file():
+        log.warning("compare: the LLM judge %s is absent: no LLM-judge verdict in this report. Fetch it with "
+                    "../shared/tools/get-judge-model.sh (Qwen2.5-Coder-0.5B-Instruct) or give --llm_judge a model",
+                    expanded)
+        return None
+    return expanded
+
+
+def draw_examples(rows: list[dict], n: int, seed: int) -> list[int]:
+    """`n` prompt ids drawn with `seed` (not chosen by hand) for the report's side-by-side examples."""
+    import random
+
+    ids = sorted({r["prompt_id"] for r in rows})
+    return sorted(random.Random(seed).sample(ids, min(n, len(ids))))
 
 
 def score_generations(reward_model: str, records: list[dict], generations: dict[str, list[Generation]],
@@ -375,6 +474,7 @@ def summarize(stages: list[str], rows: list[dict], scores: dict[str, list[float]
                                      for r in mine]),
             "response_tokens": _mean(lengths),
             "empty": _mean([float(not r["response"]) for r in mine]),
+            "refusal": _mean([float(is_refusal(r["response"])) for r in mine]),
             "length_score_corr": _corr([r["score"] for r in mine], lengths) if stage in scores else None,
             "distinct_1": distinct_n(texts, 1),
             "distinct_2": distinct_n(texts, 2),
@@ -389,11 +489,14 @@ def summarize(stages: list[str], rows: list[dict], scores: dict[str, list[float]
         return [_mean(xs[i : i + samples_per_prompt]) for i in range(0, len(xs), samples_per_prompt)]
 
     if "rlhf" in scores and "sft" in scores:
-        summary["rlhf_vs_sft"] = {"win_rate": win_rate(per_prompt(scores["rlhf"]), per_prompt(scores["sft"])),
+        by_rm = win_tie_loss(pairwise_outcomes(per_prompt(scores["rlhf"]), per_prompt(scores["sft"])))
+        summary["rlhf_vs_sft"] = {"win_rate": by_rm["win_rate"], "win_rate_ci95": by_rm["ci95"], "by_rm": by_rm,
                                   "score_gain": _mean(scores["rlhf"]) - _mean(scores["sft"]),
                                   "n_prompts": len(per_prompt(scores["rlhf"]))}
         if "rlhf" in judge and "sft" in judge:
-            summary["rlhf_vs_sft"]["judge_win_rate"] = win_rate(per_prompt(judge["rlhf"]), per_prompt(judge["sft"]))
+            by_judge = win_tie_loss(pairwise_outcomes(per_prompt(judge["rlhf"]), per_prompt(judge["sft"])))
+            summary["rlhf_vs_sft"]["judge_win_rate"] = by_judge["win_rate"]
+            summary["rlhf_vs_sft"]["judge_win_rate_ci95"] = by_judge["ci95"]
             summary["rlhf_vs_sft"]["judge_gain"] = _mean(judge["rlhf"]) - _mean(judge["sft"])
     if kl is not None:
         summary["kl_rlhf_to_sft"] = {"mean": _mean(kl), "std": _std(kl), "n": len(kl)}

@@ -63,11 +63,16 @@ def markdown_report(stages: list[str], rows: list[dict], summary: dict, settings
                       "near the empty response by answering with almost nothing is gaming the reward model."]
     if "rlhf_vs_sft" in summary:
         w = summary["rlhf_vs_sft"]
-        judged = (f" By the independent judge: win rate {w['judge_win_rate']:.1%}, mean gain {w['judge_gain']:+.3f}."
+        judged = (f" By the independent judge RM: win rate {w['judge_win_rate']:.1%} "
+                  f"{_ci(w.get('judge_win_rate_ci95'))}, mean gain {w['judge_gain']:+.3f}."
                   if "judge_win_rate" in w else "")
-        lines += ["", f"**Win rate of RLHF over SFT: {w['win_rate']:.1%}** of {w['n_prompts']} prompts (the "
-                      "RLHF response's score beats the SFT one's, averaged over a prompt's samples; ties "
-                      f"count half); mean score gain {w['score_gain']:+.3f}.{judged}"]
+        lines += ["", f"**Win rate of RLHF over SFT by the optimised reward model: {w['win_rate']:.1%}** "
+                      f"{_ci(w.get('win_rate_ci95'))} of {w['n_prompts']} prompts (the RLHF response's score beats "
+                      "the SFT one's, averaged over a prompt's samples; ties count half; a paired bootstrap over "
+                      f"prompts gives the interval); mean score gain {w['score_gain']:+.3f}.{judged} "
+                      "The optimised reward model's own verdict is not evidence of a better model."]
+    if summary.get("llm_judge"):
+        lines += ["", "## The LLM judge (shares no labels with the reward model)", "", *llm_judge_lines(summary)]
     if "kl_rlhf_to_sft" in summary:
         k = summary["kl_rlhf_to_sft"]
         lines += ["", f"**KL(RLHF ‖ SFT) = {k['mean']:.3f} nats per response** (std {k['std']:.3f}, "
@@ -95,6 +100,9 @@ def markdown_report(stages: list[str], rows: list[dict], summary: dict, settings
         lines += ["", "## Plots", ""] + [f"![{title}]({name})" for title, name in plots.items()]
     elif plots is not None:
         lines += ["", "(No plots: matplotlib is not installed; `pip install \"alpaca-rlhf[plots]\"`.)"]
+    if summary.get("examples"):
+        lines += ["", f"## {len(summary['examples'])} examples drawn with the seed (not picked)", ""]
+        lines += example_lines(stages, rows, summary["examples"])
     lines += ["", "## Responses", "", "| # | instruction | " + " | ".join(titles) + " |",
               "| --- | --- | " + " | ".join("---" for _ in stages) + " |"]
     first = [r for r in rows if r["sample"] == 0]
@@ -110,6 +118,53 @@ def markdown_report(stages: list[str], rows: list[dict], summary: dict, settings
             cells.append(_cell(r["response"]) + score)
         lines.append(f"| {pid + 1} | {_cell(instruction)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _ci(ci) -> str:
+    return f"[95% CI {ci[0]:.1%}, {ci[1]:.1%}]" if ci else ""
+
+
+def llm_judge_lines(summary: dict) -> list[str]:
+    """The LLM judge's validation and its RLHF-vs-SFT verdict, as markdown lines."""
+    from alpaca_rlhf.evaluation import format_win_rate
+
+    llm = summary["llm_judge"]
+    lines = []
+    validation = llm.get("validation")
+    if validation:
+        r = validation[llm["rule"]]
+        state = "reliable" if r["reliable"] else "**UNRELIABLE** (below 0.60): its verdicts below are not evidence"
+        lines.append(f"- judge `{llm['model']}`, rule `{llm['rule']}`: agreement with the human labels of "
+                     f"{validation['n']} held-out pairs **{r['agreement']:.3f}** "
+                     f"{_ci(r['report']['all']['ci95'])}, ties {r['tie_rate']:.0%}; {state}; "
+                     f"it prefers the reply shown first {validation['position_bias']:.0%} of the time")
+        for name, sub in r["report"].items():
+            rules = ", ".join(f"{k} {v:.3f}" for k, v in sub["rules"].items())
+            lines.append(f"  - {name}: agreement {sub['accuracy']:.3f} (n {sub['n']}); rules on the same pairs: "
+                         f"{rules}")
+    else:
+        lines.append(f"- judge `{llm['model']}`, rule `{llm['rule']}`: **not validated** (no held-out pairs: set "
+                     "prompts.part and a partition)")
+    lines.append(f"- **RLHF vs SFT: {format_win_rate(llm['rlhf_vs_sft'])}**")
+    for name, result in llm.get("rlhf_vs_sft_by_subset", {}).items():
+        lines.append(f"  - {name}: {format_win_rate(result)}")
+    return lines
+
+
+def example_lines(stages: list[str], rows: list[dict], prompt_ids: list[int]) -> list[str]:
+    verdicts = {1.0: "RLHF better", 0.5: "tie", 0.0: "SFT better"}
+    lines = []
+    for pid in prompt_ids:
+        mine = {r["stage"]: r for r in rows if r["prompt_id"] == pid and r["sample"] == 0}
+        any_row = next(iter(mine.values()))
+        verdict = mine.get("rlhf", {}).get("llm_judge_rlhf_vs_sft")
+        lines += [f"**#{pid + 1}** {_cell(any_row['instruction'])}" + (
+            f" — LLM judge: *{verdicts.get(verdict, verdict)}*" if verdict is not None else ""), ""]
+        for stage in stages:
+            score = "" if mine[stage]["score"] is None else f" (RM {mine[stage]['score']:.2f})"
+            lines.append(f"- {STAGE_TITLES[stage]}{score}: {_cell(mine[stage]['response']) or '(empty)'}")
+        lines.append("")
+    return lines
 
 
 def terminal_table(stages: list[str], rows: list[dict], summary: dict, show: int, width: int) -> str:
@@ -141,9 +196,13 @@ def terminal_table(stages: list[str], rows: list[dict], summary: dict, show: int
     for name, value in summary.get("reward_anchors", {}).items():
         out.append(f"{'':8s} {value:>10.3f}  <- {name} (reward-model anchor)")
     if "rlhf_vs_sft" in summary:
-        judge = summary["rlhf_vs_sft"].get("judge_win_rate")
-        out.append(f"win rate RLHF over SFT: {summary['rlhf_vs_sft']['win_rate']:.1%}"
-                   + (f" (by the judge: {judge:.1%})" if judge is not None else ""))
+        w = summary["rlhf_vs_sft"]
+        judge = w.get("judge_win_rate")
+        out.append(f"win rate RLHF over SFT by the optimised RM: {w['win_rate']:.1%} {_ci(w.get('win_rate_ci95'))}"
+                   + (f" (by the judge RM: {judge:.1%} {_ci(w.get('judge_win_rate_ci95'))})" if judge is not None
+                      else ""))
+    if summary.get("llm_judge"):
+        out += llm_judge_lines(summary)
     for flag in summary.get("reward_hacking", []):
         out.append(f"reward hacking? {flag}")
     if "kl_rlhf_to_sft" in summary:

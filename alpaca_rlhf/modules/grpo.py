@@ -29,13 +29,15 @@ class GRPOHParams(CriticFreeHParams):
         num_generations: Completions per prompt (k >= 2; TRL's default 8).
         beta: Weight of the per-token k3 KL in the loss. 0.04 here (the paper's); TRL's default is now 0.0, which
             skips the reference forward entirely (then `rollout/kl` is not measured: NaN).
-        loss_type: Loss reduction (default `grpo`, the paper's; TRL defaults to `dapo`).
+        loss_type: Loss reduction (default `dr_grpo`: a token sum over a constant, max_new_tokens, so a token of a
+            short answer weighs what a token of a long one does; the paper's `grpo`, a per-sequence mean, gives each
+            token of a 10x shorter answer 10x the push; TRL defaults to `dapo`).
         scale_rewards: Divide by the group's std; False = Dr. GRPO.
     """
 
     num_generations: int = 8
     beta: float = 0.04
-    loss_type: LossType = "grpo"
+    loss_type: LossType = "dr_grpo"
     scale_rewards: bool = True
 
 
@@ -50,7 +52,7 @@ class GRPOModule(CriticFreeModule):
         generation: Rollout sampling settings.
         ref_model: A separate frozen reference model; None = the policy with its adapter disabled.
         optimizer: Optimizer over the adapter.
-        scheduler: LR schedule stepped once per iteration; None = constant.
+        scheduler: LR schedule stepped once per optimizer step (as `max_steps` counts); None = constant.
         output_dir: Inference exports land in `<output_dir>/step_<n>`.
         save_freq: Export every this many iterations (and at the end of fit); 0 = only at the end.
         save_merged: Also write a merged standalone copy of the policy in each export (`merged/`).

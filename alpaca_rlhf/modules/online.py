@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from alpaca_rlhf import ppo as F
 from alpaca_rlhf.data.templates import PromptTemplate
 from alpaca_rlhf.errors import ConfigError
+from alpaca_rlhf.evaluation import is_refusal
 from alpaca_rlhf.guards import assert_finite
 from alpaca_rlhf.io import atomic_dir
 from alpaca_rlhf.models import (
@@ -102,6 +103,9 @@ class RolloutHParams:
         gradient_accumulation_steps: Micro-batches per minibatch (memory: forward/backward this many at a time).
         score_clip: Clip processed scores to +-score_clip; None = no clipping.
         missing_eos_penalty: Subtracted from the score of a response that never emitted EOS (TRL); None = off.
+        min_response_tokens: Responses with fewer tokens (EOS included) get `short_response_penalty` subtracted
+            from their score: an early EOS costs reward (OpenAI's lm-human-preferences); None = off.
+        short_response_penalty: The penalty of a too-short response; None = off.
         max_grad_norm: Gradient clipping by global norm; None = off.
         forward_batch_size: Completions per no-grad forward pass during the rollout (memory).
         reuse_rollout_forward: When one micro-batch is the whole batch (mini_batch_size None or >= batch,
@@ -119,6 +123,8 @@ class RolloutHParams:
     gradient_accumulation_steps: int = 1
     score_clip: float | None = None
     missing_eos_penalty: float | None = None
+    min_response_tokens: int | None = None
+    short_response_penalty: float | None = None
     max_grad_norm: float | None = 1.0
     forward_batch_size: int = 16
     reuse_rollout_forward: bool = True
@@ -167,7 +173,7 @@ class OnlineRLModule(L.LightningModule):
         value_head: Builds a value model from the trunk's hidden size; None = no value model (critic-free).
         ref_model: A separate frozen reference model; None = the policy with its adapter disabled (no copy).
         optimizer: Optimizer over the trainable parameters.
-        scheduler: LR schedule stepped once per iteration; None = constant.
+        scheduler: LR schedule stepped once per optimizer step (as `max_steps` counts); None = constant.
         output_dir: Inference exports land in `<output_dir>/step_<n>`.
         save_freq: Export every this many iterations (and at the end of fit); 0 = only at the end.
         save_merged: Also write a merged standalone copy of the policy in each export (`merged/`).
@@ -396,7 +402,9 @@ class OnlineRLModule(L.LightningModule):
             has_eos = F.contains_eos(responses, self.tokenizer.eos_token_id)
             scores = F.process_scores(raw_scores, contains_eos=has_eos,
                                       missing_eos_penalty=self.hp.missing_eos_penalty, score_clip=self.hp.score_clip,
-                                      score_bias=-self.scorer.offset)
+                                      score_bias=-self.scorer.offset, response_lengths=response_mask.sum(1),
+                                      min_response_tokens=self.hp.min_response_tokens,
+                                      short_response_penalty=self.hp.short_response_penalty)
         timings["time/scoring_and_forwards"] = time.perf_counter() - t1
         return Samples(prompts, query_responses, attention_mask, response_mask, logprobs, ref_logprobs, values,
                        raw_scores, scores, has_eos, sb, graph, timings, sampled_logprobs)
@@ -460,7 +468,7 @@ class OnlineRLModule(L.LightningModule):
         """`epochs()` x shuffled minibatches; `graph` = the rollout forward's outputs for the first micro-batch."""
         if not self.policy.training:
             self.policy.train()
-        opt = self.optimizers()
+        opt, sched = self.optimizers(), self.lr_schedulers()
         B = len(rollout)
         mini = self.hp.mini_batch_size or B
         micro = self.micro_batch_size(B)
@@ -489,6 +497,8 @@ class OnlineRLModule(L.LightningModule):
                     self.clip_gradients(opt, gradient_clip_val=self.hp.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
                 opt.zero_grad()
+                if sched is not None:  # per optimizer step: the schedule is sized in optimizer steps (max_steps)
+                    sched.step()
             if self.stop_after_epoch(minibatch_kl):
                 break
         out = {k: v / count for k, v in sums.items()}  # tensors: one device sync per iteration, at logging
@@ -513,9 +523,6 @@ class OnlineRLModule(L.LightningModule):
                                      "finite weights)")
         stats[f"{self.ALGORITHM}/skipped_nonfinite"] = float(self.skipped_iterations + self.nonfinite_steps)
         stats["time/optimization"] = time.perf_counter() - t0
-        sched = self.lr_schedulers()
-        if sched is not None:
-            sched.step()
         mask = rollout.response_mask
         kl_per_seq = float(self.trainer.strategy.reduce(rollout.kl.sum(1).mean(), reduce_op="mean"))
         episodes = len(rollout) * self.trainer.world_size
@@ -597,15 +604,41 @@ class OnlineRLModule(L.LightningModule):
             logprobs, _, ref_logprobs = self._forward_old(qr, am, C, with_values=False)
             kl = F.masked_sum(logprobs - ref_logprobs, mask, dim=1)
         n = len(raw)
+        texts = [t.strip() for t in self.tokenizer.batch_decode(responses, skip_special_tokens=True)]
+        has_eos = F.contains_eos(responses, self.tokenizer.eos_token_id).float()
+        rates = torch.tensor([[float(is_refusal(t)), float(not t)] for t in texts], device=qr.device)
         self.log("val/score", (raw + self.scorer.offset).mean(), batch_size=n, sync_dist=True)
         self.log("val/kl", kl.mean(), batch_size=n, sync_dist=True)
         self.log("val/response_length", mask.sum(1).float().mean(), batch_size=n, sync_dist=True)
+        # a collapse (short, evasive or empty answers) shows here while it happens, not only after training
+        self.log("val/eos_rate", has_eos.mean(), batch_size=n, sync_dist=True)
+        self.log("val/refusal_rate", rates[:, 0].mean(), batch_size=n, sync_dist=True)
+        self.log("val/empty_rate", rates[:, 1].mean(), batch_size=n, sync_dist=True)
 
     # ---- optimizers, checkpoints, exports ---------------------------------------------------------------------
     def configure_optimizers(self):
-        from alpaca_rlhf.modules.adapter_stage import build_optimizers
+        optimizer = self.optimizer_fn([p for p in self.policy.parameters() if p.requires_grad])
+        if self.scheduler_fn is None:
+            return optimizer
+        scheduler = self.scheduler_fn(optimizer)
+        if getattr(scheduler, "total_steps", 0) is None:  # sized in optimizer steps, as it is stepped (`optimize`)
+            scheduler.total_steps = self.planned_optimizer_steps()
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-        return build_optimizers(self, self.policy.parameters())
+    def planned_optimizer_steps(self) -> int:
+        """The run's optimizer steps: `max_steps` when set (it counts optimizer steps here), else the planned
+        iterations x epochs x minibatches per iteration (Lightning's estimate counts batches, i.e. iterations)."""
+        trainer = self.trainer
+        if trainer.max_steps and trainer.max_steps > 0:
+            return int(trainer.max_steps)
+        iterations = int(trainer.estimated_stepping_batches)
+        datamodule = getattr(trainer, "datamodule", None)
+        batch = getattr(datamodule, "batch_size", None)
+        if not batch:
+            return iterations
+        completions = batch * self.k
+        minibatches = -(-completions // (self.hp.mini_batch_size or completions))
+        return iterations * self.epochs() * minibatches
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         from alpaca_rlhf.modules.adapter_stage import trim_checkpoint

@@ -97,7 +97,7 @@ class PPOModule(OnlineRLModule):
         generation: Rollout sampling settings.
         kl_controller: KL coefficient controller; None = adaptive (init 0.2, target 6, horizon 10000).
         optimizer: Optimizer over the adapter and value head.
-        scheduler: LR schedule stepped once per PPO iteration; None = constant.
+        scheduler: LR schedule stepped once per optimizer step (as `max_steps` counts); None = constant.
         output_dir: Inference exports land in `<output_dir>/step_<n>`.
         save_freq: Export every this many iterations (and at the end of fit); 0 = only at the end.
         save_merged: Also write a merged standalone copy of the policy in each export (`merged/`).
@@ -109,6 +109,7 @@ class PPOModule(OnlineRLModule):
     """
 
     ALGORITHM = "ppo"
+    PROGRESS_BAR = {**OnlineRLModule.PROGRESS_BAR, "ppo/kl_coef": "beta"}  # the KL coefficient beside the KL
 
     def __init__(
         self,

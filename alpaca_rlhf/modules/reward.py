@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
@@ -23,6 +23,7 @@ from torchmetrics.aggregation import CatMetric
 from torchmetrics.classification import BinaryAccuracy
 
 from alpaca_rlhf.data.templates import PromptTemplate
+from alpaca_rlhf.evaluation import accuracy_report, format_accuracy_report
 from alpaca_rlhf.guards import skip_nonfinite
 from alpaca_rlhf.models import (
     REWARD_STATS_FILE,
@@ -114,6 +115,7 @@ class RewardModule(AdapterStage, L.LightningModule):
         self.val_accuracy = BinaryAccuracy()
         self.val_scores = CatMetric()  # every held-out score, for mean/std and the exported centring stats
         self.val_chosen, self.val_rejected = CatMetric(), CatMetric()  # for TensorBoard's histograms
+        self.val_outcomes = CatMetric()  # per held-out pair, in order: 1 right, 0.5 tie, 0 wrong (the report)
         self.stats: dict | None = None  # of the latest full validation: {"mean", "std", "n", "split", "step"}
         self.strict_loading = False  # checkpoints hold the adapter and head only; the base comes from `model`
 
@@ -148,6 +150,7 @@ class RewardModule(AdapterStage, L.LightningModule):
         self.val_scores.update(torch.cat([chosen, rejected]))
         self.val_chosen.update(chosen)
         self.val_rejected.update(rejected)
+        self.val_outcomes.update(((chosen - rejected).sign() + 1) / 2)
 
     def on_validation_epoch_end(self) -> None:
         scores = self.val_scores.compute() if self.val_scores.update_count else torch.zeros(0)
@@ -158,12 +161,35 @@ class RewardModule(AdapterStage, L.LightningModule):
             if (values is not None and isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero
                     and not self.trainer.sanity_checking):
                 self.logger.experiment.add_histogram(tag, values.float().cpu(), self.global_step)
+        outcomes = self.val_outcomes.compute() if self.val_outcomes.update_count else None
+        self.val_outcomes.reset()
+        report = None if self.trainer.sanity_checking or outcomes is None else self.held_out_report(outcomes)
         if scores.numel():
             mean, std = scores.mean(), scores.std(unbiased=False)
             self.log_dict({"val/score_mean": mean, "val/score_std": std})
             if not self.trainer.sanity_checking:
                 self.stats = {"mean": mean.item(), "std": std.item(), "n": scores.numel(), "split": "val",
-                              "step": self.global_step}
+                              "step": self.global_step, **({"accuracy_report": report} if report else {})}
+
+    def held_out_report(self, outcomes: Tensor) -> dict | None:
+        """Held-out accuracy with its 95% interval beside "prefer the shorter / longer / refusal", overall and
+        per subset (`alpaca_rlhf.evaluation`); logged, and flagged when the model is not clearly above the best
+        rule. Needs the validation pairs' texts in order (one process, `PreferenceDataModule`)."""
+        pairs = getattr(self.trainer.datamodule, "val_data", None) if self.trainer.datamodule else None
+        if not pairs or len(pairs) != outcomes.numel() or "chosen" not in pairs[0] or self.trainer.world_size > 1:
+            return None
+        report = accuracy_report(outcomes.tolist(), [p["chosen"] for p in pairs], [p["rejected"] for p in pairs],
+                                 [p.get("subset") for p in pairs])
+        overall = report["all"]
+        self.log_dict({"val/accuracy_ci_low": overall["ci95"][0], "val/accuracy_ci_high": overall["ci95"][1],
+                       "val/accuracy_over_best_rule": overall["margin_over_best_rule"]})
+        lines = format_accuracy_report(report, "held-out accuracy")
+        rank_zero_info("reward model on the held-out pairs:\n" + "\n".join(lines))
+        weak = [name for name, r in report.items() if not r["beats_rules"]]
+        if weak:
+            rank_zero_warn(f"the reward model is not clearly above a length or refusal rule on {', '.join(weak)}: "
+                           "it may reward length or refusals rather than quality (see the held-out report above)")
+        return report
 
     @torch.no_grad()
     def score_stats(self, loader) -> dict:

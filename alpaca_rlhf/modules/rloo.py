@@ -48,7 +48,7 @@ class RLOOModule(CriticFreeModule):
         generation: Rollout sampling settings.
         ref_model: A separate frozen reference model; None = the policy with its adapter disabled.
         optimizer: Optimizer over the adapter.
-        scheduler: LR schedule stepped once per iteration; None = constant.
+        scheduler: LR schedule stepped once per optimizer step (as `max_steps` counts); None = constant.
         output_dir: Inference exports land in `<output_dir>/step_<n>`.
         save_freq: Export every this many iterations (and at the end of fit); 0 = only at the end.
         save_merged: Also write a merged standalone copy of the policy in each export (`merged/`).

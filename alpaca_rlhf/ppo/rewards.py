@@ -72,12 +72,17 @@ def process_scores(
     missing_eos_penalty: float | None = None,
     score_clip: float | None = None,
     score_bias: float = 0.0,
+    response_lengths: Tensor | None = None,
+    min_response_tokens: int | None = None,
+    short_response_penalty: float | None = None,
 ) -> Tensor:
     """Centre, clip and penalise reward-model scores before they enter the reward (PPO.md §2.4).
 
     Applied in that order: s - bias (NPLUS centring), clip to [-c, c] (TRL-old `score_clip`), then
     subtract the penalty from responses without EOS (TRL-new `missing_eos_penalty`, which subtracts rather
-    than replaces as OAI/NPLUS do).
+    than replaces as OAI/NPLUS do), then subtract `short_response_penalty` from responses of fewer than
+    `min_response_tokens` tokens (an early EOS: OpenAI's lm-human-preferences gave -1 unless the stop token came
+    after token N; subtracted here, like the EOS penalty).
 
     Args:
         scores: (B,) reward-model scores.
@@ -85,6 +90,9 @@ def process_scores(
         missing_eos_penalty: amount subtracted from scores of responses without EOS; None disables it.
         score_clip: clip bound c > 0; None disables clipping.
         score_bias: subtracted from every score so that reference responses score about 0.
+        response_lengths: (B,) response tokens (EOS included); required with a short-response penalty.
+        min_response_tokens: responses shorter than this are penalised; None or 0 disables it.
+        short_response_penalty: amount subtracted from the scores of such responses; None disables it.
 
     Returns:
         (B,) processed scores, a new tensor.
@@ -99,6 +107,10 @@ def process_scores(
         if contains_eos is None:
             raise ValueError("missing_eos_penalty needs contains_eos")
         scores = scores - missing_eos_penalty * (~contains_eos.bool()).to(scores.dtype)
+    if min_response_tokens and short_response_penalty:
+        if response_lengths is None:
+            raise ValueError("short_response_penalty needs response_lengths")
+        scores = scores - short_response_penalty * (response_lengths < min_response_tokens).to(scores.dtype)
     return scores
 
 

@@ -20,15 +20,17 @@ def smol_pipeline_yaml(gguf, work) -> str:
     sft = ["--model.init_args.model.name_or_path", str(gguf), "--data.init_args.data_path", str(ALPACA),
            "--data.init_args.max_records", "40", "--data.init_args.val_set_size", "4", "--data.init_args.batch_size",
            "2", "--data.init_args.cutoff_len", "96", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"]
-    rm = ["--data.init_args.data_path", str(HH), "--data.init_args.max_records", "40", "--data.init_args.val_set_size",
+    # 300 records: each stage takes its part of the one split (rm ~35%, rl ~25%, heldout and eval ~10% each)
+    rm = ["--data.init_args.data_path", str(HH), "--data.init_args.max_records", "300", "--data.init_args.val_set_size",
           "4", "--data.init_args.batch_size", "2", "--data.init_args.max_length", "96", "--trainer.max_steps", "2",
           "--trainer.val_check_interval", "2"]
-    ppo = ["--data.init_args.data_path", str(HH), "--data.init_args.max_records", "40",
+    ppo = ["--data.init_args.data_path", str(HH), "--data.init_args.max_records", "300",
            "--data.init_args.val_set_size", "2", "--data.init_args.batch_size", "2",
            "--data.init_args.max_prompt_length", "96", "--trainer.max_steps", "2",
            "--model.init_args.generation.max_new_tokens", "8", "--model.init_args.save_freq", "0",
            "--model.init_args.ppo.ppo_epochs", "2"]
-    compare = ["--prompts.max_prompts", "2", "--sampling.max_new_tokens", "8", "--samples_per_prompt", "1"]
+    compare = ["--prompts.max_prompts", "2", "--sampling.max_new_tokens", "8", "--samples_per_prompt", "1",
+               "--llm_judge_pairs", "4", "--examples", "2"]
     cfg = {"output_dir": "output/smol", "stages": {
         "sft": {"config": str(ROOT / "configs/smol/sft.yaml"), "overrides": sft},
         "rm": {"config": str(ROOT / "configs/smol/rm.yaml"), "overrides": rm},
@@ -50,6 +52,8 @@ def test_smol_pipeline_few_steps_through_the_cli(smol_gguf, tmp_path):
     summary = json.loads((out / "compare/summary.json").read_text())["summary"]
     assert set(summary["stages"]) == {"base", "sft", "rlhf"} and "judge_win_rate" in summary["rlhf_vs_sft"]
     assert all(s["judge_mean"] is not None for s in summary["stages"].values())
+    lo, hi = summary["rlhf_vs_sft"]["win_rate_ci95"]
+    assert lo <= summary["rlhf_vs_sft"]["win_rate"] <= hi
     adapter = json.loads((out / "lora-alpaca/adapter_config.json").read_text())
     assert {"q_proj", "down_proj"} <= set(adapter["target_modules"]) and "lm_head" not in adapter["target_modules"]
     template = json.loads((out / "lora-alpaca/template.json").read_text())
@@ -66,7 +70,7 @@ def test_smol_pipeline_few_steps_through_the_cli(smol_gguf, tmp_path):
     # shared rollout and loop; it goes through the CLI in tests/e2e/test_ppo_chain.py on the tiny model)
     for algo in ("grpo",):
         run_cli(["fit", "--config", str(ROOT / f"configs/smol/{algo}.yaml"), "--data.init_args.data_path", str(HH),
-                 "--data.init_args.max_records", "40", "--data.init_args.val_set_size", "2",
+                 "--data.init_args.max_records", "300", "--data.init_args.val_set_size", "2",
                  "--data.init_args.max_prompt_length", "96", "--trainer.max_steps", "4",
                  "--model.init_args.generation.max_new_tokens", "8", "--model.init_args.save_freq", "0",
                  f"--model.init_args.{algo}.num_iterations", "2"], cwd=tmp_path)

@@ -512,6 +512,51 @@ def test_progress_bar_shows_score_kl_and_length(tiny_sft_run, tmp_path):
     assert shown["score"] == pytest.approx(module.last_stats["rollout/score"])
 
 
+def test_the_lr_schedule_steps_per_optimizer_step_and_ends_where_max_steps_does(tiny_sft_run, tmp_path):
+    """Two iterations of 2 epochs x 2 minibatches = 8 optimizer steps: a linear decay sized by max_steps (8) must
+    reach 0 there (stepped once per iteration it stood at 75% of the peak)."""
+    from alpaca_rlhf.schedules import WarmupDecayLR
+
+    module = make_module(tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged", tmp_path, lr=1e-3)
+    module.save_freq = 0
+    module.scheduler_fn = lambda opt: WarmupDecayLR(opt, warmup_steps=0, decay="linear", min_lr_ratio=0.0)
+    t = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, limit_val_batches=0, enable_checkpointing=False)
+    t.fit(module, make_data())
+    assert module.iteration == 2 and t.global_step == 8
+    scheduler = t.lr_scheduler_configs[0].scheduler
+    assert scheduler.total_steps == 8 and scheduler.last_epoch == 8
+    assert module.optimizers().param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    # without max_steps the schedule is sized in optimizer steps too: iterations x epochs x minibatches
+    module2 = make_module(tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged", tmp_path / "b", lr=1e-3)
+    module2.save_freq = 0
+    module2.scheduler_fn = lambda opt: WarmupDecayLR(opt, warmup_steps=0, decay="linear", min_lr_ratio=0.0)
+    trainer(3).fit(module2, make_data())
+    assert trainer_scheduler_total(module2) == 3 * 2 * 2
+
+
+def trainer_scheduler_total(module) -> int:
+    return module.trainer.lr_scheduler_configs[0].scheduler.total_steps
+
+
+def test_validation_shows_eos_refusal_and_empty_rates_and_beta_is_in_the_progress_bar(tiny_sft_run, tmp_path):
+    from alpaca_rlhf.ppo import AdaptiveKLController
+
+    module = make_module(tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged", tmp_path)
+    module.save_freq = 0
+    module.kl_ctl = AdaptiveKLController(0.05, target=4.0, horizon=32)
+    t = L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, accelerator="cpu", logger=False,
+                  enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                  num_sanity_val_steps=0)
+    t.fit(module, make_data())
+    metrics = t.callback_metrics
+    for name in ("val/score", "val/kl", "val/response_length", "val/eos_rate", "val/refusal_rate", "val/empty_rate"):
+        assert name in metrics, sorted(metrics)
+    assert 0.0 <= float(metrics["val/eos_rate"]) <= 1.0 and 0.0 <= float(metrics["val/empty_rate"]) <= 1.0
+    assert t.progress_bar_metrics["beta"] == pytest.approx(module.last_stats["ppo/kl_coef"])
+    assert module.kl_ctl.value != 0.05  # a horizon sized for the run moves beta after one iteration of 8
+
+
 @pytest.mark.parametrize("threshold", [0.5, None])
 def test_ratio_threshold_zeroes_the_loss_of_runaway_micro_batches(tiny_sft_run, tmp_path, threshold):
     """TRL's classic guard: a micro-batch whose mean ratio exceeds the threshold adds no gradient. At 0.5 every

@@ -100,6 +100,17 @@ def test_process_scores_bias_clip_penalty():
     assert scores[1] == 10.0  # input untouched
 
 
+def test_an_early_eos_costs_the_short_response_penalty():
+    scores = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    lengths = torch.tensor([1, 7, 8, 30])  # EOS included: an empty answer is 1 token
+    out = process_scores(scores, response_lengths=lengths, min_response_tokens=8, short_response_penalty=2.0)
+    torch.testing.assert_close(out, torch.tensor([-1.0, -1.0, 1.0, 1.0]))
+    torch.testing.assert_close(process_scores(scores, response_lengths=lengths, min_response_tokens=None,
+                                              short_response_penalty=2.0), scores)
+    with pytest.raises(ValueError, match="response_lengths"):
+        process_scores(scores, min_response_tokens=8, short_response_penalty=1.0)
+
+
 def test_process_scores_penalty_needs_contains_eos():
     with pytest.raises(ValueError):
         process_scores(torch.zeros(2), missing_eos_penalty=1.0)
