@@ -4,17 +4,18 @@
     python bench/algorithms.py --no-run        # only the table, from the outputs already there
     python bench/algorithms.py --only rloo grpo
 
-Needs the smol SFT model, reward model and judge (`python cli.py pipeline --config configs/smol/pipeline.yaml`,
-or its sft/rm/judge stages). Then, for each method, `python cli.py fit --config configs/smol/<method>.yaml` in a
-subprocess (wall time and peak resident memory measured around it), and `python cli.py compare` of its final
-export against the SFT model on PPO's 64 held-out HH prompts (the same split, sampling, seed and one sample per
-prompt for every method: CPU time), scored by the reward model the online methods optimised and by the judge (a second
-RM on the other half of the pairs, which none of them saw).
+Needs the smol SFT model and reward model (`python cli.py pipeline --config configs/smol/pipeline.yaml`, which also
+validates the LLM judge in its compare stage). Then, for each method, `python cli.py fit --config
+configs/smol/<method>.yaml` in a subprocess (wall time and peak resident memory measured around it), and `python
+cli.py compare` of its final export against the SFT model on the split's 64 evaluation prompts (the same prompts,
+sampling, seed and one sample per prompt for every method), judged by the LLM judge (another family, trained on
+none of the preference labels; validated once by the pipeline's compare) and scored by the reward model the online
+methods optimised.
 
 The budget: the online methods generate the same number of completions (8 per iteration x 24 iterations, at most
-48 new tokens each) and take the same 96 optimizer steps at the same learning rate and LoRA; the table reports
-the tokens they actually generated. DPO generates nothing: it takes the same 96 optimizer steps on 8 preference
-pairs each (the RM's half of HH harmless).
+96 new tokens each) and take the same 96 optimizer steps at the same learning rate, schedule and LoRA; the table
+reports the tokens they actually generated. DPO generates nothing: it takes the same 96 optimizer steps on 8
+preference pairs each (the split's `dpo` part).
 
 The table is printed and written to `output/smol/algorithms/table.md`; the README shows it.
 """
@@ -31,6 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import METHOD_HEADER, judge_lines, method_row, rm_lines, sft_row  # noqa: E402
 
 METHODS = ("ppo", "rloo", "grpo", "dpo")
 OUT = Path("output/smol")
@@ -90,8 +93,10 @@ def evaluate(method: str) -> dict:
     report = RESULTS / f"compare_{method}"
     if not (report / "summary.json").is_file():
         args = ["compare", "--config", "configs/smol/compare.yaml", "--base_model", "null", "--sft_model", str(SFT),
-                "--rlhf_model", str(export_of(method)), "--reward_model", str(RM), "--judge_model", str(JUDGE),
-                "--samples_per_prompt", "1", "--report_dir", str(report)]
+                "--rlhf_model", str(export_of(method)), "--reward_model", str(RM), "--samples_per_prompt", "1",
+                "--llm_judge_pairs", "0", "--report_dir", str(report)]  # the judge was validated once, by the pipeline
+        if (JUDGE / "config.json").is_file():
+            args += ["--judge_model", str(JUDGE)]
         print(f"{method}: comparing with SFT; log {RESULTS / f'{method}.compare.log'}", flush=True)
         record = run_measured(args, RESULTS / f"{method}.compare.log")
         if record["exit"] != 0:
@@ -121,27 +126,23 @@ def fmt(x, spec: str = ".3f") -> str:
 
 
 def table(results: dict) -> str:
-    lines = ["| method | RM score | judge score | win rate vs SFT (RM / judge) | KL to SFT (nats) | length (tokens) | "
-             "EOS | empty | tokens generated in training | wall time | peak RSS |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    sft = next((r["summary"]["stages"]["sft"] for r in results.values() if r.get("summary")), None)
-    if sft:
-        lines.append(f"| SFT (start) | {fmt(sft['score_mean'])} | {fmt(sft.get('judge_mean'))} | – | 0 | "
-                     f"{sft['response_tokens']:.1f} | {sft['ended_with_eos']:.0%} | {sft['empty']:.0%} | – | – | – |")
+    pipeline = OUT / "compare" / "summary.json"
+    validated = json.loads(pipeline.read_text())["summary"].get("llm_judge") if pipeline.is_file() else None
+    rm_stats = RM / "reward_stats.json"
+    rm_report = json.loads(rm_stats.read_text()).get("accuracy_report") if rm_stats.is_file() else None
+    lines = ["**Reward model** (held-out pairs):", "", *rm_lines(rm_report), "", "**LLM judge**:", "",
+             *judge_lines(validated), "", *METHOD_HEADER]
+    first = next((r["summary"] for r in results.values() if r.get("summary")), None)
+    if first:
+        lines.append(sft_row(first))
     for method, r in results.items():
-        s = r.get("summary")
-        if not s:
-            continue
-        st, vs, kl, tr = s["stages"]["rlhf"], s.get("rlhf_vs_sft", {}), s.get("kl_rlhf_to_sft", {}), r["train"]
-        lines.append(
-            f"| {method.upper()} | {fmt(st['score_mean'])} | {fmt(st.get('judge_mean'))} | "
-            f"{fmt(vs.get('win_rate'), '.1%')} / {fmt(vs.get('judge_win_rate'), '.1%')} | "
-            f"{fmt(kl.get('mean'), '.2f')} | "
-            f"{st['response_tokens']:.1f} | {st['ended_with_eos']:.0%} | {st['empty']:.0%} | {fmt(r['tokens'], ',')} | "
-            f"{tr['seconds'] / 60:.1f} min | {tr['peak_rss_gib']:.2f} GiB |")
+        if r.get("summary"):
+            lines.append(method_row(method.upper(), r["summary"], r["train"]["seconds"]))
     flags = {m: r["summary"].get("reward_hacking", []) for m, r in results.items() if r.get("summary")}
     lines += [""] + [f"- {m.upper()} reward-hacking flags: " + ("; ".join(f) if f else "none") for m, f in
                      flags.items()]
+    lines += [""] + [f"- {m.upper()}: {fmt(r['tokens'], ',')} tokens generated in training, peak RSS "
+                     f"{r['train']['peak_rss_gib']:.2f} GiB" for m, r in results.items() if r.get("summary")]
     return "\n".join(lines)
 
 
@@ -150,10 +151,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-run", action="store_true", help="only the table, from the outputs already there")
     parser.add_argument("--only", nargs="+", choices=METHODS, default=list(METHODS))
     args = parser.parse_args(argv)
-    missing = [str(p) for p in (SFT, RM, JUDGE) if not (p / "config.json").is_file()]
+    missing = [str(p) for p in (SFT, RM) if not (p / "config.json").is_file()]
     if missing:
         raise SystemExit(f"missing {', '.join(missing)}: run `python cli.py pipeline --config "
-                         "configs/smol/pipeline.yaml` (its sft, rm and judge stages) first")
+                         "configs/smol/pipeline.yaml` (its sft and rm stages) first")
     RESULTS.mkdir(parents=True, exist_ok=True)
     results = {}
     for method in args.only:

@@ -137,6 +137,12 @@ def test_validation_logs_and_export_carries_head_and_centring_stats(trained):
     assert stats["std"] == pytest.approx(fresh["std"], abs=1e-5)
     assert stats["mean"] == pytest.approx(metrics["val/score_mean"].item(), abs=1e-5)
     assert json.loads((adapter / "template.json").read_text())["response_split"] == "### Response:"
+    # the held-out report: accuracy with its interval beside the length and refusal rules on the same pairs
+    report = stats["accuracy_report"]["all"]
+    assert report["n"] == len(dm.val_data) and set(report["rules"]) == {"shorter", "longer", "refusal"}
+    assert report["accuracy"] == pytest.approx(metrics["val/accuracy"].item(), abs=1e-6)
+    assert report["ci95"][0] <= report["accuracy"] <= report["ci95"][1]
+    assert metrics["val/accuracy_over_best_rule"].item() == pytest.approx(report["margin_over_best_rule"], abs=1e-6)
 
 
 def test_accuracy_counts_a_tie_as_a_loss(base_dir, tmp_path):
