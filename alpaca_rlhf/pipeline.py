@@ -463,6 +463,10 @@ def pipeline(
         raise PipelineError(f"pipeline: --from_stage must be one of {STAGE_NAMES}, got {from_stage!r}")
     planned, paths = plan(stages, partition)
     planned = [s for s in planned if s.enabled]
+    names = [s.name for s in planned]
+    if from_stage is not None and from_stage not in names and not (from_stage in RL_NAMES and paths["rl"] in names):
+        raise PipelineError(f"pipeline: --from_stage {from_stage!r} is not a stage of this pipeline; its stages are "
+                            f"{', '.join(names)}")
     logs = Path(output_dir) / "logs"
     started, n = time.time(), len(planned)
     rerun = force

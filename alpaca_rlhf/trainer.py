@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 import lightning as L
@@ -9,6 +10,22 @@ from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from alpaca_rlhf.hardware import resolve_precision, warn_if_slow_bf16
+
+
+ADVERT = "💡 Tip:"  # Lightning's advertisements for its cloud products: not about the user's run
+
+
+class _NoAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(ADVERT)
+
+
+def silence_adverts() -> None:
+    """Drops Lightning's "💡 Tip: ... litlogger / litmodels" lines from its rank-zero log (every run printed one)."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _NoAdverts) for f in log.filters):
+            log.addFilter(_NoAdverts())
 
 
 class Trainer(L.Trainer):
@@ -30,6 +47,7 @@ class Trainer(L.Trainer):
         slow = warn_if_slow_bf16(resolved, accelerator)
         if slow:
             rank_zero_warn(slow)
+        silence_adverts()
         super().__init__(precision=resolved, **kwargs)
 
 

@@ -82,3 +82,18 @@ def test_the_cli_parses_auto_and_every_smol_config_uses_it():
         assert yaml.safe_load(path.read_text())["trainer"]["precision"] == "auto", path
     config = parse_fit_config(["--config", str(ROOT / "configs/tiny/sft.yaml"), "--trainer.precision", "auto"])
     assert config["trainer"]["precision"] == "auto"
+
+
+def test_the_cli_trainer_prints_no_lightning_advertisement(tmp_path, capsys, caplog):
+    """Every run printed "💡 Tip: ... litlogger" (and "litmodels" with a default checkpoint): not about the run."""
+    import logging
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from alpaca_rlhf.trainer import Trainer
+
+    with caplog.at_level(logging.INFO):
+        Trainer(accelerator="cpu", default_root_dir=tmp_path, logger=False,
+                callbacks=[ModelCheckpoint(dirpath=tmp_path)])
+    shown = capsys.readouterr().out + capsys.readouterr().err + caplog.text
+    assert "Tip:" not in shown and "litlogger" not in shown and "litmodels" not in shown

@@ -54,29 +54,48 @@ def _read_local(path: Path) -> list:
     opener = gzip.open if path.suffix == ".gz" else open
     name = path.name[:-3] if path.suffix == ".gz" else path.name
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
+        with opener(path, "rt", encoding="utf-8-sig") as f:  # -sig: a byte-order mark some editors write is skipped
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise DataValidationError(f"{path}: cannot be read as UTF-8 text ({e})") from e
     if name.endswith(".jsonl"):
-        records = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataValidationError(f"{path}: line {lineno} is not JSON ({e.msg})") from e
-        return records
+        return _json_lines(path, text)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # JSON Lines saved as .json: one object a line
+            log.info("%s: not one JSON document; read as JSON Lines", path)
+            return _json_lines(path, text)
         raise DataValidationError(f"{path}: not JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
     if isinstance(data, dict) and "train" in data and isinstance(data["train"], list):
         data = data["train"]
     if not isinstance(data, list):
         raise DataValidationError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     return data
+
+
+def _json_lines(path: Path, text: str) -> list:
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataValidationError(f"{path}: line {lineno} is not JSON ({e.msg})") from e
+    return records
+
+
+def _read_csv(path: Path) -> list:
+    """CSV read as text: every cell a string (a column of numbers is still an instruction's text, not a float),
+    an empty cell an empty string, a byte-order mark skipped."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return [dict(row) for row in csv.DictReader(f)]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataValidationError(f"{path}: cannot be read as CSV ({type(e).__name__}: {e})") from e
 
 
 TABULAR = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}  # read through `datasets`' own builders
@@ -119,6 +138,8 @@ def _read_file(path: Path) -> list:
     kind = _kind(path)
     if kind == "json":
         return _read_local(path)
+    if kind == "csv":
+        return _read_csv(path)
     if kind is not None:
         return _read_tabular(path, kind)
     return _read_local(path)  # an unknown suffix: JSON or a clear "not JSON" error

@@ -82,5 +82,7 @@ class RLOOModule(CriticFreeModule):
 
     def iteration_stats(self, rollout: Rollout, samples: Samples) -> dict:
         return {"rloo/reward": rollout.rewards.mean(), "rloo/reward_std": rollout.rewards.std(),
-                "rloo/advantage_std": rollout.advantages.sum(1).std() if len(rollout) > 1 else 0.0,
+                # the sequence advantage (each valid token carries it), not its sum over the response's tokens
+                "rloo/advantage_std": (F.masked_mean(rollout.advantages, rollout.response_mask, dim=1).std()
+                                       if len(rollout) > 1 else 0.0),
                 "rollout/non_score_reward": -self.hp.beta * rollout.kl.sum(1).mean()}

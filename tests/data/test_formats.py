@@ -110,3 +110,29 @@ def test_a_broken_parquet_file_is_named(tmp_path):
     (tmp_path / "broken.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(DataValidationError, match=r"broken\.parquet: cannot be read as parquet"):
         read_raw_records(str(tmp_path / "broken.parquet"))
+
+
+def test_valid_alpaca_files_that_were_refused_now_load(tmp_path, tiny_tokenizer):
+    """A CSV column that looks numeric is still text, a UTF-8 byte-order mark is skipped, and JSON Lines saved
+    as .json reads as JSON Lines: each was refused before ('input' must be a string, got float; not JSON)."""
+    rows = [{"instruction": "Add the numbers.", "input": "12", "output": "3"},
+            {"instruction": "Round it.", "input": "2.5", "output": "3"},
+            {"instruction": "Say hi.", "input": "", "output": "Hi."}]
+    csv_path = tmp_path / "numbers.csv"
+    csv_path.write_text("instruction,input,output\n" + "".join(f'"{r["instruction"]}",{r["input"]},{r["output"]}\n'
+                                                             for r in rows))
+    bom = tmp_path / "bom.json"
+    bom.write_bytes("\ufeff".encode() + json.dumps(rows).encode())
+    lines = tmp_path / "lines.json"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for path in (csv_path, bom, lines):
+        got = read_raw_records(str(path))
+        assert [{k: r[k] for k in ("instruction", "input", "output")} for r in got] == rows, path.name
+        dm = AlpacaDataModule(data_path=str(path), val_set_size=0, batch_size=2)
+        dm.connect(tiny_tokenizer)
+        dm.setup()
+        assert len(dm.train_data) == 3, path.name
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"instruction": "x", "output": "y"},')
+    with pytest.raises(DataValidationError, match=r"broken\.json: not JSON"):
+        read_raw_records(str(broken))

@@ -331,3 +331,17 @@ def test_from_stage_names_the_rl_stage_whichever_algorithm(tmp_path, monkeypatch
     pipeline(stages, output_dir="output/tiny", from_stage="ppo", dry_run=True)
     out = capsys.readouterr().out
     assert "merge_rm ... skipped" in out and "grpo ... would run" in out and "compare ... would run" in out
+
+
+def test_from_stage_naming_a_stage_this_pipeline_lacks_is_refused_with_its_stages(tmp_path, monkeypatch):
+    """`--from_stage judge` on a pipeline without a judge once did nothing and said nothing."""
+    from alpaca_rlhf.pipeline import PipelineError, pipeline
+
+    monkeypatch.chdir(tmp_path)
+    fake_outputs(tmp_path, "merge_rm")
+    stages = Stages(sft=FitStage(str(ROOT / "configs/tiny/sft.yaml")), rm=FitStage(str(ROOT / "configs/tiny/rm.yaml")),
+                    ppo=FitStage(str(ROOT / "configs/tiny/ppo.yaml")),
+                    compare=CompareStage(str(ROOT / "configs/tiny/compare.yaml")))
+    with pytest.raises(PipelineError, match=r"'judge' is not a stage of this pipeline; its stages are sft, "
+                                            r"merge_sft, rm, merge_rm, ppo, compare"):
+        pipeline(stages, output_dir="output/tiny", from_stage="judge", dry_run=True)

@@ -76,6 +76,10 @@ def test_rloo_rollout_groups_k_samples_per_prompt_and_puts_the_kl_in_the_reward(
     expected = torch.cat([F_rloo(g) for g in rollout.rewards.view(-1, 4)])
     mask = rollout.response_mask
     torch.testing.assert_close(rollout.advantages, expected[:, None] * mask)
+    # rloo/advantage_std is the std of the sequence advantages, not of advantage x response length
+    stats = module.iteration_stats(rollout, extra["samples"])
+    assert float(stats["rloo/advantage_std"]) == pytest.approx(expected.std().item(), rel=1e-5)
+    assert mask.sum(1).float().std() > 0  # lengths differ: the old sum over tokens gave another number
 
 
 def F_rloo(group):  # leave-one-out, written the slow way
