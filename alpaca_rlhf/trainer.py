@@ -11,7 +11,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from alpaca_rlhf.hardware import resolve_precision, warn_if_slow_bf16
 
-
 ADVERT = "💡 Tip:"  # Lightning's advertisements for its cloud products: not about the user's run
 
 
