@@ -326,7 +326,14 @@ def run_llm_judge(model: str, records: list[dict], generations: dict[str, list[G
                   n_pairs: int, rule: str, samples_per_prompt: int, dtype: str | None) -> dict:
     """The LLM judge's validation on held-out human labels, then RLHF vs SFT on every prompt (its first sample),
     both orders: win / tie / loss with a paired-bootstrap 95% interval."""
-    from alpaca_rlhf.inference.judge import JudgedPair, PairwiseJudge, format_validation, heldout_pairs, validate
+    from alpaca_rlhf.inference.judge import (
+        JudgedPair,
+        PairwiseJudge,
+        format_validation,
+        heldout_pairs,
+        outcomes_from_log_odds,
+        validate,
+    )
 
     t0 = time.time()
     the_judge = PairwiseJudge(model, dtype=dtype or "float32")
@@ -337,8 +344,11 @@ def run_llm_judge(model: str, records: list[dict], generations: dict[str, list[G
     first = range(0, len(generations["rlhf"]), samples_per_prompt)
     pairs = [JudgedPair(records[i // samples_per_prompt]["conversation"], generations["rlhf"][i].text,
                         generations["sft"][i].text) for i in first]
-    outcomes = the_judge.outcomes(pairs, rule)
+    forward, backward = the_judge.both_orders(pairs)
+    outcomes = outcomes_from_log_odds(forward, backward, rule)
+    other = "debiased" if rule == "both_orders" else "both_orders"
     result = {"model": model, "rule": rule, "rlhf_vs_sft": win_tie_loss(outcomes), "outcomes": outcomes,
+              f"rlhf_vs_sft_{other}": win_tie_loss(outcomes_from_log_odds(forward, backward, other)),
               "validation": ({k: v for k, v in validation.items()} if validation else None),
               "reliable": validation[rule]["reliable"] if validation else None,
               "agreement": validation[rule]["agreement"] if validation else None,

@@ -146,6 +146,9 @@ def llm_judge_lines(summary: dict) -> list[str]:
         lines.append(f"- judge `{llm['model']}`, rule `{llm['rule']}`: **not validated** (no held-out pairs: set "
                      "prompts.part and a partition)")
     lines.append(f"- **RLHF vs SFT: {format_win_rate(llm['rlhf_vs_sft'])}**")
+    for key in ("rlhf_vs_sft_debiased", "rlhf_vs_sft_both_orders"):
+        if key in llm:
+            lines.append(f"  - by the rule `{key.removeprefix('rlhf_vs_sft_')}`: {format_win_rate(llm[key])}")
     for name, result in llm.get("rlhf_vs_sft_by_subset", {}).items():
         lines.append(f"  - {name}: {format_win_rate(result)}")
     return lines
