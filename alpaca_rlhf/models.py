@@ -8,6 +8,7 @@ saving it as a real folder so that every later stage, adapter and merge loads it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+RL_STATE_FILE = "ppo_state.json"  # every online stage's export state (inference and the pipeline read it)
+MERGED_FROM_FILE = "merged_from.json"  # a merged RL export: the adapter, its base and its state
 # tokens a tokenizer may reserve for padding (Llama 3.1 ships <|finetune_right_pad_id|>); never EOS
 PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<pad>", "[PAD]", "<|pad|>", "<|reserved_special_token_0|>")
 TINY_CORPUS = "alpaca_rlhf/data/samples/alpaca_sample.json"
@@ -212,19 +215,41 @@ def convert_gguf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike) ->
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "converted_from.json").write_text(json.dumps(
-            {"gguf_file": str(gguf_path), "size": gguf_path.stat().st_size}, indent=2))
+            {"gguf_file": str(gguf_path), "size": gguf_path.stat().st_size, "fingerprint": gguf_fingerprint(gguf_path)},
+            indent=2))
     return Path(output_dir)
 
 
+FINGERPRINT_BYTES = 8 << 20
+
+
+def gguf_fingerprint(path: str | os.PathLike) -> str:
+    """A content key of a GGUF file: sha256 of its size, its first 8 MiB (the header: metadata, tokenizer,
+    tensor table) and its last 8 MiB (tensor data); ~20 ms where a whole-file hash of 500 MB takes seconds."""
+    import hashlib
+
+    path = Path(path)
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(FINGERPRINT_BYTES))
+        if size > FINGERPRINT_BYTES:
+            f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
 def gguf_folder(spec: ModelSpec, gguf_path: str) -> Path:
-    """The converted folder of a `.gguf` spec, converting it on first use."""
+    """The converted folder of a `.gguf` spec, converting it on first use and again whenever the file's content
+    differs from the one converted (another file of the same name, even of the same size)."""
     path = Path(gguf_path).expanduser()
     folder = gguf_cache_dir(spec) / path.stem
     record = folder / "converted_from.json"
     if record.is_file():  # converted before: reuse it unless the .gguf file changed
         recorded = json.loads(record.read_text())
-        if not path.is_file() or recorded.get("size") == path.stat().st_size:
+        if not path.is_file() or recorded.get("fingerprint") == gguf_fingerprint(path):
             return folder
+        log.info("%s differs from the file converted into %s: converting it again", path, folder)
     try:
         convert_gguf(path, folder)
     except OSError:
@@ -300,9 +325,28 @@ def load_tokenizer(spec: ModelSpec, padding_side: str = "right"):
     source = path if spec.tokenizer is None else spec.tokenizer
     if source.endswith(".gguf"):
         source = str(gguf_folder(spec, source))
-    tokenizer = AutoTokenizer.from_pretrained(source, padding_side=padding_side, revision=spec.revision,
-                                              trust_remote_code=spec.trust_remote_code)
+    with hub_errors(source):
+        tokenizer = AutoTokenizer.from_pretrained(source, padding_side=padding_side, revision=spec.revision,
+                                                  trust_remote_code=spec.trust_remote_code)
     return ensure_pad_token(tokenizer, spec.pad_token)
+
+
+@contextlib.contextmanager
+def hub_errors(name: str):
+    """A hub id that cannot be had (offline and not cached, or no such repository) stops with one message that
+    names it and says what to do; transformers' own says neither (only "set 'local_files_only' to False")."""
+    try:
+        yield
+    except OSError as e:
+        if Path(name).exists():  # a local folder: the error is about what is in it, and says so
+            raise
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        why = ("this machine is offline (HF_HUB_OFFLINE=1) and it is not in the Hugging Face cache" if offline else
+               "it could not be downloaded or found in the Hugging Face cache")
+        raise FileNotFoundError(
+            f"model {name!r} is not a local folder and {why}: give a local folder or a .gguf file, or download it "
+            f"where there is network (`hf download {name}`) and run again; check the spelling of the id "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from e
 
 
 def quantization_config(spec: ModelSpec):
@@ -324,8 +368,9 @@ def _load(auto_cls, spec: ModelSpec, trainable: bool, **kwargs):
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
-    model = auto_cls.from_pretrained(path, dtype=spec.torch_dtype, quantization_config=quant,
-                                     revision=spec.revision, trust_remote_code=spec.trust_remote_code, **kwargs)
+    with hub_errors(path):
+        model = auto_cls.from_pretrained(path, dtype=spec.torch_dtype, quantization_config=quant,
+                                         revision=spec.revision, trust_remote_code=spec.trust_remote_code, **kwargs)
     if spec.quantization == "4bit":
         guard_cpu_4bit_kernel(model, trainable)
     if quant is not None and trainable:
@@ -544,8 +589,13 @@ def merge_adapter(adapter_path: str, output_dir: str | None = None, dtype: str =
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         for side_file in adapter.glob("*.json"):
-            if side_file.name not in {"adapter_config.json"} and not (tmp / side_file.name).exists():
-                shutil.copy(side_file, tmp / side_file.name)
+            if side_file.name in {"adapter_config.json", RL_STATE_FILE} or (tmp / side_file.name).exists():
+                continue  # an RL export's state file would make the merged folder read as an RL run
+            shutil.copy(side_file, tmp / side_file.name)
+        state = adapter / RL_STATE_FILE
+        if state.is_file():  # its provenance stays, under a name no reader takes for an RL run
+            (tmp / MERGED_FROM_FILE).write_text(json.dumps({"adapter": str(adapter), "base": str(base),
+                                                            RL_STATE_FILE: json.loads(state.read_text())}, indent=2))
     log.info("merge: %s folded into %s -> %s in %.0f s", adapter, base, output, time.perf_counter() - started)
     return output
 

@@ -125,6 +125,26 @@ def test_single_instruction_streams(tiny_stages, capsys):
     assert capsys.readouterr().out.strip() == out[0]["response"]
 
 
+def test_generate_renders_conversations_and_hh_records_and_writes_every_answer(tiny_stages, tmp_path, capsys):
+    """`{messages}` and HH records once rendered as "### Instruction:\nNone" and, with several records, crashed
+    after generating and wrote nothing."""
+    records = [{"messages": [{"role": "user", "content": "Name a colour."}]},
+               {"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello!"},
+                             {"role": "user", "content": "Name a fruit."}]},
+               {"chosen": "\n\nHuman: Name a planet.\n\nAssistant: Mars.",
+                "rejected": "\n\nHuman: Name a planet.\n\nAssistant: Cheese."}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = inf.generate(model=tiny_stages["merged"], instructions_file=str(path),
+                       output_file=str(tmp_path / "answers.jsonl"), **GREEDY)
+    assert [r["instruction"] for r in out] == ["Name a colour.", "Name a fruit.", "Name a planet."]
+    assert "Hello!" in out[1]["input"]  # the earlier turns are the context
+    written = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [w["instruction"] for w in written] == [r["instruction"] for r in out]
+    printed = capsys.readouterr().out
+    assert "None" not in printed and "### 3. Name a planet." in printed
+
+
 def test_8bit_on_cpu_and_offload_without_gpu(tiny_stages, capsys):
     out = inf.generate(mode="sft", merged_model_path=tiny_stages["merged"], instruction="Name a color.",
                        load_in_8bit=True, allow_cpu_offload=True, **GREEDY)
@@ -289,6 +309,25 @@ def test_compare_with_an_llm_judge_validates_it_and_gives_every_win_rate_an_inte
     rows = [json.loads(line) for line in (tmp_path / "cmp/outputs.jsonl").read_text().splitlines()]
     assert {r["llm_judge_rlhf_vs_sft"] for r in rows if r["stage"] == "rlhf"} <= {0.0, 0.5, 1.0}
     assert "agreement with the human labels" in capsys.readouterr().out
+
+
+def test_a_merged_rl_export_is_a_model_that_generate_and_compare_take(tiny_stages, tmp_path, monkeypatch):
+    """Merging a PPO `step_<n>` once copied its ppo_state.json, so the merged folder read as a PPO run and was
+    refused; its state now travels as merged_from.json."""
+    from alpaca_rlhf.inference.checkpoints import detect_checkpoint
+    from alpaca_rlhf.models import merge_adapter
+
+    s = tiny_stages
+    monkeypatch.chdir(s["work"])  # the export records its base relative to the run's folder
+    merged = merge_adapter(s["ppo"], str(tmp_path / "ppo-merged"))
+    assert not (merged / "ppo_state.json").exists()
+    provenance = json.loads((merged / "merged_from.json").read_text())
+    assert provenance["ppo_state.json"]["iteration"] == 3 and provenance["adapter"] == s["ppo"]
+    checkpoint, kind = detect_checkpoint(str(merged))
+    assert kind == "model" and checkpoint.adapter is None
+    summary = inf.compare(sft_model=s["merged"], rlhf_model=str(merged), prompts=inf.PromptSource(val_set_size=2),
+                          sampling=inf.SamplingSpec(max_new_tokens=4), report_dir=str(tmp_path / "cmp"))
+    assert set(summary["stages"]) == {"sft", "rlhf"}
 
 
 def test_compare_identity_adapter_has_zero_kl_and_ties(tiny_stages, tmp_path):

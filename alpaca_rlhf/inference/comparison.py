@@ -104,8 +104,9 @@ def _describe_record(example: dict) -> dict:
         turns = prompt_messages(record["messages"])
         users = [m["content"] for m in turns if m["role"] == "user"]
         reference = record["messages"][-1]["content"] if record["messages"][-1]["role"] == "assistant" else None
-        return {"instruction": users[-1], "input": "", "prompt": example["prompt"], "reference": reference,
-                "conversation": conversation_text(turns)}
+        last_user = max(i for i, m in enumerate(turns) if m["role"] == "user")
+        return {"instruction": users[-1], "input": conversation_text(turns[:last_user]), "prompt": example["prompt"],
+                "reference": reference, "conversation": conversation_text(turns)}
     if "chosen" in record and "instruction" not in record:  # an HH dialogue: its last human turn
         from alpaca_rlhf.data.preference import hh_messages, split_hh_dialogue
 

@@ -131,14 +131,20 @@ def response_logprob_sums(model, prompt_ids: list[list[int]], response_ids: list
 
 
 # ---- generate ----------------------------------------------------------------------------------------------
-def read_instructions(path: str) -> list[dict]:
-    """`{instruction, input}` records (or the seed's `{user_input}`) from a JSON list or JSONL file."""
-    from alpaca_rlhf.data.prompts import check_prompt
+def read_instructions(path: str, template: PromptTemplate) -> list[dict]:
+    """`{instruction, input, prompt}` of every record of a file: Alpaca `{instruction, input}`, the seed's
+    `{user_input}`, a conversation `{messages}` or an HH dialogue `{chosen, rejected}`, each rendered as PPO
+    renders it (`template` bound to the tokenizer): a conversation's last user turn is its instruction."""
+    from alpaca_rlhf.data.prompts import check_prompt, render_prompt
     from alpaca_rlhf.data.records import read_raw_records, validate_records
+    from alpaca_rlhf.inference.comparison import _describe_record
 
     records, _ = validate_records(read_raw_records(path), path, check_prompt)
-    return [{"instruction": r.get("instruction", r.get("user_input")), "input": r.get("input") or ""}
-            for r in records]
+    out = []
+    for record in records:
+        described = _describe_record({"record": record, "prompt": render_prompt(record, template)})
+        out.append({k: described[k] or "" for k in ("instruction", "input", "prompt")})
+    return out
 
 
 def generate(
@@ -219,9 +225,12 @@ def generate(
         torch.manual_seed(seed)
     if chat:
         return chat_loop(loaded, tokenizer, template, sampling, title=f"{checkpoint.describe()} ({kind})")
-    records = ([{"instruction": instruction, "input": input or ""}] if instruction is not None
-               else read_instructions(instructions_file))
-    prompts = [template.render(r["instruction"], r["input"]) for r in records]
+    if instruction is not None:
+        records = [{"instruction": instruction, "input": input or "",
+                    "prompt": template.render(instruction, input or "")}]
+    else:
+        records = read_instructions(instructions_file, template)
+    prompts = [r.pop("prompt") for r in records]
     streamer = None
     if stream and len(prompts) == 1:
         from transformers import TextStreamer
@@ -230,14 +239,14 @@ def generate(
     generations = generate_responses(loaded, tokenizer, prompts, sampling, batch_size, streamer,
                                      progress="generate" if len(prompts) > batch_size else None)
     results = [{**r, "response": g.text} for r, g in zip(records, generations, strict=True)]
+    if output_file:  # written before anything is printed: a printing error cannot lose the generations
+        Path(output_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(output_file).write_text("".join(json.dumps(r) + "\n" for r in results))
+        log.info("generate: %d responses written to %s", len(results), output_file)
     if streamer is None:
         for i, r in enumerate(results):
             header = r["instruction"] + (f"\n[input] {r['input']}" if r["input"] else "")
             print(f"### {i + 1}. {header}\n{r['response']}\n" if len(results) > 1 else r["response"])
-    if output_file:
-        Path(output_file).parent.mkdir(parents=True, exist_ok=True)
-        Path(output_file).write_text("".join(json.dumps(r) + "\n" for r in results))
-        log.info("generate: %d responses written to %s", len(results), output_file)
     return results
 
 

@@ -40,7 +40,8 @@ class JudgedPair:
 
 def conversation_text(messages: list[dict]) -> str:
     """A conversation as plain `User:` / `Assistant:` turns."""
-    return "\n".join(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages)
+    names = {"user": "User", "assistant": "Assistant", "system": "System"}
+    return "\n".join(f"{names.get(m['role'], m['role'])}: {m['content']}" for m in messages)
 
 
 class PairwiseJudge:

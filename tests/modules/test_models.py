@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -123,6 +125,49 @@ def test_a_missing_stage_output_is_named_not_sent_to_the_hub(tmp_path, monkeypat
     with pytest.raises(FileNotFoundError, match="earlier stage"):
         load_tokenizer(ModelSpec(name_or_path="output/lora-alpaca-adapter-merged"))
     assert not looks_local("meta-llama/Llama-3.1-8B")  # a hub id keeps transformers' own handling
+
+
+def test_an_uncached_hub_id_offline_is_named_with_the_fix_through_the_cli(tmp_path, monkeypatch, capsys):
+    """Offline, an uncached hub id printed huggingface_hub's innermost message ("... set 'local_files_only' to
+    False"): no model name and the wrong advice."""
+    from alpaca_rlhf.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--model", "HuggingFaceTB/No-Such-Model-135M", "--instruction", "hi"])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "'HuggingFaceTB/No-Such-Model-135M'" in err and "offline" in err and "local folder" in err
+    assert "local_files_only' to False" not in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_another_gguf_of_the_same_name_and_size_is_converted_again(smol_gguf, tmp_path):
+    """The conversion cache was keyed by file name and size: a different file of that name and size loaded the
+    first one's weights. It is keyed by content now (the real SmolLM2 file, and a copy with one weight byte
+    changed)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from alpaca_rlhf.models import gguf_folder
+
+    spec = ModelSpec(name_or_path="model.gguf", gguf_cache=str(tmp_path / "cache"))
+    path = tmp_path / "model.gguf"
+    shutil.copy(smol_gguf, path)
+    folder = gguf_folder(spec, str(path))
+    first = json.loads((folder / "converted_from.json").read_text())["fingerprint"]
+    weights = load_file(folder / "model.safetensors")
+    assert gguf_folder(spec, str(path)) == folder  # the same file: the cache is reused, nothing converted
+    data = bytearray(path.read_bytes())
+    data[-1000] ^= 0xFF  # one byte of the last tensor's data; name and size unchanged
+    path.write_bytes(bytes(data))
+    folder2 = gguf_folder(spec, str(path))
+    assert folder2 == folder and json.loads((folder / "converted_from.json").read_text())["fingerprint"] != first
+    changed = load_file(folder / "model.safetensors")
+    assert any(not torch.equal(weights[k], changed[k]) for k in weights)
 
 
 def test_4bit_lora_still_learns_after_an_eval_forward(tiny_base, tiny_tokenizer):
