@@ -93,13 +93,20 @@ def shape_of(spec, fallback: str | None = None) -> Shape:
     elif fallback is not None:
         return shape_of({"name_or_path": fallback})
     else:
+        from alpaca_rlhf.models import looks_local
+
         try:
             from transformers import AutoConfig
 
             config = AutoConfig.from_pretrained(name, local_files_only=True).to_dict()
         except Exception as e:
+            stage_output = name.endswith("-adapter-merged") or looks_local(name)
+            hint = (f"it looks like an earlier stage's output that is not written yet: run that stage first, or "
+                    f"give the shape it will have with --model_shape NAME (the model that stage starts from, e.g. "
+                    f"the SFT config's model_name_or_path)" if stage_output else
+                    "give a local folder, or its shape with --model_shape NAME")
             raise FileNotFoundError(f"preflight: no config.json for {name!r} (not a folder, not in the hub cache, "
-                                    f"not in KNOWN_SHAPES)") from e
+                                    f"not one of the known shapes {', '.join(sorted(KNOWN_SHAPES))}): {hint}") from e
     heads = config["num_attention_heads"]
     return Shape(config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"], heads,
                  config.get("num_key_value_heads") or heads, config["vocab_size"],

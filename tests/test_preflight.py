@@ -93,3 +93,18 @@ def test_rloo_grpo_and_dpo_are_estimated_as_what_they_run():
     how = {c: h for c, _, h in dpo.lines}
     batch = parse_fit_config(["--config", str(ROOT / "configs/tiny/dpo.yaml")]).data.init_args.batch_size
     assert how["activations"].startswith(f"{2 * batch} x ")  # chosen and rejected of every pair
+
+
+def test_a_config_whose_model_is_an_unwritten_stage_output_names_the_flag(tmp_path, monkeypatch, capsys):
+    """Every real RM and PPO config before SFT has run failed with "not in KNOWN_SHAPES" and no word of
+    --model_shape; with the flag it estimates."""
+    from alpaca_rlhf.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as refused:
+        main(["preflight", "-c", "smol/rm"])
+    assert refused.value.code == 1
+    err = capsys.readouterr().err
+    assert "'output/smol/lora-alpaca-adapter-merged'" in err and "--model_shape" in err and "earlier stage" in err
+    main(["preflight", "-c", "smol/rm", "--model_shape", "meta-llama/Llama-3.1-8B", "--budget_gb", "80"])
+    assert "preflight (reward model)" in capsys.readouterr().out
