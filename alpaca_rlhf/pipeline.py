@@ -11,7 +11,9 @@ model's base and PPO's policy, the merged reward model PPO's scorer, and compare
 held-out prompts. Wiring comes before a stage's own `overrides`, so an explicit override wins.
 
 A stage whose output exists is skipped; one that has a `last.ckpt` but no output was interrupted and resumes
-with `--ckpt_path last`. Once a stage runs, every later stage runs too (its inputs changed), from scratch.
+with `--ckpt_path last`. Once a stage runs, a later finished stage is kept only if the outputs it was trained on
+are byte for byte those it recorded (`inputs` in `logs/<stage>.done.json`): re-merging a deleted merged folder
+keeps the reward model, PPO and compare; anything else that changed reruns them from scratch.
 """
 
 from __future__ import annotations
@@ -395,6 +397,41 @@ def newest_export(ppo_dir: Path, since: float) -> Path | None:
     return max(recent, key=lambda p: int(p.name.split("_")[-1])) if recent else None
 
 
+def fingerprint(path: Path) -> str:
+    """A content hash of a stage's output (a file or every file of a folder, by relative path): a merge rerun
+    that writes the same bytes leaves it unchanged, so the stages trained on it are kept."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        digest.update(str(file.relative_to(path) if file != path else file.name).encode())
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+_FINGERPRINTS: dict[tuple[str, float, int], str] = {}
+
+
+def fingerprints(outputs: dict[str, Path]) -> dict[str, str]:
+    """{stage: fingerprint of its output} of the earlier stages (cached per path and modification time)."""
+    result = {}
+    for name, path in outputs.items():
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime, stat.st_size)
+        if key not in _FINGERPRINTS:
+            _FINGERPRINTS[key] = fingerprint(path)
+        result[name] = _FINGERPRINTS[key]
+    return result
+
+
+def _recorded_inputs(logs: Path, name: str) -> dict | None:
+    done = logs / f"{name}.done.json"
+    return json.loads(done.read_text()).get("inputs") if done.is_file() else None
+
+
 # ---- running -----------------------------------------------------------------------------------------------
 def run_stage(stage: Stage, log_file: Path, tag: str) -> tuple[int, float]:
     """Runs one stage's command with its output in `log_file`; on a terminal, shows the latest log line."""
@@ -469,21 +506,31 @@ def pipeline(
                             f"{', '.join(names)}")
     logs = Path(output_dir) / "logs"
     started, n = time.time(), len(planned)
-    rerun = force
+    explicit = force  # --force, or --from_stage reached: rerun from scratch whatever the inputs
+    ran = False  # a stage ran in this invocation: later finished stages are kept only if their inputs are unchanged
+    outputs: dict[str, Path] = {}  # each earlier stage's output as it is now (what later stages read)
     times: dict[str, float] = {}
     for i, stage in enumerate(planned, start=1):
         tag = f"[{i}/{n}] {stage.name}"
-        rerun = rerun or stage.name == from_stage or (from_stage in RL_NAMES and stage.name in RL_NAMES)
-        done = None if rerun else finished_output(stage, logs)
+        explicit = explicit or stage.name == from_stage or (from_stage in RL_NAMES and stage.name in RL_NAMES)
+        done = None if explicit else finished_output(stage, logs)
+        stale = explicit
+        if done is not None and ran and not dry_run:
+            recorded = _recorded_inputs(logs, stage.name)
+            if recorded is None or recorded != fingerprints(outputs):
+                done, stale = None, True  # an input it was trained on changed (or is unknown): rerun it
+        elif done is None and ran:
+            stale = True  # an earlier stage's output changed: a checkpoint of this one is stale
         if done is not None:
-            print(f"{tag} ... skipped: {done} exists", flush=True)
+            print(f"{tag} ... skipped: {done} exists" + (" (its inputs are unchanged)" if ran else ""), flush=True)
+            outputs[stage.name] = done
             continue
         args = list(stage.args)
         export = ppo_final_export(paths["ppo"], logs / f"{paths['rl']}.done.json")
         if stage.name == "compare" and export is not None:  # the PPO run's own final export, not the newest
             args[args.index("--rlhf_model") + 1] = str(export)
         note = ""
-        if rerun:
+        if stale:
             removed = [] if dry_run else invalidate(stage, logs)
             note = f" (removed previous {', '.join(str(p) for p in removed)})" if removed else ""
         elif stage.last_checkpoint() is not None:
@@ -493,7 +540,7 @@ def pipeline(
         log_file = logs / f"{stage.name}.log"
         if dry_run:
             print(f"{tag} ... would run{note}: python cli.py {' '.join(args)}", flush=True)
-            rerun = True
+            ran = explicit = True
             continue
         print(f"{tag} ... running{note}; log: {log_file}", flush=True)
         stage_start = time.time()
@@ -503,7 +550,7 @@ def pipeline(
             raise PipelineError(f"pipeline stopped: stage '{stage.name}' failed (exit {code}); "
                                 f"see {log_file}")
         record = {"stage": stage.name, "seconds": round(seconds, 1), "command": ["cli.py", *args],
-                  "output": str(stage.output)}
+                  "output": str(stage.output), "inputs": fingerprints(outputs)}
         if stage.name in ONLINE:
             export = newest_export(stage.output, stage_start)
             if export is None:
@@ -511,9 +558,10 @@ def pipeline(
                                     f"{stage.output}; see {log_file}")
             record["export"] = str(export)
         (logs / f"{stage.name}.done.json").write_text(json.dumps(record, indent=2))
+        outputs[stage.name] = finished_output(stage, logs) or stage.output
         times[stage.name] = seconds
         print(f"{tag} ... done ({seconds:.0f} s)", flush=True)
-        rerun = True  # everything after a stage that ran depends on its new output
+        ran = True
     if dry_run:
         return {}
     return finish(paths, logs, time.time() - started, times)

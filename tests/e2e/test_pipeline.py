@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import time
 from pathlib import Path
@@ -36,8 +37,8 @@ def _touch(path: Path, text: str = "{}") -> None:
     path.write_text(text)
 
 
-def fake_outputs(root: Path, upto: str) -> None:
-    """Lays out the files by which each stage up to `upto` counts as done."""
+def fake_outputs(root: Path, upto: str, only: bool = False) -> None:
+    """Lays out the files by which each stage up to `upto` (or, with `only`, that stage alone) counts as done."""
     out = root / "output/tiny"
     files = {
         "sft": ["lora-alpaca/adapter_model.safetensors", "lora-alpaca/adapter_config.json"],
@@ -49,6 +50,8 @@ def fake_outputs(root: Path, upto: str) -> None:
         "compare": ["compare/report.md", "compare/summary.json"],
     }
     for name, paths in files.items():
+        if only and name != upto:
+            continue
         for p in paths:
             _touch(out / p)
         if name == "ppo":
@@ -345,3 +348,39 @@ def test_from_stage_naming_a_stage_this_pipeline_lacks_is_refused_with_its_stage
     with pytest.raises(PipelineError, match=r"'judge' is not a stage of this pipeline; its stages are sft, "
                                             r"merge_sft, rm, merge_rm, ppo, compare"):
         pipeline(stages, output_dir="output/tiny", from_stage="judge", dry_run=True)
+
+
+def test_rerunning_a_deleted_merge_keeps_the_stages_trained_on_it(tmp_path, monkeypatch, capsys):
+    """A merge re-run once deleted and retrained the finished RM, PPO and compare. A merge that writes the same
+    bytes now leaves them as they are; one that writes other bytes reruns them."""
+    import alpaca_rlhf.pipeline as pipeline_module
+    from cli import cli_main
+
+    monkeypatch.chdir(tmp_path)
+    merged_weights = {"value": "the same weights"}
+
+    def fake_run(stage, log_file, tag):  # each stage "runs" by laying out its output, as the real one would
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        log_file.write_text("ran\n")
+        fake_outputs(tmp_path, stage.name, only=True)
+        if stage.name == "merge_sft":
+            (tmp_path / "output/tiny/lora-alpaca-adapter-merged/config.json").write_text(merged_weights["value"])
+        return 0, 0.1
+
+    monkeypatch.setattr(pipeline_module, "run_stage", fake_run)
+    monkeypatch.setattr(pipeline_module, "newest_export",
+                        lambda out, since: tmp_path / "output/tiny/ppo_checkpoints/step_21")
+    config = ["pipeline", "--config", str(ROOT / "configs/tiny/pipeline.yaml")]
+    cli_main(config)
+    assert capsys.readouterr().out.count("... done") == 6
+    shutil.rmtree(tmp_path / "output/tiny/lora-alpaca-adapter-merged")  # the user deletes the merged SFT model
+    cli_main(config)
+    out = capsys.readouterr().out
+    assert "merge_sft ... done" in out and out.count("... done") == 1, out
+    for name in ("rm", "merge_rm", "ppo", "compare"):
+        assert f"{name} ... skipped" in out and "(its inputs are unchanged)" in out, name
+    shutil.rmtree(tmp_path / "output/tiny/lora-alpaca-adapter-merged")
+    merged_weights["value"] = "other weights"  # a merge that writes other bytes: everything after it reruns
+    cli_main(config)
+    out = capsys.readouterr().out
+    assert out.count("... done") == 5 and "rm ... running (removed previous" in out, out
