@@ -101,9 +101,9 @@ def shape_of(spec, fallback: str | None = None) -> Shape:
             config = AutoConfig.from_pretrained(name, local_files_only=True).to_dict()
         except Exception as e:
             stage_output = name.endswith("-adapter-merged") or looks_local(name)
-            hint = (f"it looks like an earlier stage's output that is not written yet: run that stage first, or "
-                    f"give the shape it will have with --model_shape NAME (the model that stage starts from, e.g. "
-                    f"the SFT config's model_name_or_path)" if stage_output else
+            hint = ("it looks like an earlier stage's output that is not written yet: run that stage first, or "
+                    "give the shape it will have with --model_shape NAME (the model that stage starts from, e.g. "
+                    "the SFT config's model_name_or_path)" if stage_output else
                     "give a local folder, or its shape with --model_shape NAME")
             raise FileNotFoundError(f"preflight: no config.json for {name!r} (not a folder, not in the hub cache, "
                                     f"not one of the known shapes {', '.join(sorted(KNOWN_SHAPES))}): {hint}") from e
