@@ -181,3 +181,33 @@ def test_pad_equal_to_eos_is_allowed_logged_and_the_masks_stay_right(qwen_like, 
     responses = torch.tensor([[5, 6, eos, eos, eos], [7, eos, eos, eos, eos], [8, 9, 10, 11, 12]])
     assert first_eos_mask(responses, eos).tolist() == [[True, True, True, False, False],
                                                         [True, True, False, False, False], [True] * 5]
+
+
+def test_a_reward_model_with_another_tokenizer_sees_eos_only_where_the_policy_stopped(llama3_folder, tiny_base,
+                                                                                      tmp_path):
+    """The RM re-tokenises the text when its vocabulary differs (here: the real Llama 3 tokenizer for the policy,
+    the tiny RM's own). It appended EOS to every response, so an answer cut at max_new_tokens scored as a
+    finished one; EOS now follows only a response that holds the policy's EOS."""
+    from alpaca_rlhf.models import load_sequence_classifier
+    from alpaca_rlhf.modules.scorers import RewardModelScorer, ScoringBatch
+
+    rm_tokenizer = load_tokenizer(ModelSpec(name_or_path=str(tiny_base)))
+    rm = load_sequence_classifier(ModelSpec(name_or_path=str(tiny_base)), pad_token_id=rm_tokenizer.pad_token_id)
+    torch.nn.init.normal_(rm.score.weight, std=1.0)
+    rm.save_pretrained(tmp_path / "rm")
+    rm_tokenizer.save_pretrained(tmp_path / "rm")
+    scorer = RewardModelScorer(ModelSpec(name_or_path=str(tmp_path / "rm")), center=False)
+    policy = load_tokenizer(ModelSpec(name_or_path=str(llama3_folder)), padding_side="left")
+    prompt = "### Instruction:\nName a colour.\n\n### Response:\n"
+    prompt_ids = policy(prompt, add_special_tokens=False)["input_ids"]
+    answer = policy("Red is a colour", add_special_tokens=False)["input_ids"]
+    finished, cut = answer + [policy.eos_token_id], answer + [answer[-1]]  # the same width, one ended
+    ids = torch.tensor([prompt_ids + finished, prompt_ids + cut])
+    batch = ScoringBatch([prompt, prompt], ids, torch.ones_like(ids), len(prompt_ids), policy,
+                         texts=["Red is a colour", "Red is a colour"])  # the same text: only the ending differs
+    rm_ids, mask = scorer.retokenize(batch)
+    lengths = mask.sum(1)
+    assert rm_ids[0, lengths[0] - 1] == rm_tokenizer.eos_token_id
+    assert rm_ids[1, lengths[1] - 1] != rm_tokenizer.eos_token_id and lengths[1] == lengths[0] - 1
+    scores = scorer(batch)
+    assert scores[0] != scores[1]  # the unfinished answer is scored as what it is

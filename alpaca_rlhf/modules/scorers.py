@@ -75,14 +75,36 @@ class RewardModelScorer(Scorer):
         if self._shares_vocabulary(batch.policy_tokenizer):
             ids, mask = batch.query_responses, batch.attention_mask  # same vocabulary: score the ids as they are
         else:  # different tokenizers: decode (done by the caller) and re-tokenise as prompt + response text
-            enc = self.tokenizer([p + r for p, r in zip(batch.prompts, batch.responses, strict=True)],
-                                 return_tensors="pt", padding=True, add_special_tokens=True)
-            eos = torch.full((len(batch.prompts), 1), self.tokenizer.eos_token_id)
-            ids = torch.cat([enc["input_ids"], eos], 1).to(batch.query_responses.device)  # responses end in EOS
-            mask = torch.cat([enc["attention_mask"], torch.ones_like(eos)], 1).to(ids.device)
+            ids, mask = self.retokenize(batch)
         scores = [reward_score(self.model, ids[i : i + self.batch_size], mask[i : i + self.batch_size])
                   for i in range(0, ids.shape[0], self.batch_size)]
         return torch.cat(scores).float()
+
+
+    def retokenize(self, batch: ScoringBatch) -> tuple[Tensor, Tensor]:
+        """(ids, mask) in the reward model's vocabulary, right-padded: prompt + response text, and the reward
+        model's EOS only where the policy's response ended with its own EOS, so an answer cut at max_new_tokens
+        is scored as the unfinished answer it is."""
+        texts = [p + r for p, r in zip(batch.prompts, batch.responses, strict=True)]
+        encoded = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        ended = batch_ended(batch).tolist()
+        rows = [row + [self.tokenizer.eos_token_id] if end else row for row, end in zip(encoded, ended, strict=True)]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        device = batch.query_responses.device
+        return ids.to(device), mask.to(device)
+
+
+def batch_ended(batch: ScoringBatch) -> Tensor:
+    """(B,) bool: the policy's response holds its EOS (it finished rather than ran out of tokens)."""
+    responses = batch.query_responses[:, batch.context_length :]
+    valid = batch.attention_mask[:, batch.context_length :].bool()
+    return ((responses == batch.policy_tokenizer.eos_token_id) & valid).any(1).cpu()
 
 
 class TokenSetScorer(Scorer):
