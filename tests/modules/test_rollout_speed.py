@@ -123,6 +123,30 @@ def test_merging_into_a_quantized_base_is_refused(tiny_sft_run, tmp_path):
                   generation=GenerationHParams(merge_adapter=True), output_dir=str(tmp_path / "o"))
 
 
+def test_merging_outside_fp32_or_into_tied_embeddings_is_refused(tiny_sft_run, tmp_path):
+    """Merged generation in a bf16 base drifted the frozen base (the reference) with every rollout (0.02 relative
+    after 400), and LoRA on a tied lm_head was folded into the shared embedding matrix (generation sampled another
+    policy, log-prob gap 0.2). Both are refused before anything trains."""
+    from alpaca_rlhf.models import LoraSpec, ModelSpec, build_tiny_base
+    from alpaca_rlhf.modules import PPOModule
+    from alpaca_rlhf.modules.ppo import PPOHParams
+    from alpaca_rlhf.modules.scorers import TokenIdScorer
+
+    def ppo(spec, lora=LORA, merge=True):
+        return PPOModule(policy=spec, scorer=TokenIdScorer([1]), lora=lora, ppo=PPOHParams(),
+                         generation=GenerationHParams(merge_adapter=merge), output_dir=str(tmp_path / "o"))
+
+    bf16 = ModelSpec(name_or_path=str(merged_base(tiny_sft_run)), dtype="bfloat16")
+    with pytest.raises(ConfigError, match="merge_adapter folds LoRA into bfloat16"):
+        ppo(bf16)
+    ppo(bf16, merge=False)  # without merging, a bf16 policy is fine
+    tied = build_tiny_base(tmp_path / "tied", {"tie_word_embeddings": True})
+    head = LoraSpec(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "lm_head"])
+    with pytest.raises(ConfigError, match="tied to its input embeddings"):
+        ppo(ModelSpec(name_or_path=str(tied)), head)
+    ppo(ModelSpec(name_or_path=str(tied)), LoraSpec(r=4, alpha=8, dropout=0.0, target_modules="all-linear"))
+
+
 def test_recorder_lines_up_steps_with_tokens():
     """Two decoding steps by hand: the pre-hook gathers step t's token from step t-1's logits."""
 
