@@ -277,6 +277,8 @@ def test_compare_writes_a_report_with_all_three_stages_and_scores(tiny_stages, t
     assert json.loads((tmp_path / "cmp/summary.json").read_text())["settings"]["samples_per_prompt"] == 2
     printed = capsys.readouterr().out
     assert "RLHF (score" in printed and "win rate RLHF over SFT" in printed
+    assert "win rate RLHF over SFT by the optimised RM" in printed and "[95% CI" in printed  # an interval, always
+    assert "[95% CI" in report.split("Win rate of RLHF over SFT")[1].split("\n")[0]
 
 
 def test_compare_with_an_llm_judge_validates_it_and_gives_every_win_rate_an_interval(tiny_stages, tmp_path, capsys):
