@@ -99,7 +99,8 @@ def function_parser(name: str, exit_on_error: bool = True):
     import inspect
 
     summary = inspect.cleandoc(function.__doc__ or "").split("\nArgs:")[0].strip()  # the options carry the rest
-    parser = ArgumentParser(prog=f"alpaca-rlhf {name}", description=summary, exit_on_error=exit_on_error)
+    parser = ArgumentParser(prog=f"alpaca-rlhf {name}", description=summary, exit_on_error=exit_on_error,
+                            allow_abbrev=False)
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML file(s) of these options")
     parser.add_function_arguments(function, as_positional=False)
     return parser
@@ -303,6 +304,7 @@ def lightning_cli(args: list[str] | None, cli_class=None):
         auto_configure_optimizers=False,  # the modules take `optimizer`/`scheduler` callables from YAML
         trainer_class=_trainer_class(),  # Lightning's, with `precision: auto`
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"allow_abbrev": False},  # `--trainer.max_step` is not silently `max_steps` (as TRL)
         args=args,
     )
 

@@ -49,3 +49,19 @@ def test_the_shipped_help_text_is_the_live_one(command):
     fresh = subprocess.run([sys.executable, "-c", f"from alpaca_rlhf.helptext import live; print(live({command!r}), "
                             "end='')"], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert text == fresh, "stale: python -m alpaca_rlhf.helptext"
+
+
+@pytest.mark.parametrize(("args", "typo"), [
+    (["fit", "-c", "tiny/sft", "--trainer.max_step", "10"], "--trainer.max_step"),
+    (["compare", "-c", "tiny/compare", "--samples_per", "1"], "--samples_per"),
+])
+def test_no_parser_accepts_an_abbreviated_option(args, typo, tmp_path, monkeypatch, capsys):
+    """`--trainer.max_step 10` was silently taken as `--trainer.max_steps` (argparse's prefix matching)."""
+    from alpaca_rlhf.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as refused:
+        main(args)
+    assert refused.value.code not in (0, None)
+    assert typo in capsys.readouterr().err
+    assert not (tmp_path / "output").exists()  # nothing ran
