@@ -274,6 +274,12 @@ def ensure_base(spec: ModelSpec) -> str:
             return str(gguf_folder(spec, spec.name_or_path))
         return spec.name_or_path
     if not Path(spec.name_or_path, "config.json").is_file():
+        if not looks_local(spec.name_or_path) or spec.name_or_path.endswith(".gguf"):
+            raise FileNotFoundError(
+                f"model {spec.name_or_path!r} is not a local folder, and the config's `tiny:` block builds a random "
+                "tiny LLaMA only at a local folder of its own (e.g. output/tiny/base), never in place of a named "
+                "model: to train that model, drop the block (--model.init_args.model.tiny null; for PPO "
+                "--model.init_args.policy.tiny null) and check the spelling of its name")
         try:
             build_tiny_base(spec.name_or_path, spec.tiny, spec.tiny_corpus, spec.tiny_vocab_size, spec.seed)
         except OSError:

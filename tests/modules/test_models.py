@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,6 +142,23 @@ def test_an_uncached_hub_id_offline_is_named_with_the_fix_through_the_cli(tmp_pa
     err = capsys.readouterr().err
     assert "'HuggingFaceTB/No-Such-Model-135M'" in err and "offline" in err and "local folder" in err
     assert "local_files_only' to False" not in err and "Traceback" not in err
+
+
+def test_a_tiny_block_never_builds_a_random_model_in_place_of_a_named_one(tmp_path, monkeypatch, capsys):
+    """`fit -c tiny/sft --model.init_args.model.name_or_path HuggingFaceTB/SmolLM2-135M-Instruc` (a typo) exited 0,
+    trained a random LLaMA and left ./HuggingFaceTB/SmolLM2-135M-Instruc behind."""
+    from alpaca_rlhf.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as refused:
+        main(["fit", "-c", "tiny/sft", "--model.init_args.model.name_or_path", "HuggingFaceTB/SmolLM2-135M-Instruc",
+              "--trainer.max_steps", "1"])
+    assert refused.value.code == 1
+    err = capsys.readouterr().err
+    assert "'HuggingFaceTB/SmolLM2-135M-Instruc' is not a local folder" in err and "tiny null" in err
+    assert not (tmp_path / "HuggingFaceTB").exists() and not (tmp_path / "output/tiny/lora-alpaca").exists()
+    spec = ModelSpec(name_or_path=str(tmp_path / "mine"), tiny={"hidden_size": 32}, tiny_vocab_size=300)
+    assert (Path(load_tokenizer(spec).name_or_path) / "config.json").is_file()  # its own local folder: built
 
 
 @pytest.mark.slow
