@@ -137,9 +137,11 @@ class Estimate:
         return "\n".join(rows)
 
 
-def weight_bytes(shape: Shape, dtype: str, quantization: str | None, score_head: bool = False
-                 ) -> tuple[float, str]:
-    """Bytes of the frozen weights; a reward model (`score_head`) has a one-output head instead of lm_head."""
+def weight_bytes(shape: Shape, dtype: str, quantization: str | None, score_head: bool = False,
+                 trainable: bool = False) -> tuple[float, str]:
+    """Bytes of the frozen weights; a reward model (`score_head`) has a one-output head instead of lm_head. A
+    quantized model that trains (`trainable`) went through PEFT's `prepare_model_for_kbit_training`, which casts
+    every weight it did not quantize (embeddings, lm_head, norms) to fp32."""
     from alpaca_rlhf.models import null_to_none
 
     quantization = null_to_none(quantization)
@@ -147,11 +149,14 @@ def weight_bytes(shape: Shape, dtype: str, quantization: str | None, score_head:
     if score_head:
         p["lm_head"] = shape.hidden
     dense = BYTES[dtype]
-    other = (p["embed"] + p["lm_head"] + p["norms"]) * dense  # bitsandbytes quantizes Linear layers only
+    kbit_fp32 = quantization is not None and trainable
+    other = (p["embed"] + p["lm_head"] + p["norms"]) * (4 if kbit_fp32 else dense)  # bnb quantizes Linear only
+    cast = "; embeddings, lm_head and norms cast to fp32 for k-bit training" if kbit_fp32 else ""
     if quantization == "8bit":
-        return p["linear"] * 1.0 + other, f"{sum(p.values()) / 1e6:.0f}M params, linear layers 8-bit"
+        return p["linear"] * 1.0 + other, f"{sum(p.values()) / 1e6:.0f}M params, linear layers 8-bit{cast}"
     if quantization == "4bit":  # 4 bits + an fp32 absmax per block of 64 (nested quantization ignored)
-        return p["linear"] * (0.5 + 4 / 64) + other, f"{sum(p.values()) / 1e6:.0f}M params, linear layers 4-bit"
+        return (p["linear"] * (0.5 + 4 / 64) + other,
+                f"{sum(p.values()) / 1e6:.0f}M params, linear layers 4-bit{cast}")
     return sum(p.values()) * dense, f"{sum(p.values()) / 1e6:.0f}M params in {dtype}"
 
 
@@ -217,7 +222,8 @@ def estimate(config, model_shape: str | None = None) -> Estimate:
     dtype = str(_get(spec, "dtype", "float32"))
     act = 2 if (mixed or BYTES[dtype] == 2) else 4
     est = Estimate(stage)
-    weights, how = weight_bytes(shape, dtype, _get(spec, "quantization"), score_head=stage == "reward model")
+    weights, how = weight_bytes(shape, dtype, _get(spec, "quantization"), score_head=stage == "reward model",
+                                trainable=True)
     est.add("weights", weights, how)
     trainable = lora_params(shape, _get(args, "lora", {})) + (shape.hidden + 1 if stage == "reward model" else 0)
     est.add("LoRA (+ score head)", trainable * BYTES[dtype], f"{trainable / 1e6:.2f}M trainable"
@@ -247,7 +253,7 @@ def _ppo(args, data, mixed: bool, config, model_shape: str | None = None, name: 
     shape = shape_of(policy, model_shape)
     dtype = str(_get(policy, "dtype", "float32"))
     act = 2 if (mixed or BYTES[dtype] == 2) else 4
-    weights, how = weight_bytes(shape, dtype, _get(policy, "quantization"))
+    weights, how = weight_bytes(shape, dtype, _get(policy, "quantization"), trainable=True)
     est.add("policy weights", weights, how + "; the reference is the policy with its adapter disabled")
     ref = _get(args, "ref_model")
     if ref is not None:
