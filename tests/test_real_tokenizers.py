@@ -211,3 +211,19 @@ def test_a_reward_model_with_another_tokenizer_sees_eos_only_where_the_policy_st
     assert rm_ids[1, lengths[1] - 1] != rm_tokenizer.eos_token_id and lengths[1] == lengths[0] - 1
     scores = scorer(batch)
     assert scores[0] != scores[1]  # the unfinished answer is scored as what it is
+
+
+def test_the_gguf_tokenizer_keeps_smollms_declared_digit_split(smol_gguf, tmp_path):
+    """SmolLM2's GGUF declares `tokenizer.ggml.pre = smollm` (every digit its own token); transformers' GGUF reader
+    dropped it, so numbers tokenized otherwise than the model was trained on. The conversion restores it."""
+    from alpaca_rlhf.models import gguf_folder, gguf_pre_tokenizer
+
+    assert gguf_pre_tokenizer(smol_gguf) == "smollm"
+    folder = gguf_folder(ModelSpec(name_or_path=str(smol_gguf), gguf_cache=str(tmp_path)), str(smol_gguf))
+    tokenizer = load_tokenizer(ModelSpec(name_or_path=str(folder)))
+    ids = tokenizer("In 2024 it cost 1350 dollars.", add_special_tokens=False)["input_ids"]
+    pieces = [tokenizer.decode([i]) for i in ids]
+    assert [p.strip() for p in pieces if p.strip().isdigit()] == list("2024") + list("1350"), pieces
+    assert tokenizer.decode(ids) == "In 2024 it cost 1350 dollars."
+    record = json.loads((folder / "converted_from.json").read_text())
+    assert record["converter"] >= 2 and record["fingerprint"]
