@@ -136,7 +136,8 @@ def llm_judge_lines(summary: dict) -> list[str]:
         lo, hi = r["report"]["all"]["ci95"]
         state = "reliable" if r["reliable"] else "**UNRELIABLE** (below 0.60): its verdicts below are not evidence"
         lines.append(f"- judge `{llm['model']}`, rule `{llm['rule']}`: agreement with the human labels of "
-                     f"{validation['n']} held-out pairs **{r['agreement']:.3f}** [95% CI {lo:.3f}, {hi:.3f}], ties {r['tie_rate']:.0%}; {state}; "
+                     f"{validation['n']} held-out pairs **{r['agreement']:.3f}** [95% CI {lo:.3f}, {hi:.3f}], "
+                     f"ties {r['tie_rate']:.0%}; {state}; "
                      f"it prefers the reply shown first {validation['position_bias']:.0%} of the time")
         for name, sub in r["report"].items():
             rules = ", ".join(f"{k} {v:.3f}" for k, v in sub["rules"].items())
