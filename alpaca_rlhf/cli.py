@@ -26,8 +26,48 @@ COMMANDS = {
     "pipeline": "run SFT -> merge -> RM -> merge -> PPO -> compare from one YAML, skipping finished stages",
     "preflight": "estimate a stage's peak GPU memory from its config, per component (-c CONFIG [--budget_gb N])",
     "init": "copy the packaged configs into ./configs to edit",
+    "env": "versions, CPU bf16 support and CUDA, for bug reports (also: alpaca-rlhf --version)",
 }
 FIT_COMMANDS = ("fit", "validate")
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("alpaca-rlhf")
+    except PackageNotFoundError:  # a bare checkout, not installed
+        return "unknown (not installed)"
+
+
+def environment_report() -> str:
+    """What a bug report needs: versions of the stack, Python, the CPU's bf16 support, CUDA and its devices."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    lines = [f"alpaca-rlhf {package_version()}", f"python {platform.python_version()} ({platform.platform()})"]
+    for dist in ("torch", "lightning", "transformers", "peft", "bitsandbytes", "datasets", "torchmetrics",
+                 "jsonargparse", "tensorboard", "gguf"):
+        try:
+            lines.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            lines.append(f"{dist} (not installed)")
+    import torch
+
+    from alpaca_rlhf.hardware import cpu_has_native_bf16, resolve_precision
+
+    lines.append(f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+                 f"ATen kernels {torch.backends.cpu.get_cpu_capability()}, native bf16: "
+                 f"{'yes' if cpu_has_native_bf16() else 'no (bf16 is emulated: use fp32)'}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            lines.append(f"cuda:{i} {props.name}, {props.total_memory / 2**30:.1f} GiB, CUDA {torch.version.cuda}")
+    else:
+        built = f"torch built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only torch"
+        lines.append(f"cuda: none ({built})")
+    lines.append(f"precision auto -> {resolve_precision('auto', 'auto')[0]}")
+    return "\n".join(lines)
 
 
 def root_help() -> str:
@@ -125,6 +165,12 @@ def cli_main(args: list[str] | None = None):
     argv = resolve_config_args(list(sys.argv[1:] if args is None else args))  # packaged configs by name
     if not argv or argv[0] in ("-h", "--help"):
         print(root_help())
+        return None
+    if argv[0] in ("--version", "-V"):
+        print(f"alpaca-rlhf {package_version()}")
+        return None
+    if argv[0] == "env":
+        print(environment_report())
         return None
     if argv[0] == "preflight":
         return _preflight(argv[1:])

@@ -229,6 +229,21 @@ def test_every_command_has_config_and_print_config_and_help_lists_them(capsys):
     assert "alpaca-rlhf init" in root_help()
 
 
+def test_version_and_env_print_what_a_bug_report_needs(capsys):
+    from importlib.metadata import version
+
+    from alpaca_rlhf.cli import cli_main
+
+    cli_main(["--version"])
+    assert capsys.readouterr().out.strip() == f"alpaca-rlhf {version('alpaca-rlhf')}"
+    cli_main(["env"])
+    out = capsys.readouterr().out
+    for name in ("torch", "lightning", "transformers", "peft", "bitsandbytes", "native bf16:", "cuda",
+                 "precision auto ->"):
+        assert name in out, name
+    assert f"torch {version('torch')}" in out
+
+
 def test_response_logprob_sums_ignore_padding(tiny_stages):
     from alpaca_rlhf.models import ModelSpec, load_causal_lm
 
