@@ -625,7 +625,7 @@ def merge_adapter(adapter_path: str, output_dir: str | None = None, dtype: str =
                                                                    pad_token_id=tokenizer.pad_token_id)
     else:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype])
-    if _touches_output_layer(config):
+    if touches_output_layer(config):
         untie_output_embeddings(model)
     log.info("merge: folding the adapter %s in", adapter)
     model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
@@ -646,7 +646,8 @@ def merge_adapter(adapter_path: str, output_dir: str | None = None, dtype: str =
     return output
 
 
-def _touches_output_layer(peft_config) -> bool:
+def touches_output_layer(peft_config) -> bool:
+    """Whether a LoRA config (PEFT's or a `LoraSpec`) puts an adapter or a trained copy on the output layer."""
     names = []
     for value in (peft_config.target_modules, getattr(peft_config, "modules_to_save", None)):
         names += [value] if isinstance(value, str) else list(value or [])

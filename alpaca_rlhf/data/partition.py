@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from alpaca_rlhf.errors import ConfigError
 
@@ -69,9 +69,6 @@ class Partition:
             if u < edge:
                 return name
         return None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def normalize(text: str) -> str:

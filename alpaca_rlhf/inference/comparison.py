@@ -350,7 +350,7 @@ def run_llm_judge(model: str, records: list[dict], generations: dict[str, list[G
     other = "debiased" if rule == "both_orders" else "both_orders"
     result = {"model": model, "rule": rule, "rlhf_vs_sft": win_tie_loss(outcomes), "outcomes": outcomes,
               f"rlhf_vs_sft_{other}": win_tie_loss(outcomes_from_log_odds(forward, backward, other)),
-              "validation": ({k: v for k, v in validation.items()} if validation else None),
+              "validation": validation,
               "reliable": validation[rule]["reliable"] if validation else None,
               "agreement": validation[rule]["agreement"] if validation else None,
               "seconds": round(time.time() - t0, 1)}

@@ -43,6 +43,7 @@ from alpaca_rlhf.models import (
     load_tokenizer,
     neutral_generation_config,
     null_to_none,
+    touches_output_layer,
     unwrap_peft,
 )
 from alpaca_rlhf.modules.policy import PolicyWithValue
@@ -214,7 +215,7 @@ class OnlineRLModule(L.LightningModule):
                               "bf16-mixed precision for speed) or turn merge_adapter off")
         self.tokenizer = load_tokenizer(policy, padding_side="left")
         lm = load_causal_lm(policy)
-        if generation.merge_adapter and _adapter_writes_tied_embeddings(lm, lora):
+        if generation.merge_adapter and getattr(lm.config, "tie_word_embeddings", False) and touches_output_layer(lora):
             raise ConfigError("generation.merge_adapter with LoRA on lm_head of a model whose output layer is tied "
                               "to its input embeddings would fold the adapter into the shared embedding matrix: "
                               "generation would sample another policy. Leave lm_head out of lora.target_modules "
@@ -710,17 +711,6 @@ class OnlineRLModule(L.LightningModule):
             instruction = p.split("### Instruction:")[-1].split("### Response:")[0].strip()
             rows.append(f"| {md(instruction)} | {md(r)} | {s:.3f} |")
         self.logger.experiment.add_text("samples/rollout", "\n".join(rows), self.iteration)
-
-
-def _adapter_writes_tied_embeddings(lm, lora: LoraSpec) -> bool:
-    """Whether LoRA (or a fully trained copy) would sit on an output layer that shares its weight with the input
-    embeddings."""
-    if not getattr(lm.config, "tie_word_embeddings", False):
-        return False
-    names = []
-    for value in (lora.target_modules, lora.modules_to_save):
-        names += [value] if isinstance(value, str) else list(value or [])
-    return any(n == "lm_head" or n.endswith(".lm_head") for n in names)
 
 
 def is_checkpointing(model: nn.Module) -> bool:
