@@ -21,10 +21,12 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 from alpaca_rlhf.errors import ConfigError
 
 PARTS = ("rm", "judge", "rl", "dpo", "heldout", "eval")
+PartName = Literal["rm", "judge", "rl", "dpo", "heldout", "eval"]  # a stage's `part:` (the same names as PARTS)
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 
 

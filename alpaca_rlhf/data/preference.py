@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from alpaca_rlhf.data.base import TokenizedDataModule
-from alpaca_rlhf.data.partition import Partition, take_part
+from alpaca_rlhf.data.partition import Partition, PartName, take_part
 from alpaca_rlhf.data.records import (
     SUBSET_KEY,
     DataValidationError,
@@ -39,7 +39,7 @@ from alpaca_rlhf.data.records import (
     string_field,
     validate_records,
 )
-from alpaca_rlhf.data.sft import encode_prompt, encode_response, seeded_split
+from alpaca_rlhf.data.sft import encode_prompt, encode_response, seeded_sample, seeded_split
 from alpaca_rlhf.data.templates import PromptTemplate
 from alpaca_rlhf.errors import ConfigError
 
@@ -385,7 +385,7 @@ class PreferenceDataModule(TokenizedDataModule):
         skip_bad_records: bool = False,
         max_records: int | None = None,
         train_part: str | None = None,
-        part: Literal["rm", "judge", "rl", "dpo", "heldout", "eval"] | None = None,
+        part: PartName | None = None,
         partition: Partition | None = None,
         response_mask: bool = False,
         split: str = "train",
@@ -447,9 +447,7 @@ class PreferenceDataModule(TokenizedDataModule):
         if self.part is not None:  # the shared split: train on one part, validate on the held-out part
             train = self._examples(take_part(records, self.partition, self.part), fmt)
             val = self._examples(take_part(records, self.partition, "heldout"), fmt) if self.val_set_size else []
-            if val and self.val_set_size and self.val_set_size < len(val):
-                _, keep = seeded_split(len(val), self.val_set_size, self.seed)
-                val = [val[i] for i in sorted(keep)]
+            val = seeded_sample(val, self.val_set_size, self.seed)
             if not train:
                 raise DataValidationError(f"{self.data_path}: part {self.part!r} of the partition holds no pair "
                                           f"that fits max_length={self.max_length}")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from alpaca_rlhf.data.base import TokenizedDataModule
-from alpaca_rlhf.data.partition import Partition, take_part
+from alpaca_rlhf.data.partition import Partition, PartName, take_part
 from alpaca_rlhf.data.records import (
     SUBSET_KEY,
     DataValidationError,
@@ -19,7 +18,7 @@ from alpaca_rlhf.data.records import (
     string_field,
     validate_records,
 )
-from alpaca_rlhf.data.sft import encode_prompt, seeded_split
+from alpaca_rlhf.data.sft import encode_prompt, seeded_sample, seeded_split
 from alpaca_rlhf.data.templates import PromptTemplate
 
 
@@ -117,17 +116,6 @@ def prompt_split(data_path: str | list[str], tokenizer, template: PromptTemplate
     return [examples[i] for i in train_idx], [examples[i] for i in val_idx], report
 
 
-def seeded_sample(items: list, size: int | float | None, seed: int) -> list:
-    """At most `size` of `items` (a count, or a fraction below 1), drawn with `seed`, in their order."""
-    if not size or not items:
-        return items if not size else []
-    n = int(round(size * len(items))) if isinstance(size, float) and size < 1 else int(size)
-    if n >= len(items):
-        return items
-    keep = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:n].tolist()
-    return [items[i] for i in sorted(keep)]
-
-
 class PromptDataModule(TokenizedDataModule):
     """Prompt batches for PPO; one batch is one PPO iteration (drop-last, so every iteration has `batch_size`).
 
@@ -162,7 +150,7 @@ class PromptDataModule(TokenizedDataModule):
         seed: int = 42,
         skip_bad_records: bool = False,
         max_records: int | None = None,
-        part: Literal["rm", "judge", "rl", "dpo", "heldout", "eval"] | None = None,
+        part: PartName | None = None,
         partition: Partition | None = None,
         split: str = "train",
         hub_config: str | None = None,

@@ -91,6 +91,18 @@ def seeded_split(n: int, val_size: int | float, seed: int) -> tuple[list[int], l
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
+def seeded_sample(items: list, size: int | float | None, seed: int) -> list:
+    """At most `size` of `items` (a count, or a fraction below 1), drawn with `seed`, in their order: the same
+    draw as `seeded_split`'s hold-out."""
+    if not size:
+        return items
+    n = int(round(size * len(items))) if isinstance(size, float) and size < 1 else int(size)
+    if n >= len(items):
+        return items
+    keep = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    return [items[i] for i in sorted(keep)]
+
+
 class AlpacaDataModule(TokenizedDataModule):
     """Alpaca records `{instruction, input, output}` (or conversations `{messages: [...]}`, the last assistant
     turn being the response) rendered with the prompt template for SFT.

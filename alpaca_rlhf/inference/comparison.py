@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from alpaca_rlhf.data.partition import Partition, prompt_key
+from alpaca_rlhf.data.partition import Partition, PartName, prompt_key
 from alpaca_rlhf.data.templates import PromptTemplate
 from alpaca_rlhf.evaluation import is_refusal, win_tie_loss
 from alpaca_rlhf.inference.checkpoints import (
@@ -68,7 +68,7 @@ class PromptSource:
     skip_bad_records: bool = False
     max_records: int | None = None
     max_prompts: int | None = None
-    part: Literal["rm", "judge", "rl", "dpo", "heldout", "eval"] | None = None
+    part: PartName | None = None
     partition: Partition | None = None
     split: str = "train"
     hub_config: str | None = None
@@ -79,7 +79,8 @@ class PromptSource:
 def held_out_records(source: PromptSource, tokenizer, template: PromptTemplate) -> list[dict]:
     """{instruction, input, prompt, reference} records: PPO's held-out prompts, from the very function
     (`prompt_split`) and arguments `PromptDataModule` uses, or a file's records in order (`val_set_size: 0`)."""
-    from alpaca_rlhf.data.prompts import prompt_split, seeded_sample
+    from alpaca_rlhf.data.prompts import prompt_split
+    from alpaca_rlhf.data.sft import seeded_sample
 
     options = dict(split=source.split, hub_config=source.hub_config, revision=source.revision, fields=source.fields)
     if source.part is not None:  # the part itself (eval), no hold-out drawn from it

@@ -137,8 +137,8 @@ def heldout_pairs(data_path: str | list[str], partition: Partition | None = None
     """Labelled pairs of the partition's `heldout` part, at most `n` drawn with `seed`:
     `{conversation, chosen, rejected, subset}`."""
     from alpaca_rlhf.data.preference import check_preference, detect_format, hh_messages, split_hh_dialogue
-    from alpaca_rlhf.data.prompts import seeded_sample
     from alpaca_rlhf.data.records import SUBSET_KEY, read_raw_records, validate_records
+    from alpaca_rlhf.data.sft import seeded_sample
 
     raw = read_raw_records(data_path)
     fmt = detect_format(raw, str(data_path))

@@ -632,10 +632,12 @@ class OnlineRLModule(L.LightningModule):
         optimizer = self.optimizer_fn([p for p in self.policy.parameters() if p.requires_grad])
         if self.scheduler_fn is None:
             return optimizer
+        from alpaca_rlhf.schedules import scheduler_config
+
         scheduler = self.scheduler_fn(optimizer)
         if getattr(scheduler, "total_steps", 0) is None:  # sized in optimizer steps, as it is stepped (`optimize`)
             scheduler.total_steps = self.planned_optimizer_steps()
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler_config(scheduler, self.trainer)}
 
     def planned_optimizer_steps(self) -> int:
         """The run's optimizer steps: `max_steps` when set (it counts optimizer steps here), else the planned
