@@ -227,3 +227,95 @@ def test_the_gguf_tokenizer_keeps_smollms_declared_digit_split(smol_gguf, tmp_pa
     assert tokenizer.decode(ids) == "In 2024 it cost 1350 dollars."
     record = json.loads((folder / "converted_from.json").read_text())
     assert record["converter"] >= 2 and record["fingerprint"]
+
+
+# ---- chat templates end a turn with their own token (Llama 3: <|eot_id|>, not <|end_of_text|>) ---------------
+# Meta's Llama 3 Instruct chat template (tokenizer_config.json of Meta-Llama-3-8B-Instruct)
+LLAMA3_CHAT = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+               "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+               "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+               "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+               "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+EOT, END_OF_TEXT = 128009, 128001
+
+
+@pytest.fixture(scope="module")
+def llama3_chat_folder(llama3_folder, tmp_path_factory) -> Path:
+    """The Llama 3 vocabulary with Meta's chat template, and a tiny model rigged to say <|eot_id|> at once: every
+    position sees the same hidden state (one embedding row for all tokens, attention and MLP outputs zeroed), and
+    lm_head's <|eot_id|> row points along it."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("llama3-chat") / "tiny-llama3-chat"
+    tokenizer = AutoTokenizer.from_pretrained(llama3_folder)
+    tokenizer.chat_template = LLAMA3_CHAT
+    tokenizer.save_pretrained(folder)
+    model = LlamaForCausalLM.from_pretrained(llama3_folder)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight[:1].expand_as(
+            model.model.embed_tokens.weight))
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        h = model.model.norm(model.model.embed_tokens.weight[:1])[0]
+        model.lm_head.weight[EOT] = 100 * h / h.norm()
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_chat_template_responses_end_with_the_end_of_turn_token(llama3_chat_folder):
+    """Issue 23 #7: under `template: chat` a Llama 3 response was trained to end with <|end_of_text|>; Meta's
+    format ends an assistant turn with <|eot_id|>. SFT labels and RM / DPO pairs now end with the template's own
+    end of turn, read from its rendering of a whole conversation."""
+    from alpaca_rlhf.data import AlpacaDataModule
+    from alpaca_rlhf.data.preference import PreferenceDataModule
+
+    tokenizer = load_tokenizer(ModelSpec(name_or_path=str(llama3_chat_folder)))
+    chat = PromptTemplate.load("chat").bind(tokenizer)
+    assert chat.end_of_turn_ids() == [EOT] and chat.stop_token_ids() == [EOT, END_OF_TEXT]
+    assert PromptTemplate.load("alpaca").end_of_turn_ids(tokenizer) == [END_OF_TEXT]  # a text template keeps EOS
+    prompt = chat.render("Name a primary color.")
+    ex = tokenize_example(tokenizer, prompt, "Red.", 256, end_ids=chat.end_of_turn_ids())
+    # prompt + response ids are exactly the template's rendering of the whole conversation
+    whole = tokenizer.apply_chat_template([{"role": "user", "content": "Name a primary color."},
+                                           {"role": "assistant", "content": "Red."}], tokenize=False)
+    assert ex["input_ids"] == tokenizer(whole, add_special_tokens=False)["input_ids"]
+    data = AlpacaDataModule("alpaca_rlhf/data/samples/alpaca_sample.json", template="chat", cutoff_len=512,
+                            val_set_size=0, batch_size=4, max_records=6)
+    data.connect(tokenizer)
+    data.setup()
+    for row in data.train_data:
+        labelled = [t for t in row["labels"] if t != IGNORE_INDEX]
+        assert labelled[-1] == EOT and END_OF_TEXT not in labelled
+    pairs = PreferenceDataModule("alpaca_rlhf/data/samples/preferences_sample.jsonl", format="seed", template="chat",
+                                 max_length=512, val_set_size=0, batch_size=4, max_records=6)
+    pairs.connect(tokenizer)
+    pairs.setup()
+    for row in pairs.train_data:
+        assert row["chosen_input_ids"][-1] == row["rejected_input_ids"][-1] == EOT
+
+
+def test_generation_and_rollouts_stop_at_the_end_of_turn_token(llama3_chat_folder, tmp_path):
+    """Issue 23 #7: end of turn is a stop token in `generate`, `compare` and the RL rollout; before, a model that
+    ended its turn kept generating to max_new_tokens and counted as unfinished."""
+    from alpaca_rlhf.inference.generation import SamplingSpec, generate_responses
+    from alpaca_rlhf.models import LoraSpec
+    from alpaca_rlhf.modules import PPOModule
+    from alpaca_rlhf.modules.online import GenerationHParams
+    from alpaca_rlhf.modules.scorers import TokenIdScorer
+
+    tokenizer = load_tokenizer(ModelSpec(name_or_path=str(llama3_chat_folder)), padding_side="left")
+    model = load_causal_lm(ModelSpec(name_or_path=str(llama3_chat_folder)), trainable=False)
+    chat = PromptTemplate.load("chat").bind(tokenizer)
+    prompts = [chat.render("Name a primary color."), chat.render("Say hi.")]
+    out = generate_responses(model, tokenizer, prompts, SamplingSpec(max_new_tokens=6), stop_ids=chat.stop_token_ids())
+    assert [g.response_ids for g in out] == [[EOT], [EOT]] and all(g.ended and g.text == "" for g in out)
+
+    module = PPOModule(policy=ModelSpec(name_or_path=str(llama3_chat_folder)), scorer=TokenIdScorer([EOT]),
+                       lora=LoraSpec(r=2, alpha=4, dropout=0.0), template="chat",
+                       generation=GenerationHParams(max_new_tokens=6), output_dir=str(tmp_path / "ppo"),
+                       log_samples_every=0)
+    enc = module.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    responses, mask, _ = module.generate(enc["input_ids"], enc["attention_mask"])
+    assert mask.sum(1).tolist() == [1, 1] and (responses[:, 0] == EOT).all()
+    assert (responses[:, 1:] == module.tokenizer.pad_token_id).all()  # nothing after the end of turn

@@ -235,7 +235,7 @@ def render_pair(record: dict, fmt: str, template: PromptTemplate) -> PreferenceP
 
 
 def tokenize_pair(
-    tokenizer, pair: PreferencePair, max_length: int, add_eos_token: bool = True
+    tokenizer, pair: PreferencePair, max_length: int, add_eos_token: bool = True, end_ids: list[int] | None = None
 ) -> dict | None:
     """Prompt + chosen and prompt + rejected ids, at most `max_length` each; None if a response cannot fit.
 
@@ -244,8 +244,8 @@ def tokenize_pair(
     for at least one prompt token is dropped (None).
     """
     prompt_ids = encode_prompt(tokenizer, pair.prompt)
-    chosen_ids = encode_response(tokenizer, pair.chosen, add_eos_token)
-    rejected_ids = encode_response(tokenizer, pair.rejected, add_eos_token)
+    chosen_ids = encode_response(tokenizer, pair.chosen, add_eos_token, end_ids)
+    rejected_ids = encode_response(tokenizer, pair.rejected, add_eos_token, end_ids)
     room = max_length - max(len(chosen_ids), len(rejected_ids))
     if room < 1:
         return None
@@ -348,7 +348,8 @@ class PreferenceDataModule(TokenizedDataModule):
         template: Bundled template name (`alpaca`, `chat`) or a template JSON path (the same as SFT's and PPO's).
         max_length: Maximum tokens of prompt + response; prompts are cut from the left, pairs whose response
             alone does not fit are dropped and counted.
-        add_eos_token: Append EOS to every response (the score is read at the last token).
+        add_eos_token: End every response (the score is read at the last token): with the chat template's
+            end-of-turn token under `template: chat`, else with EOS.
         val_set_size: Held-out pairs (count, or a fraction below 1), chosen with `seed`.
         batch_size: Pairs per micro-batch (the model sees twice as many sequences).
         num_workers: DataLoader workers.
@@ -427,10 +428,11 @@ class PreferenceDataModule(TokenizedDataModule):
     def _examples(self, records: list[dict], fmt: str) -> list[dict]:
         tokenizer = self._require_tokenizer()
         template = self.template.bind(tokenizer)
+        end_ids = template.end_of_turn_ids(tokenizer)  # a chat template's end of turn, else EOS
         examples = []
         for record in records:
             pair = render_pair(record, fmt, template)
-            ex = tokenize_pair(tokenizer, pair, self.max_length, self.add_eos_token)
+            ex = tokenize_pair(tokenizer, pair, self.max_length, self.add_eos_token, end_ids)
             if ex is None:
                 self.report.dropped_too_long += 1
                 continue

@@ -35,10 +35,12 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return tokenizer(prompt, add_special_tokens=adds_special_tokens(tokenizer, prompt))["input_ids"]
 
 
-def encode_response(tokenizer, response: str, add_eos_token: bool = True) -> list[int]:
-    """Response ids without BOS; EOS appended (a trained BPE adds none by itself)."""
+def encode_response(tokenizer, response: str, add_eos_token: bool = True,
+                    end_ids: list[int] | None = None) -> list[int]:
+    """Response ids without BOS, closed by `end_ids` (the template's end of turn, `PromptTemplate.end_of_turn_ids`)
+    or by EOS when none is given (a trained BPE adds none by itself)."""
     ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    return ids + [tokenizer.eos_token_id] if add_eos_token else ids
+    return ids + list(end_ids or [tokenizer.eos_token_id]) if add_eos_token else ids
 
 
 def tokenize_example(
@@ -48,14 +50,15 @@ def tokenize_example(
     cutoff_len: int,
     train_on_inputs: bool = False,
     add_eos_token: bool = True,
+    end_ids: list[int] | None = None,
 ) -> dict:
     """Prompt and response ids, labels -100 on the prompt unless `train_on_inputs`; cut to `cutoff_len`.
 
     Prompt and response are tokenized apart and concatenated, so the label boundary is exact and the prompt's
-    ids are those PPO will generate from.
+    ids are those PPO will generate from. The response ends with `end_ids` (default EOS).
     """
     prompt_ids = encode_prompt(tokenizer, prompt)
-    response_ids = encode_response(tokenizer, response, add_eos_token)
+    response_ids = encode_response(tokenizer, response, add_eos_token, end_ids)
     input_ids = prompt_ids + response_ids
     labels = (input_ids.copy() if train_on_inputs else [IGNORE_INDEX] * len(prompt_ids) + response_ids)
     truncated = len(input_ids) > cutoff_len
@@ -113,7 +116,8 @@ class AlpacaDataModule(TokenizedDataModule):
         template: Bundled template name (`alpaca`; `chat` = the tokenizer's chat template) or a JSON path.
         cutoff_len: Maximum tokens per example; longer ones are truncated and counted.
         train_on_inputs: Put loss on the prompt too (default: on the response only).
-        add_eos_token: Append EOS to every response so the model learns to stop.
+        add_eos_token: End every response so the model learns to stop: with the chat template's end-of-turn
+            token (`<|eot_id|>`, `<|im_end|>`) under `template: chat`, else with EOS.
         val_set_size: Held-out records (count, or a fraction below 1), chosen with `seed`.
         batch_size: Examples per micro-batch.
         num_workers: DataLoader workers.
@@ -179,10 +183,11 @@ class AlpacaDataModule(TokenizedDataModule):
             return
         tokenizer = self._require_tokenizer()
         records = self.load_records()
+        end_ids = self.template.end_of_turn_ids(tokenizer)  # a chat template's end of turn, else EOS
         examples = []
         for record in records:
             ex = tokenize_example(tokenizer, self.prompt_of(record), self.response_of(record), self.cutoff_len,
-                                  self.train_on_inputs, self.add_eos_token)
+                                  self.train_on_inputs, self.add_eos_token, end_ids)
             self.report.truncated += ex["truncated"]
             if all(label == IGNORE_INDEX for label in ex["labels"]):
                 # the prompt alone fills cutoff_len: nothing left to learn from

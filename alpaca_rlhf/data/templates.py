@@ -11,6 +11,15 @@ from alpaca_rlhf.errors import ConfigError
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 CHAT = "chat"
+_ASSISTANT_PROBE = "\u2063assistant-turn-probe\u2063"  # a text no template writes by itself
+
+
+def _special_ids(tokenizer) -> set[int]:
+    """Ids of the tokenizer's special tokens, the added special ones (`<|eot_id|>`, `<|im_end|>`) included."""
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items()
+               if getattr(token, "special", False))
+    return ids
 
 
 def user_content(instruction: str, input: str | None = None) -> str:
@@ -59,11 +68,11 @@ class PromptTemplate:
         return cls(spec["prompt_input"], spec["prompt_no_input"], spec["response_split"], str(name_or_path))
 
     def bind(self, tokenizer) -> PromptTemplate:
-        """This template with the tokenizer whose chat template renders it (a no-op for text templates)."""
+        """This template with its tokenizer (which renders a chat template, and gives the end-of-turn ids)."""
         if self.chat and getattr(tokenizer, "chat_template", None) is None:
             raise ConfigError(f"template 'chat': tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no "
                              "chat template; use template: alpaca")
-        return replace(self, tokenizer=tokenizer) if self.chat else self
+        return replace(self, tokenizer=tokenizer)
 
     def render(self, instruction: str, input: str | None = None) -> str:
         """The prompt for one instruction, ending where the response begins."""
@@ -88,6 +97,43 @@ class PromptTemplate:
         *context, last = messages
         history = "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in context if m["role"] != "system")
         return self.render(last["content"], history)
+
+    def end_of_turn_ids(self, tokenizer=None) -> list[int]:
+        """The ids that close a trained response: what the chat template writes after an assistant message, up to
+        and including its first special token (`<|eot_id|>` for Llama 3, `<|im_end|>` for ChatML, `<end_of_turn>`
+        for Gemma); EOS for a text template, or a chat template that writes no special token there.
+
+        Read from the template's rendering of a whole conversation, so the model learns to end a turn the way
+        the template (and every chat runtime) expects, not with `<|end_of_text|>`."""
+        tokenizer = self.tokenizer if tokenizer is None else tokenizer
+        if tokenizer is None:
+            raise RuntimeError("end_of_turn_ids needs a tokenizer (bind(tokenizer) first)")
+        eos = [tokenizer.eos_token_id]
+        if not self.chat:
+            return eos
+        bound = self if self.tokenizer is tokenizer else self.bind(tokenizer)
+        messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _ASSISTANT_PROBE}]
+        if bound.system is not None:
+            messages.insert(0, {"role": "system", "content": bound.system})
+        try:
+            full = tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception:  # a template that refuses a finished conversation (rare): keep EOS
+            return eos
+        if _ASSISTANT_PROBE not in full:
+            return eos
+        tail = full.split(_ASSISTANT_PROBE, 1)[1]
+        ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+        special = _special_ids(tokenizer)
+        for i, token in enumerate(ids):
+            if token in special:
+                return ids[: i + 1]
+        return eos
+
+    def stop_token_ids(self, tokenizer=None) -> list[int]:
+        """The ids that end generation: the template's end-of-turn token and EOS (each once)."""
+        tokenizer = self.tokenizer if tokenizer is None else tokenizer
+        ids = [self.end_of_turn_ids(tokenizer)[-1], tokenizer.eos_token_id]
+        return list(dict.fromkeys(i for i in ids if i is not None))
 
     def get_response(self, text: str) -> str:
         """The part of a decoded prompt+response after the response marker."""

@@ -242,7 +242,7 @@ def compare(
     generations: dict[str, list[Generation]] = {}
     rlhf_logprobs = sft_logprobs = None
     kl_temperature = sampling.temperature if sampling.temperature > 0 else 1.0
-    vocabularies, tokenizers = {}, {}
+    vocabularies, tokenizers, stop_ids = {}, {}, {}
     for stage in ["rlhf", "sft", "base"]:  # RLHF first: its responses are scored by the SFT model below
         if stage not in checkpoints:
             continue
@@ -257,8 +257,10 @@ def compare(
                 raise ValueError(f"{prompts.data_path}: no held-out prompts selected")
         texts = [r["prompt"] for r in records for _ in range(samples_per_prompt)]
         torch.manual_seed(seed)
+        stop_ids[stage] = template.stop_token_ids(tokenizer)  # EOS and a chat template's end of turn
         generations[stage] = generate_responses(model, tokenizer, texts, sampling, batch_size,
-                                                progress=f"compare: {STAGE_TITLES[stage]} generates")
+                                                progress=f"compare: {STAGE_TITLES[stage]} generates",
+                                                stop_ids=stop_ids[stage])
         if stage == "rlhf":
             rlhf_logprobs = response_logprob_sums(model, *_ids(generations["rlhf"]), tokenizer.pad_token_id,
                                                   kl_temperature, batch_size)
@@ -274,11 +276,11 @@ def compare(
     rm_stats = None
     if reward_model:
         scores, rm_stats = score_generations(reward_model, records, generations, tokenizers,
-                                             samples_per_prompt, batch_size, load_kwargs)
+                                             samples_per_prompt, batch_size, load_kwargs, stop_ids)
     judge: dict[str, list[float]] = {}
     if judge_model:
         judge, _ = score_generations(judge_model, records, generations, tokenizers, samples_per_prompt, batch_size,
-                                     load_kwargs)
+                                     load_kwargs, stop_ids)
     kl = (rlhf_logprobs - sft_logprobs).tolist() if sft_logprobs is not None else None
     llm_judge = _usable_judge(llm_judge)
     llm = (run_llm_judge(llm_judge, records, generations, prompts, llm_judge_pairs, llm_judge_rule, samples_per_prompt,
@@ -388,7 +390,8 @@ def draw_examples(rows: list[dict], n: int, seed: int) -> list[int]:
 
 def score_generations(reward_model: str, records: list[dict], generations: dict[str, list[Generation]],
                       tokenizers: dict, samples_per_prompt: int, batch_size: int,
-                      load_kwargs: dict) -> tuple[dict[str, list[float]], dict]:
+                      load_kwargs: dict, stop_ids: dict[str, list[int]] | None = None
+                      ) -> tuple[dict[str, list[float]], dict]:
     """Reward-model scores of every response, exactly as PPO's `RewardModelScorer` scores rollouts.
 
     Also scores two anchors on the same prompts, so a reader can judge the scale and spot reward hacking:
@@ -411,7 +414,8 @@ def score_generations(reward_model: str, records: list[dict], generations: dict[
     if cuda and not load_kwargs["load_in_8bit"]:
         scorer = scorer.to("cuda")
     prompts = [r["prompt"] for r in records for _ in range(samples_per_prompt)]
-    scores = {stage: _score_all(scorer, prompts, gens, tokenizers[stage], batch_size, STAGE_TITLES[stage])
+    scores = {stage: _score_all(scorer, prompts, gens, tokenizers[stage], batch_size, STAGE_TITLES[stage],
+                                (stop_ids or {}).get(stage))
               for stage, gens in generations.items()}
     anchors = {"empty response": [""] * len(records)}
     if all(r.get("reference") for r in records):
@@ -419,9 +423,10 @@ def score_generations(reward_model: str, records: list[dict], generations: dict[
     tok = scorer.tokenizer
     prompt_ids = [encode_prompt(tok, r["prompt"]) for r in records]
     for name, texts in anchors.items():
-        gens = [Generation(p, tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id], t, True)
+        gens = [Generation(p, tok(t, add_special_tokens=False)["input_ids"] + scorer.end_ids, t, True)
                 for p, t in zip(prompt_ids, texts, strict=True)]
-        scores[f"anchor/{name}"] = _score_all(scorer, [r["prompt"] for r in records], gens, tok, batch_size)
+        scores[f"anchor/{name}"] = _score_all(scorer, [r["prompt"] for r in records], gens, tok, batch_size,
+                                              stop_ids=scorer.end_ids[-1:])
     stats = scorer.stats
     del scorer
     _release_memory()
@@ -429,7 +434,7 @@ def score_generations(reward_model: str, records: list[dict], generations: dict[
 
 
 def _score_all(scorer, prompts: list[str], gens: list[Generation], tokenizer, batch_size: int,
-               label: str = "") -> list[float]:
+               label: str = "", stop_ids: list[int] | None = None) -> list[float]:
     from tqdm.auto import tqdm
 
     from alpaca_rlhf.modules.scorers import ScoringBatch
@@ -440,7 +445,7 @@ def _score_all(scorer, prompts: list[str], gens: list[Generation], tokenizer, ba
         chunk = gens[i : i + batch_size]
         ids, mask, C = pad_prompt_responses(*_ids(chunk), tokenizer.pad_token_id)
         batch = ScoringBatch(prompts[i : i + batch_size], ids.to(device), mask.to(device), C, tokenizer,
-                             texts=[g.text for g in chunk])
+                             texts=[g.text for g in chunk], stop_ids=stop_ids)
         values.extend(scorer(batch).tolist())
     return values
 

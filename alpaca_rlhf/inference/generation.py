@@ -30,14 +30,15 @@ class SamplingSpec:
     top_p: float = 1.0
     top_k: int = 0
 
-    def generation_config(self, tokenizer):
+    def generation_config(self, tokenizer, stop_ids: list[int] | None = None):
+        """The GenerationConfig; generation stops at any of `stop_ids` (default: EOS)."""
         from transformers import GenerationConfig
 
         sampling = dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         return GenerationConfig(**(sampling if self.temperature > 0 else {"do_sample": False}),
                                 max_new_tokens=self.max_new_tokens, num_beams=1, repetition_penalty=1.0,
-                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                bos_token_id=tokenizer.bos_token_id, use_cache=True)
+                                eos_token_id=list(stop_ids or [tokenizer.eos_token_id]),
+                                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, use_cache=True)
 
 
 @dataclass
@@ -45,9 +46,9 @@ class Generation:
     """One prompt's generated response."""
 
     prompt_ids: list[int]  # with BOS if the tokenizer adds one, no padding
-    response_ids: list[int]  # through the first EOS (included), nothing after it
+    response_ids: list[int]  # through the first stop token (included), nothing after it
     text: str  # the decoded response, special tokens dropped
-    ended: bool  # the model emitted EOS within max_new_tokens
+    ended: bool  # the model emitted a stop token (EOS, or its template's end of turn) within max_new_tokens
 
 
 def model_device(model):  # -> torch.device (torch is imported lazily here)
@@ -55,9 +56,11 @@ def model_device(model):  # -> torch.device (torch is imported lazily here)
 
 
 def generate_responses(model, tokenizer, prompts: list[str], sampling: SamplingSpec, batch_size: int = 8,
-                       streamer=None, progress: str | None = None) -> list[Generation]:
+                       streamer=None, progress: str | None = None,
+                       stop_ids: list[int] | None = None) -> list[Generation]:
     """Responses to rendered prompts, `batch_size` at a time (left padding: every row ends at its prompt); with
-    `progress`, a progress bar of that name over the batches (on stderr)."""
+    `progress`, a progress bar of that name over the batches (on stderr). A response ends at any of `stop_ids`
+    (`PromptTemplate.stop_token_ids`: EOS and a chat template's end of turn; default EOS)."""
 
     from alpaca_rlhf.ppo import first_eos_mask
 
@@ -65,7 +68,8 @@ def generate_responses(model, tokenizer, prompts: list[str], sampling: SamplingS
         raise ValueError("batched generation needs a left-padding tokenizer (load_checkpoint gives one)")
     from alpaca_rlhf.data.sft import adds_special_tokens
 
-    config = sampling.generation_config(tokenizer)
+    stop_ids = list(stop_ids or [tokenizer.eos_token_id])
+    config = sampling.generation_config(tokenizer, stop_ids)
     device = model_device(model)
     out: list[Generation] = []
     starts = range(0, len(prompts), batch_size)
@@ -80,11 +84,11 @@ def generate_responses(model, tokenizer, prompts: list[str], sampling: SamplingS
         ids = model.generate(**enc, generation_config=config, streamer=streamer)
         C = enc["input_ids"].shape[1]
         responses = ids[:, C:]  # (B, T) generated tokens, padded after EOS
-        valid = first_eos_mask(responses, tokenizer.eos_token_id)  # (B, T) through the first EOS
+        valid = first_eos_mask(responses, stop_ids)  # (B, T) through the first stop token
         for row in range(responses.shape[0]):
             prompt = enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist()
             response = responses[row][valid[row]].tolist()
-            ended = bool(response) and response[-1] == tokenizer.eos_token_id
+            ended = bool(response) and response[-1] in stop_ids
             text = tokenizer.decode(response, skip_special_tokens=True).strip()
             out.append(Generation(prompt, response, text, ended))
     return out
@@ -237,7 +241,8 @@ def generate(
 
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     generations = generate_responses(loaded, tokenizer, prompts, sampling, batch_size, streamer,
-                                     progress="generate" if len(prompts) > batch_size else None)
+                                     progress="generate" if len(prompts) > batch_size else None,
+                                     stop_ids=template.stop_token_ids())
     results = [{**r, "response": g.text} for r, g in zip(records, generations, strict=True)]
     if output_file:  # written before anything is printed: a printing error cannot lose the generations
         Path(output_file).parent.mkdir(parents=True, exist_ok=True)
@@ -300,5 +305,6 @@ def chat_loop(model, tokenizer, template: PromptTemplate, sampling: SamplingSpec
             continue
         messages.append({"role": "user", "content": text})
         prompt = template.render_messages(messages)
-        generation = generate_responses(model, tokenizer, [prompt], sampling, 1, streamer)[0]
+        generation = generate_responses(model, tokenizer, [prompt], sampling, 1, streamer,
+                                        stop_ids=template.stop_token_ids())[0]
         messages.append({"role": "assistant", "content": generation.text})

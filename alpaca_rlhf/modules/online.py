@@ -214,6 +214,8 @@ class OnlineRLModule(L.LightningModule):
                               "little further (0.02 relative after 400 rollouts); use policy.dtype float32 (with "
                               "bf16-mixed precision for speed) or turn merge_adapter off")
         self.tokenizer = load_tokenizer(policy, padding_side="left")
+        # a response ends at EOS or at the chat template's end of turn (<|eot_id|>, <|im_end|>): both stop it
+        self.stop_ids = self.template.stop_token_ids(self.tokenizer)
         lm = load_causal_lm(policy)
         if generation.merge_adapter and getattr(lm.config, "tie_word_embeddings", False) and touches_output_layer(lora):
             raise ConfigError("generation.merge_adapter with LoRA on lm_head of a model whose output layer is tied "
@@ -311,7 +313,7 @@ class OnlineRLModule(L.LightningModule):
             speed["compile_config"]._compile_all_devices = True
         return dict(do_sample=True, temperature=self.gen.temperature, top_k=self.gen.top_k, top_p=self.gen.top_p,
                     max_new_tokens=self.gen.max_new_tokens, min_new_tokens=0, repetition_penalty=1.0,
-                    eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                    eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
                     use_cache=True, **speed)
 
     @torch.no_grad()
@@ -328,7 +330,7 @@ class OnlineRLModule(L.LightningModule):
         with merged_adapter(self.policy.lm, self.gen.merge_adapter), recorder:
             out = self.policy.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
         responses = out[:, input_ids.shape[1] :]
-        response_mask = F.first_eos_mask(responses, self.tokenizer.eos_token_id)
+        response_mask = F.first_eos_mask(responses, self.stop_ids)
         return (torch.where(response_mask, responses, self.tokenizer.pad_token_id), response_mask,
                 recorder.result(responses))
 
@@ -364,7 +366,7 @@ class OnlineRLModule(L.LightningModule):
 
     def scoring_batch(self, prompts: list[str], query_responses: Tensor, attention_mask: Tensor,
                       C: int) -> ScoringBatch:
-        return ScoringBatch(prompts, query_responses, attention_mask, C, self.tokenizer)
+        return ScoringBatch(prompts, query_responses, attention_mask, C, self.tokenizer, stop_ids=self.stop_ids)
 
     def sample(self, batch: dict, keep_graph: bool = False) -> Samples:
         """Generate `samples_per_prompt` completions per prompt (contiguous rows), run the no-grad forwards and
@@ -411,7 +413,7 @@ class OnlineRLModule(L.LightningModule):
                 values = values.masked_fill(~response_mask, 0.0)
             sb = self.scoring_batch(prompts, query_responses, attention_mask, C)
             raw_scores = self.scorer(sb).to(logprobs.device)
-            has_eos = F.contains_eos(responses, self.tokenizer.eos_token_id)
+            has_eos = F.contains_eos(responses, self.stop_ids)
             scores = F.process_scores(raw_scores, contains_eos=has_eos,
                                       missing_eos_penalty=self.hp.missing_eos_penalty, score_clip=self.hp.score_clip,
                                       score_bias=-self.scorer.offset, response_lengths=response_mask.sum(1),
@@ -617,7 +619,7 @@ class OnlineRLModule(L.LightningModule):
             kl = F.masked_sum(logprobs - ref_logprobs, mask, dim=1)
         n = len(raw)
         texts = [t.strip() for t in self.tokenizer.batch_decode(responses, skip_special_tokens=True)]
-        has_eos = F.contains_eos(responses, self.tokenizer.eos_token_id).float()
+        has_eos = F.contains_eos(responses, self.stop_ids).float()
         rates = torch.tensor([[float(is_refusal(t)), float(not t)] for t in texts], device=qr.device)
         self.log("val/score", (raw + self.scorer.offset).mean(), batch_size=n, sync_dist=True)
         self.log("val/kl", kl.mean(), batch_size=n, sync_dist=True)

@@ -183,6 +183,10 @@ class RewardModule(AdapterStage, L.LightningModule):
         overall = report["all"]
         self.log_dict({"val/accuracy_ci_low": overall["ci95"][0], "val/accuracy_ci_high": overall["ci95"][1],
                        "val/accuracy_over_best_rule": overall["margin_over_best_rule"]})
+        # per subset, so a learning curve (bench/rm_curve.py) or TensorBoard shows which subset moves
+        self.log_dict({f"val_subset/{name}/{key}": value for name, r in report.items() if name != "all"
+                       for key, value in (("accuracy", r["accuracy"]),
+                                          ("over_best_rule", r["margin_over_best_rule"]))})
         lines = format_accuracy_report(report, "held-out accuracy")
         rank_zero_info("reward model on the held-out pairs:\n" + "\n".join(lines))
         weak = [name for name, r in report.items() if not r["beats_rules"]]

@@ -28,6 +28,7 @@ class ScoringBatch:
     context_length: int         # C: responses start at this column
     policy_tokenizer: object    # the policy's tokenizer (for scorers that re-tokenise)
     texts: list[str] | None = None  # the responses as text if already known; else decoded on first use
+    stop_ids: list[int] | None = None  # the ids that end a response (EOS, the template's end of turn); None = EOS
 
     @property
     def responses(self) -> list[str]:
@@ -63,6 +64,7 @@ class RewardModelScorer(Scorer):
         self.model, self.tokenizer, self.stats = load_reward_model(model)
         self.offset = -float(self.stats.get("mean", 0.0)) if center else 0.0
         self.batch_size = batch_size
+        self.end_ids = reward_model_end_ids(model.name_or_path, self.tokenizer)
         self._same_vocab: bool | None = None
 
     def _shares_vocabulary(self, tokenizer) -> bool:
@@ -83,12 +85,12 @@ class RewardModelScorer(Scorer):
 
     def retokenize(self, batch: ScoringBatch) -> tuple[Tensor, Tensor]:
         """(ids, mask) in the reward model's vocabulary, right-padded: prompt + response text, and the reward
-        model's EOS only where the policy's response ended with its own EOS, so an answer cut at max_new_tokens
-        is scored as the unfinished answer it is."""
+        model's end of response (its template's end of turn, or EOS) only where the policy's response ended, so
+        an answer cut at max_new_tokens is scored as the unfinished answer it is."""
         texts = [p + r for p, r in zip(batch.prompts, batch.responses, strict=True)]
         encoded = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
         ended = batch_ended(batch).tolist()
-        rows = [row + [self.tokenizer.eos_token_id] if end else row for row, end in zip(encoded, ended, strict=True)]
+        rows = [row + self.end_ids if end else row for row, end in zip(encoded, ended, strict=True)]
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -101,10 +103,28 @@ class RewardModelScorer(Scorer):
 
 
 def batch_ended(batch: ScoringBatch) -> Tensor:
-    """(B,) bool: the policy's response holds its EOS (it finished rather than ran out of tokens)."""
+    """(B,) bool: the policy's response holds a stop token (it finished rather than ran out of tokens)."""
     responses = batch.query_responses[:, batch.context_length :]
     valid = batch.attention_mask[:, batch.context_length :].bool()
-    return ((responses == batch.policy_tokenizer.eos_token_id) & valid).any(1).cpu()
+    stop = torch.tensor(batch.stop_ids or [batch.policy_tokenizer.eos_token_id], device=responses.device)
+    return (torch.isin(responses, stop) & valid).any(1).cpu()
+
+
+def reward_model_end_ids(folder: str, tokenizer) -> list[int]:
+    """The ids that closed every response the reward model was trained on: its template's end of turn under a
+    chat template (`template.json` beside the weights), else EOS."""
+    from pathlib import Path
+
+    from alpaca_rlhf.data.templates import PromptTemplate
+    from alpaca_rlhf.errors import ConfigError
+
+    path = Path(folder) / "template.json"
+    if not path.is_file():
+        return [tokenizer.eos_token_id]
+    try:
+        return PromptTemplate.load(str(path)).end_of_turn_ids(tokenizer)
+    except (ConfigError, OSError, ValueError):  # a chat template.json beside a tokenizer without one: EOS
+        return [tokenizer.eos_token_id]
 
 
 class TokenSetScorer(Scorer):

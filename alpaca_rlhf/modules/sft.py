@@ -121,13 +121,14 @@ class SFTModule(AdapterStage, L.LightningModule):
     def _log_sample(self) -> None:
         if not isinstance(self.logger, TensorBoardLogger):
             return
-        prompt = self.template.bind(self.tokenizer).render(self.sample_instruction)
+        template = self.template.bind(self.tokenizer)
+        prompt = template.render(self.sample_instruction)
         ids = torch.tensor([encode_prompt(self.tokenizer, prompt)], device=self.device)
         ids = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         with torch.no_grad():
             out = self.model.generate(**ids, max_new_tokens=self.sample_max_new_tokens, do_sample=False,
                                       use_cache=True, pad_token_id=self.tokenizer.pad_token_id,
-                                      eos_token_id=self.tokenizer.eos_token_id)
+                                      eos_token_id=template.stop_token_ids())
         response = self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
         text = f"**{self.sample_instruction}**\n\n    {response}"  # 4 spaces: TensorBoard renders markdown
         self.logger.experiment.add_text("samples/generation", text, self.global_step)
