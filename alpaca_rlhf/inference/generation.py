@@ -38,7 +38,8 @@ class SamplingSpec:
         return GenerationConfig(**(sampling if self.temperature > 0 else {"do_sample": False}),
                                 max_new_tokens=self.max_new_tokens, num_beams=1, repetition_penalty=1.0,
                                 eos_token_id=list(stop_ids or [tokenizer.eos_token_id]),
-                                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, use_cache=True)
+                                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                use_cache=True)
 
 
 @dataclass
