@@ -111,7 +111,8 @@ def _function(name: str):
 
 
 def merge(adapter_path: str, output_dir: str | None = None,
-          dtype: Literal["float32", "bfloat16", "float16"] = "float32", base_model: str | None = None):
+          dtype: Literal["float32", "bfloat16", "float16"] = "float32", base_model: str | None = None,
+          overwrite: bool = False):
     """Folds a LoRA adapter into its base and saves a standalone checkpoint plain `transformers` loads.
 
     The base is loaded unquantized in `dtype`. A sequence-classification adapter (the reward model's) keeps its
@@ -125,7 +126,15 @@ def merge(adapter_path: str, output_dir: str | None = None,
         dtype: Weight dtype of the merged checkpoint (never quantized: merging into quantized weights loses
             precision).
         base_model: Override the adapter's recorded base (hub id or folder).
+        overwrite: Replace an existing merged folder (later stages may have been trained on it).
     """
+    from pathlib import Path
+
+    adapter = Path(adapter_path)
+    target = Path(output_dir) if output_dir else adapter.with_name(adapter.name + "-adapter-merged")
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"merge: {target} already exists (later stages may have been trained on it); "
+                              "pass --overwrite to replace it, or --output_dir to write elsewhere")
     from alpaca_rlhf.models import merge_adapter  # torch and transformers load here, not for --help
 
     return merge_adapter(adapter_path, output_dir, dtype, base_model)
@@ -378,12 +387,24 @@ def _cli_class():
                                      "memory, warn only warns, off skips it (alpaca-rlhf preflight --help)")
             parser.add_argument("--preflight_budget_gb", type=float | None, default=None,
                                 help="Budget of the preflight in GiB; None = the GPU's memory (none: log only)")
+            parser.add_argument("--overwrite", type=bool, default=False,
+                                help="Start a new run over one whose checkpoints or adapter exist (its checkpoints "
+                                     "are removed); without it such a run stops and says to resume it with "
+                                     "--ckpt_path last")
 
         def before_fit(self) -> None:
+            from alpaca_rlhf.io import refuse_to_start_over
             from alpaca_rlhf.preflight import check
 
             config = self.config["fit"]
             check(config, config.get("preflight", "check"), config.get("preflight_budget_gb"))
+            removed = refuse_to_start_over(self.trainer, self.model, config.get("ckpt_path") is not None,
+                                           bool(config.get("overwrite")))
+            if removed:
+                import logging
+
+                logging.getLogger("alpaca_rlhf").info("--overwrite: removed %d checkpoint(s) of the earlier run "
+                                                      "in %s", len(removed), removed[0].parent)
 
         def instantiate_trainer(self, **kwargs):
             from alpaca_rlhf.io import use_atomic_checkpoints

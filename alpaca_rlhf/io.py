@@ -88,3 +88,33 @@ def check_logs_outside(module, export_dir: str | os.PathLike, option: str) -> No
             raise ConfigError(f"{option} {str(export_dir)!r} holds the run's log folder {log_dir!r}: the export "
                               "replaces that folder whole at the end of fit, deleting the logs; give the logger "
                               "another name or save_dir, or the export another folder")
+
+
+def refuse_to_start_over(trainer, module, resuming: bool, overwrite: bool) -> list[Path]:
+    """A new `fit` (no `--ckpt_path`) over a run that left checkpoints or an exported adapter stops with one line
+    that says how to resume it or start over, instead of training from step 0 beside `last.ckpt` (Lightning then
+    writes `last-v1.ckpt`) and replacing the adapter at the end. With `overwrite`, the old checkpoint files are
+    removed (the adapter is replaced whole when the new run exports) and returned."""
+    if resuming:
+        return []
+    folders = {Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)}
+    checkpoints = sorted(p for d in folders if d.is_dir() for p in d.glob("*.ckpt"))
+    export = getattr(module, "adapter_dir", None)
+    adapter = Path(export) if export and (Path(export) / "adapter_config.json").is_file() else None
+    if not checkpoints and adapter is None:
+        return []
+    if overwrite:
+        if hasattr(module, "overwrite_output_dir"):  # the online stages' step_<n> exports go too
+            module.overwrite_output_dir = True
+        for path in checkpoints:
+            path.unlink()
+        return checkpoints
+    found = []
+    if checkpoints:
+        found.append(f"checkpoints in {checkpoints[0].parent} ({', '.join(p.name for p in checkpoints[:3])}"
+                     f"{', ...' if len(checkpoints) > 3 else ''})")
+    if adapter is not None:
+        found.append(f"an exported adapter in {adapter}")
+    raise FileExistsError(f"this run's folders already hold an earlier run: {' and '.join(found)}. Resume it with "
+                          "--ckpt_path last, or start over with --overwrite (its checkpoints are removed and the "
+                          "adapter is replaced at the end)")

@@ -536,6 +536,8 @@ def pipeline(
         elif stage.last_checkpoint() is not None:
             args += ["--ckpt_path", "last"]
             note = f" (resuming from {stage.last_checkpoint()})"
+        if args[0] == "fit" and "--ckpt_path" not in args:  # the pipeline decided to start this stage over
+            args += ["--overwrite", "true"]
         stage = Stage(stage.name, args, stage.output, stage.checkpoint_dir)
         log_file = logs / f"{stage.name}.log"
         if dry_run:

@@ -2,6 +2,7 @@
 
     python bench/memory.py                     # tiny and smol (SmolLM2-135M, real weights) shapes, SFT and RM
     python bench/memory.py --sizes tiny --stages sft rm ppo
+    python bench/memory.py --sizes smol --quantization none 8bit 4bit   # the quantized (QLoRA) rows
 
 Measured on CPU: the bytes of every tensor alive at the peak of one optimizer step on the worst batch the config
 allows (every sequence at its length limit, every position labelled), from PyTorch's memory profiler timeline
@@ -9,6 +10,8 @@ plus the weights and adapters already in memory (CPU only for now; a GPU run wou
 `torch.cuda.max_memory_allocated`, not written yet). The estimate is
 `alpaca_rlhf.preflight.estimate` of the same config. PPO is measured through one real iteration (generation
 included) on the tiny shape's prompts, whose lengths and early EOS make it a lower bound of the worst case.
+A quantized row loads the base in 8 or 4 bits (bitsandbytes, bf16 compute) and counts the packed weights with
+their scales; PEFT's k-bit preparation casts embeddings, lm_head and norms to fp32, which the estimate includes.
 """
 
 from __future__ import annotations
@@ -26,8 +29,12 @@ GIB = 1024**3
 SMOL = ROOT.parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def configs(size: str, stage: str, work: Path) -> list[str]:
-    """`fit` arguments of a stage at a size; the batch and lengths are the config's own."""
+def configs(size: str, stage: str, work: Path, quantization: str = "none") -> list[str]:
+    """`fit` arguments of a stage at a size (and base quantization); the batch and lengths are the config's own."""
+    if quantization != "none":
+        key = "policy" if stage == "ppo" else "model"
+        return [*configs(size, stage, work), f"--model.init_args.{key}.quantization", quantization,
+                f"--model.init_args.{key}.dtype", "bfloat16"]
     if size == "tiny":
         base = ["--model.init_args.model.name_or_path", str(work / "base"), "--model.init_args.model.tiny", "{}"]
         if stage == "ppo":
@@ -59,6 +66,10 @@ def tensor_bytes(module) -> int:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
+    for sub in module.modules():  # 8-bit row scales and 4-bit block scales live beside the packed weights
+        weight = getattr(sub, "weight", None)
+        extra = [getattr(weight, "SCB", None), getattr(getattr(weight, "quant_state", None), "absmax", None)]
+        total += sum(x.numel() * x.element_size() for x in extra if hasattr(x, "element_size"))
     return total
 
 
@@ -98,7 +109,9 @@ def measure_supervised(cli, stage: str) -> int:
     optimizer = module.configure_optimizers()
     optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
     module.train()
-    precision = str(cli.config["trainer"]["precision"])
+    from alpaca_rlhf.hardware import resolve_precision
+
+    precision = str(resolve_precision(cli.config["trainer"]["precision"], "cpu")[0])  # "auto" as the trainer does
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
 
     def step():
@@ -115,11 +128,13 @@ def measure_supervised(cli, stage: str) -> int:
 def measure_ppo(cli) -> int:
     import lightning as L
 
+    from alpaca_rlhf.hardware import resolve_precision
+
     module, data = cli.model, cli.datamodule
     before = tensor_bytes(module)
     trainer = L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        accelerator="cpu", precision=cli.config["trainer"]["precision"])
+                        accelerator="cpu", precision=resolve_precision(cli.config["trainer"]["precision"], "cpu")[0])
     module.save_freq = 0
     module.overwrite_output_dir = True
     return before + peak_during(lambda: trainer.fit(module, data))
@@ -129,6 +144,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["tiny", "smol"], choices=["tiny", "smol"])
     parser.add_argument("--stages", nargs="+", default=["sft", "rm"], choices=["sft", "rm", "ppo"])
+    parser.add_argument("--quantization", nargs="+", default=["none"], choices=["none", "8bit", "4bit"],
+                        help="the base model's loading: full precision, or 8/4-bit (bitsandbytes)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     import os
@@ -149,18 +166,19 @@ def main() -> None:
                 print(f"smol: {SMOL} is absent, skipped")
                 continue
             for stage in args.stages:
-                fit_args = configs(size, stage, work)
-                cli = instantiate(fit_args)  # builds the tiny base on first use, converts the .gguf once
-                est = estimate(parse_fit_config(fit_args))
-                measured = measure_ppo(cli) if stage == "ppo" else measure_supervised(cli, stage)
-                rows.append((size, stage, est.total, measured))
-                print(f"{size:5s} {stage:4s} estimated {est.total / 2**20:9.1f} MiB  measured "
-                      f"{measured / 2**20:9.1f} MiB  estimate/measured {est.total / measured:.2f}", flush=True)
-                print(est.table(), flush=True)
-                del cli
-    print("\n| size | stage | estimated MiB | measured MiB | estimate / measured |\n|---|---|---|---|---|")
-    for size, stage, e, m in rows:
-        print(f"| {size} | {stage} | {e / 2**20:,.1f} | {m / 2**20:,.1f} | {e / m:.2f} |")
+                for quantization in args.quantization:
+                    fit_args = configs(size, stage, work, quantization)
+                    cli = instantiate(fit_args)  # builds the tiny base on first use, converts the .gguf once
+                    est = estimate(parse_fit_config(fit_args))
+                    measured = measure_ppo(cli) if stage == "ppo" else measure_supervised(cli, stage)
+                    rows.append((size, stage, quantization, est.total, measured))
+                    print(f"{size:5s} {stage:4s} {quantization:5s} estimated {est.total / 2**20:9.1f} MiB  measured "
+                          f"{measured / 2**20:9.1f} MiB  estimate/measured {est.total / measured:.2f}", flush=True)
+                    print(est.table(), flush=True)
+                    del cli
+    print("\n| size | stage | base | estimated MiB | measured MiB | estimate / measured |\n|---|---|---|---|---|---|")
+    for size, stage, quantization, e, m in rows:
+        print(f"| {size} | {stage} | {quantization} | {e / 2**20:,.1f} | {m / 2**20:,.1f} | {e / m:.2f} |")
 
 
 if __name__ == "__main__":

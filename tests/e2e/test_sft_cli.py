@@ -144,3 +144,43 @@ def test_data_and_config_errors_print_one_clear_line_through_the_real_cli(tmp_pa
     proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *cases[0][0]], cwd=tmp_path,
                           env={**env, "ALPACA_RLHF_DEBUG": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "not JSON" in proc.stderr
+
+
+def test_a_rerun_over_a_finished_run_stops_and_says_how_to_resume_or_start_over(tmp_path, monkeypatch, capsys):
+    """Issue 24 item 3: a bare `fit` rerun over a run trained from step 0 again, left `last-v1.ckpt` beside
+    `last.ckpt` and replaced the adapter without a word; `merge` silently replaced a merged folder. Both now stop
+    with one line naming --ckpt_path last / --overwrite."""
+    from alpaca_rlhf.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ALPACA_RLHF_DEBUG", raising=False)
+    sft = ["fit", "--config", str(ROOT / "configs/tiny/sft.yaml"), "--trainer.max_steps", "2",
+           "--trainer.enable_progress_bar", "false", "--trainer.val_check_interval", "1000",
+           "--trainer.limit_val_batches", "0"]
+    ckpts, adapter = tmp_path / "output/tiny/checkpoints/sft", tmp_path / "output/tiny/lora-alpaca"
+    main(sft)
+    stamp = (adapter / "adapter_model.safetensors").stat().st_mtime_ns
+    written = sorted(p.name for p in ckpts.glob("*.ckpt"))
+    assert "last.ckpt" in written
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        main(sft)
+    err = capsys.readouterr().err
+    assert refused.value.code == 1 and "Traceback" not in err
+    assert "--ckpt_path last" in err and "--overwrite" in err and "last.ckpt" in err and "lora-alpaca" in err
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == written  # nothing new written
+    assert (adapter / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+
+    main([*sft, "--overwrite", "true"])  # starts over: the old checkpoints go, no last-v1.ckpt
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == written
+    assert (adapter / "adapter_model.safetensors").stat().st_mtime_ns != stamp
+    main([*sft[:4], "4", *sft[5:], "--ckpt_path", "last"])  # a resume is not refused
+    assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 4
+
+    main(["merge", "--adapter_path", "output/tiny/lora-alpaca"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        main(["merge", "--adapter_path", "output/tiny/lora-alpaca"])
+    err = capsys.readouterr().err
+    assert refused.value.code == 1 and "already exists" in err and "--overwrite" in err and "Traceback" not in err
+    main(["merge", "--adapter_path", "output/tiny/lora-alpaca", "--overwrite", "true"])
