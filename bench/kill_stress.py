@@ -8,8 +8,8 @@ process group): SFT, RM and DPO for 24 optimizer steps with a checkpoint every 4
 iterations (24 optimizer steps) with a checkpoint and a `step_<n>` export after every iteration, scored by a
 token rule (no reward model needed). A trial kills the run 1 to `--max-kills` times, each at a moment drawn
 uniformly between `--low` and `--high` of the uninterrupted run's wall time (so the kill can land in a step, a
-checkpoint write, an export or the start-up), resumes after each kill with `--ckpt_path last` (from scratch
-when no checkpoint was written yet), and finally compares the exported adapter with the uninterrupted run's,
+checkpoint write, an export or the start-up), resumes after each kill with `--ckpt_path last` (Lightning starts
+over when no checkpoint was written yet), and finally compares the exported adapter with the uninterrupted run's,
 tensor by tensor. `--load N` keeps N busy-loop processes running during every other trial, the first included
 (a loaded machine).
 
@@ -169,7 +169,7 @@ def stress(stages: list[str], trials: int, work: Path, seed: int = 0, low: float
                     killed, _ = run(stage, work, out, resume, kill_after=when)
                     kills.append({"at_s": round(when, 2), "landed": killed, "last_step": last_step(work, stage),
                                   "partial": partial_files(work, stage)})
-                    resume = last_step(work, stage) is not None
+                    resume = True  # as a user would: --ckpt_path last (Lightning starts over when none was written)
                     if not killed:
                         break
                 run(stage, work, out, resume, kill_after=None)

@@ -272,7 +272,10 @@ def validate_records(
         where = records.where(index) if isinstance(records, Records) else f"{source}: record {index}"
         message = f"{where}: field '{problem[0]}' {problem[1]}"
         if not skip_bad:
-            raise DataValidationError(message + " (set skip_bad_records: true to drop such records)")
+            # a record of another shape (a fields: mapping fixes it) is not a bad record to drop
+            skip = " (set skip_bad_records: true to drop such records)"
+            advice = "" if isinstance(problem[1], ShapeProblem) else skip
+            raise DataValidationError(message + advice)
         report.skipped += 1
         if len(report.reasons) < 20:
             report.reasons.append(message)
@@ -281,6 +284,26 @@ def validate_records(
     if not kept:
         raise DataValidationError(f"{source}: no usable records ({report.summary()})")
     return kept, report
+
+
+class ShapeProblem(str):
+    """A problem of the whole file's shape (another library's records): skipping such records would drop them all,
+    so the error does not suggest `skip_bad_records`."""
+
+
+def other_sft_shape(record: dict) -> ShapeProblem | None:
+    """What to do with another library's SFT record shape (TRL's `{prompt, completion}` or `{text}`), or None."""
+    if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+        return ShapeProblem("is missing: this is TRL's prompt-completion shape {prompt, completion}; map it with "
+                            "data.init_args.fields: {instruction: prompt, output: completion}")
+    if isinstance(record.get("prompt"), list) and isinstance(record.get("completion"), list):
+        return ShapeProblem("is missing: this is TRL's conversational prompt-completion shape; join each "
+                            "record's prompt and completion turns into one {messages: [...]} list")
+    if isinstance(record.get("text"), str) and len(record) == 1:
+        return ShapeProblem("is missing: a plain {text} record has no instruction / response split, which SFT "
+                            "here trains on; give {instruction, output} records (data.init_args.fields maps other "
+                            "column names) or {messages: [...]} conversations")
+    return None
 
 
 def string_field(record: dict, name: str, *, required: bool = True, non_empty: bool = False):
@@ -327,6 +350,10 @@ def check_alpaca(record: dict):
     conversation `{messages: [{role, content}, ...]}` whose last turn, the assistant's, is the response."""
     if "messages" in record and "instruction" not in record:
         return check_messages(record)
+    if "instruction" not in record and "output" not in record:
+        shape = other_sft_shape(record)
+        if shape:
+            return "instruction", shape
     return (
         string_field(record, "instruction", non_empty=True)
         or string_field(record, "input", required=False)

@@ -136,3 +136,29 @@ def test_valid_alpaca_files_that_were_refused_now_load(tmp_path, tiny_tokenizer)
     broken.write_text('[{"instruction": "x", "output": "y"},')
     with pytest.raises(DataValidationError, match=r"broken\.json: not JSON"):
         read_raw_records(str(broken))
+
+
+def test_trl_sft_shapes_are_recognised_and_say_how_to_map_them(records, tmp_path, tiny_tokenizer):
+    """Issue 24 item 5: TRL's own {prompt, completion} records were refused with advice (skip_bad_records) that
+    would drop every record. Now the error names the shape and the `fields` mapping, and the mapping trains."""
+    trl = [{"prompt": r["instruction"], "completion": r["output"]} for r in records]
+    (tmp_path / "trl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in trl))
+    dm = AlpacaDataModule(data_path=str(tmp_path / "trl.jsonl"), val_set_size=0)
+    dm.connect(tiny_tokenizer)
+    with pytest.raises(DataValidationError) as err:
+        dm.setup()
+    message = str(err.value)
+    assert "trl.jsonl: record 0" in message and "prompt-completion" in message
+    assert "fields: {instruction: prompt, output: completion}" in message and "skip_bad_records" not in message
+    mapped = AlpacaDataModule(data_path=str(tmp_path / "trl.jsonl"), val_set_size=0,
+                              fields={"instruction": "prompt", "output": "completion"})
+    mapped.connect(tiny_tokenizer)
+    mapped.setup()
+    assert len(mapped.train_data) == len(records)
+
+    (tmp_path / "text.jsonl").write_text(json.dumps({"text": "Once upon a time."}) + "\n")
+    plain = AlpacaDataModule(data_path=str(tmp_path / "text.jsonl"), val_set_size=0)
+    plain.connect(tiny_tokenizer)
+    with pytest.raises(DataValidationError, match=r"plain \{text\} record.*\{messages") as err:
+        plain.setup()
+    assert "skip_bad_records" not in str(err.value)
