@@ -392,6 +392,14 @@ def _cli_class():
                                      "are removed); without it such a run stops and says to resume it with "
                                      "--ckpt_path last")
 
+        def before_instantiate_classes(self) -> None:
+            """A missing local data file stops the run before any model loads (minutes on a real model)."""
+            from alpaca_rlhf.data.records import check_data_path
+
+            config = self.config.get(self.subcommand) if self.subcommand else self.config
+            data_path = ((config or {}).get("data") or {}).get("init_args", {}).get("data_path")
+            check_data_path(data_path)
+
         def before_fit(self) -> None:
             from alpaca_rlhf.io import refuse_to_start_over
             from alpaca_rlhf.preflight import check

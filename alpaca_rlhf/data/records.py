@@ -193,6 +193,18 @@ def _tag(records: list, subset: str) -> None:
             record.setdefault(SUBSET_KEY, subset)
 
 
+def check_data_path(source: str | list[str] | None) -> None:
+    """Raises the error `read_raw_records` would for a local data file that does not exist, at once: the CLI
+    calls it before any model loads. Hub names and existing paths pass."""
+    for s in (source if isinstance(source, (list, tuple)) else [source]):
+        if s is None or resolve_path(str(s)) is not None:
+            continue
+        if str(s).lower().endswith(SUPPORTED):
+            raise FileNotFoundError(f"data file {s!r} not found")
+        if str(s).startswith(("/", "./", "../", "~")):  # a path, not a hub name
+            raise FileNotFoundError(f"data folder {s!r} not found")
+
+
 def read_raw_records(source: str | list[str], split: str = "train", hub_config: str | None = None,
                      revision: str | None = None, fields: dict[str, str] | None = None) -> Records:
     """Raw records from a local file or folder, or a hub dataset through `datasets.load_dataset`, or a list of

@@ -123,6 +123,11 @@ def test_data_and_config_errors_print_one_clear_line_through_the_real_cli(tmp_pa
         (rm + ["--data.init_args.data_path", "pairs.jsonl", "--data.init_args.format", "auto"],
          "pairs.jsonl: cannot tell the preference format"),
         (["fit", "--config", str(ROOT / "configs/tiny/ppo.yaml")], "does not exist"),  # no earlier stage ran here
+        # the data path is checked before any model loads (here the model does not exist either)
+        (["fit", "--config", str(ROOT / "configs/tiny/ppo.yaml"), "--data.init_args.data_path", "gone.jsonl"],
+         "data file 'gone.jsonl' not found"),
+        (["fit", "--config", str(ROOT / "configs/tiny/rm.yaml"), "--data.init_args.data_path", "../no/such/dir"],
+         "data folder '../no/such/dir' not found"),
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     env.pop("ALPACA_RLHF_DEBUG", None)
