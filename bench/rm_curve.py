@@ -60,7 +60,8 @@ def format_curve(rows: list[dict], batch_size: int) -> list[str]:
     for r in rows:
         if "val/accuracy" not in r:
             continue
-        cells = [str(r["step"]), str(r["step"] * batch_size),
+        steps = r["step"] + 1  # Lightning logs a validation inside the epoch at the step before it
+        cells = [str(steps), str(steps * batch_size),
                  f"{r['val/accuracy']:.3f} [{r.get('val/accuracy_ci_low', float('nan')):.3f}, "
                  f"{r.get('val/accuracy_ci_high', float('nan')):.3f}]",
                  f"{r.get('val/accuracy_over_best_rule', float('nan')):+.3f}"]
