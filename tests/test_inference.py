@@ -454,3 +454,34 @@ def test_shipped_compare_configs_parse(capsys):
             cli_main(["compare", "--config", str(ROOT / config), "--print_config"])
         assert exit_info.value.code in (0, None)
         assert "report_dir" in capsys.readouterr().out
+
+
+def test_plots_give_each_stage_its_panel_mark_the_length_cap_and_show_kl_coef_from_zero(tmp_path):
+    """Issue 24 item 7: RLHF's points hid the base stage's in one scatter, the length cap was unmarked, and a KL
+    coefficient going 0.1000 -> 0.1006 filled the whole panel (it looked like a steep change)."""
+    pytest.importorskip("matplotlib")
+    from torch.utils.tensorboard import SummaryWriter
+
+    from alpaca_rlhf.inference import plots
+
+    plt = plots._pyplot()
+    rows = [{"stage": stage, "response_tokens": n, "score": 0.1 * n} for stage in ("base", "sft", "rlhf")
+            for n in (3, 6, 6)]  # base and RLHF at the very same points
+    fig = plots.score_vs_length_figure(plt, rows, ["base", "sft", "rlhf"], length_cap=6)
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == ["base (n=3)", "SFT (n=3)", "RLHF (n=3)"]
+    for ax in axes:
+        assert len(ax.collections[0].get_offsets()) == 3  # every stage's own points, in its own panel
+        assert any(list(line.get_xdata()) == [6, 6] for line in ax.lines)  # the cap, marked
+    plt.close(fig)
+    run = tmp_path / "run"
+    with SummaryWriter(str(run)) as writer:
+        for it in range(6):
+            writer.add_scalar("ppo/kl_coef", 0.1 + 0.0001 * it, it)
+            writer.add_scalar("rollout/score", 0.1 * it, it)
+    fig = plots.ppo_curves_figure(plt, run)
+    kl_panel = next(ax for ax in fig.axes if ax.get_title() == "KL coefficient")
+    low, high = kl_panel.get_ylim()
+    assert low == 0 and high >= 0.1005
+    plt.close(fig)
+    assert plots.score_vs_length(rows, ["base", "sft", "rlhf"], tmp_path / "s.png", 6).is_file()

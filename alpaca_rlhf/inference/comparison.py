@@ -314,7 +314,8 @@ def compare(
     from alpaca_rlhf.inference.plots import write_plots
 
     log_dir = ppo_log_dir or (ppo_state or {}).get("log_dir")
-    settings["plots"] = write_plots(rows, stages, out, log_dir if log_dir and Path(log_dir).is_dir() else None)
+    settings["plots"] = write_plots(rows, stages, out, log_dir if log_dir and Path(log_dir).is_dir() else None,
+                                    sampling.max_new_tokens)
     (out / "report.md").write_text(markdown_report(stages, rows, summary, settings, samples_per_prompt))
     (out / "summary.json").write_text(json.dumps({"summary": summary, "settings": settings}, indent=2))
     print(terminal_table(stages, rows, summary, show, width or shutil.get_terminal_size((120, 24)).columns))

@@ -52,21 +52,31 @@ def score_distributions(rows: list[dict], stages: list[str], path: Path) -> Path
     return _save(fig, plt, path)
 
 
-def score_vs_length(rows: list[dict], stages: list[str], path: Path) -> Path | None:
-    """Each response's reward-model score against its length: a reward that grows with length shows here."""
+def score_vs_length(rows: list[dict], stages: list[str], path: Path, length_cap: int | None = None) -> Path | None:
+    """Each response's reward-model score against its length, one panel per stage on shared axes (so no stage
+    hides under another), with the generation's length cap marked: a reward that grows with length, or answers
+    piling up at the cap, show here."""
     plt = _pyplot()
-    if plt is None or not any(r["score"] is not None for r in rows):
+    fig = score_vs_length_figure(plt, rows, stages, length_cap) if plt else None
+    return _save(fig, plt, path) if fig else None
+
+
+def score_vs_length_figure(plt, rows: list[dict], stages: list[str], length_cap: int | None = None):
+    shown = [s for s in stages if any(r["stage"] == s and r["score"] is not None for r in rows)]
+    if not shown:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for stage in stages:
+    fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 4), squeeze=False, sharex=True, sharey=True)
+    for ax, stage in zip(axes[0], shown, strict=True):
         points = [(r["response_tokens"], r["score"]) for r in rows if r["stage"] == stage and r["score"] is not None]
-        if points:
-            ax.scatter(*zip(*points, strict=True), s=12, alpha=0.6, label=STAGE_TITLES[stage])
-    ax.set_xlabel("response length (tokens)")
-    ax.set_ylabel("reward-model score")
-    ax.legend()
-    ax.set_title("Score against response length")
-    return _save(fig, plt, path)
+        ax.scatter(*zip(*points, strict=True), s=12, alpha=0.6, color=f"C{stages.index(stage)}")
+        if length_cap:
+            ax.axvline(length_cap, linestyle="--", color="grey", linewidth=1, label=f"cap ({length_cap} tokens)")
+            ax.legend(fontsize=8, loc="best")
+        ax.set_title(f"{STAGE_TITLES[stage]} (n={len(points)})", fontsize=10)
+        ax.set_xlabel("response length (tokens)")
+    axes[0][0].set_ylabel("reward-model score")
+    fig.suptitle("Score against response length")
+    return fig
 
 
 def read_scalars(log_dir: str | Path, tags: list[str]) -> dict[str, list[tuple[int, float]]]:
@@ -81,8 +91,11 @@ def read_scalars(log_dir: str | Path, tags: list[str]) -> dict[str, list[tuple[i
 def ppo_curves(log_dir: str | Path, path: Path) -> Path | None:
     """Score, KL, KL coefficient and response length per PPO iteration, from the run's TensorBoard events."""
     plt = _pyplot()
-    if plt is None or not Path(log_dir).is_dir():
-        return None
+    fig = ppo_curves_figure(plt, log_dir) if plt and Path(log_dir).is_dir() else None
+    return _save(fig, plt, path) if fig else None
+
+
+def ppo_curves_figure(plt, log_dir: str | Path):
     panels = list(PPO_CURVES)
     curves = read_scalars(log_dir, [t for t, _ in panels] + ["rollout/eos_fraction"])
     if not curves:
@@ -94,10 +107,12 @@ def ppo_curves(log_dir: str | Path, path: Path) -> Path | None:
         points = curves.get(tag)
         if points:
             ax.plot(*zip(*points, strict=True), linewidth=1.5)
+            if tag == "ppo/kl_coef":  # from 0: a coefficient that barely moved must not look like a steep fall
+                ax.set_ylim(0, max(v for _, v in points) * 1.15)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("iteration")
     fig.suptitle(f"RL training ({log_dir})")
-    return _save(fig, plt, path)
+    return fig
 
 
 def _save(fig, plt, path: Path) -> Path:
@@ -108,14 +123,15 @@ def _save(fig, plt, path: Path) -> Path:
     return path
 
 
-def write_plots(rows: list[dict], stages: list[str], out: Path, ppo_log_dir: str | None) -> dict[str, str]:
+def write_plots(rows: list[dict], stages: list[str], out: Path, ppo_log_dir: str | None,
+                length_cap: int | None = None) -> dict[str, str]:
     """Writes every picture that applies; returns {title: file name} for the report (empty without matplotlib)."""
     if not available():
         log.warning("compare: no plots (matplotlib is not installed: pip install \"alpaca-rlhf[plots]\")")
         return {}
     written = {
         "Score distribution per stage": score_distributions(rows, stages, out / "score_distribution.png"),
-        "Score against response length": score_vs_length(rows, stages, out / "score_vs_length.png"),
+        "Score against response length": score_vs_length(rows, stages, out / "score_vs_length.png", length_cap),
         "PPO training curves": ppo_curves(ppo_log_dir, out / "ppo_curves.png") if ppo_log_dir else None,
     }
     return {title: p.name for title, p in written.items() if p is not None}
