@@ -308,7 +308,7 @@ def ensure_base(spec: ModelSpec) -> str:
             if path and looks_local(path) and not Path(path).expanduser().exists():
                 raise FileNotFoundError(
                     f"model folder {path!r} does not exist (working directory {os.getcwd()}). It is written by an "
-                    "earlier stage: SFT or reward-model training then `python cli.py merge --adapter_path ...` "
+                    "earlier stage: SFT or reward-model training then `alpaca-rlhf merge --adapter_path ...` "
                     "(see README: the pipeline); run that first, or run from the folder that holds it.")
         if spec.name_or_path.endswith(".gguf"):
             return str(gguf_folder(spec, spec.name_or_path))

@@ -1,8 +1,8 @@
 """The whole recipe from one YAML: SFT -> merge -> reward model -> merge -> PPO -> compare.
 
-    python cli.py pipeline --config configs/tiny/pipeline.yaml          # CPU, minutes, nothing downloaded
-    python cli.py pipeline --config configs/tiny/pipeline.yaml --force  # redo every stage
-    python cli.py pipeline --config configs/tiny/pipeline.yaml --from_stage ppo  # redo PPO and compare
+    alpaca-rlhf pipeline --config configs/tiny/pipeline.yaml          # CPU, minutes, nothing downloaded
+    alpaca-rlhf pipeline --config configs/tiny/pipeline.yaml --force  # redo every stage
+    alpaca-rlhf pipeline --config configs/tiny/pipeline.yaml --from_stage ppo  # redo PPO and compare
 
 Each stage is the command a user would type (`python cli.py fit --config ...`, `python cli.py merge ...`,
 `python cli.py compare ...`), run in a subprocess with its output in `<output_dir>/logs/<stage>.log`, so a
@@ -541,7 +541,7 @@ def pipeline(
         stage = Stage(stage.name, args, stage.output, stage.checkpoint_dir)
         log_file = logs / f"{stage.name}.log"
         if dry_run:
-            print(f"{tag} ... would run{note}: python cli.py {' '.join(args)}", flush=True)
+            print(f"{tag} ... would run{note}: alpaca-rlhf {' '.join(args)}", flush=True)
             ran = explicit = True
             continue
         print(f"{tag} ... running{note}; log: {log_file}", flush=True)

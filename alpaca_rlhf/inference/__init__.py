@@ -1,7 +1,7 @@
 """Generation from any stage's checkpoint, and the base vs SFT vs RLHF comparison.
 
-    python cli.py generate --mode ppo --ppo_model_path output/tiny/ppo_checkpoints --instruction "Hello"
-    python cli.py compare --config configs/tiny/compare.yaml
+    alpaca-rlhf generate --mode ppo --ppo_model_path output/tiny/ppo_checkpoints --instruction "Hello"
+    alpaca-rlhf compare --config configs/tiny/compare.yaml
 
 One job per module:
 - `checkpoints`: which weights a stage's output means, and loading them. A checkpoint is a base folder (or hub

@@ -24,7 +24,7 @@ def markdown_report(stages: list[str], rows: list[dict], summary: dict, settings
     """report.md: what produced it, the headline numbers, and every prompt's responses side by side."""
     titles = [STAGE_TITLES[s] for s in stages]
     lines = ["# Base vs SFT vs RLHF", "",
-             f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} by `python cli.py compare` in "
+             f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} by `alpaca-rlhf compare` in "
              f"{settings['seconds']} s.",
              "", "## Checkpoints", "", "| stage | weights |", "| --- | --- |"]
     lines += [f"| {STAGE_TITLES[s]} | `{settings['checkpoints'][s]}` |" for s in stages]
