@@ -157,7 +157,7 @@ def function_parser(name: str, exit_on_error: bool = True):
 
 def _function_command(name: str, args: list[str]):
     function = _function(name)
-    parser = function_parser(name)
+    parser = function_parser(name, exit_on_error=False)
     config = parser.parse_args(_bare_flags(function, args))
     init = parser.instantiate_classes(config)
     kwargs = {k: v for k, v in vars(init).items() if k != "config"}
@@ -292,6 +292,7 @@ DEBUG_ENV = "ALPACA_RLHF_DEBUG"
 def main(args: list[str] | None = None) -> None:
     """The command line's entry point: a data or config error prints its one message and exits 1 (set
     ALPACA_RLHF_DEBUG=1 to see the traceback); unexpected errors keep their traceback."""
+    import argparse
     import os
 
     from alpaca_rlhf.errors import USER_ERRORS
@@ -299,12 +300,63 @@ def main(args: list[str] | None = None) -> None:
     configure_logging()
     try:
         cli_main(args)
+    except argparse.ArgumentError as e:  # one line with the fix, no usage dump
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        argv = list(sys.argv[1:] if args is None else args)
+        print(f"alpaca-rlhf: error: {argument_error_line(e, argv[0] if argv else '')}", file=sys.stderr)
+        raise SystemExit(2) from None
     except Exception as e:
         user_error = _user_error(e, USER_ERRORS)
         if user_error is None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
         print(f"alpaca-rlhf: error: {user_error}\n(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def argument_error_line(error: BaseException, command: str) -> str:
+    """A command-line error in one line: jsonargparse's message (its first line, and the value it was given),
+    the closest valid option to an unknown one, and what to run instead of a bare `fit`."""
+    import difflib
+    import re
+
+    text = str(error).strip()
+    if "required: fit.data, fit.model" in text or "required: validate.data, validate.model" in text:
+        return (f"{command} needs a stage's config, e.g. alpaca-rlhf {command} -c tiny/sft (packaged configs: "
+                "alpaca-rlhf init copies them; alpaca-rlhf fit -c tiny/sft --print_config shows every field)")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0] if lines else text
+    given = next((line for line in lines if line.startswith("Given value:")), None)
+    choices = re.search(r"Literal\[(.*?)\]", text)
+    line = first.rstrip(":")
+    key = re.match(r'Parser key "([\w.]+)"', line)
+    if key and given:  # jsonargparse names the key and the value on lines of their own
+        line, given = f"--{key.group(1)} {given.split(':', 1)[1].strip()} is not valid", None
+    if choices:
+        line += f" (choose one of {choices.group(1)})"
+    if given and given not in line:
+        line += f"; {given.lower()}"
+    unknown = re.findall(r"--[\w.]+", first) if "unrecognized arguments" in first else []
+    if unknown:
+        known = option_names(command)
+        hints = [f"did you mean {' or '.join(close)}?" for u in unknown
+                 if (close := difflib.get_close_matches(u, known, n=2, cutoff=0.75))]
+        line += ("; " + " ".join(hints)) if hints else ""
+    return f"{line} (alpaca-rlhf {command} --help)" if command else line
+
+
+def option_names(command: str) -> list[str]:
+    """The options `alpaca-rlhf <command>` takes (fit/validate: from its help text)."""
+    import re
+
+    if command in FIT_COMMANDS:
+        from alpaca_rlhf.helptext import live, shipped
+
+        return sorted(set(re.findall(r"--[\w.]+", shipped(command) or live(command))))
+    if command in COMMANDS and command != "preflight":
+        parser = function_parser(command, exit_on_error=False)
+        return sorted({o for action in parser._actions for o in action.option_strings if o.startswith("--")})
+    return []
 
 
 def configure_logging() -> None:
@@ -359,7 +411,9 @@ def lightning_cli(args: list[str] | None, cli_class=None):
         auto_configure_optimizers=False,  # the modules take `optimizer`/`scheduler` callables from YAML
         trainer_class=_trainer_class(),  # Lightning's, with `precision: auto`
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"allow_abbrev": False},  # `--trainer.max_step` is not silently `max_steps` (as TRL)
+        # `--trainer.max_step` is not silently `max_steps` (as TRL); a bad argument raises (main prints one line
+        # with the closest names) instead of a usage dump
+        parser_kwargs={"allow_abbrev": False, "exit_on_error": False},
         args=args,
     )
 
@@ -432,6 +486,7 @@ def parse_fit_config(args: list[str]):
     """
     class ConfigOnly(_cli_class()):
         def _parse_ckpt_path(self) -> None: ...
+        def before_instantiate_classes(self) -> None: ...  # a config is read, not run: its data may be elsewhere
         def _set_seed(self) -> None: ...
         def instantiate_classes(self) -> None: ...
         def after_instantiate_classes(self) -> None: ...

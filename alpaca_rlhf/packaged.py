@@ -34,19 +34,44 @@ def find_config(path: str) -> Path | None:
     return None
 
 
+def packaged_names() -> list[str]:
+    """Every packaged config's name (`tiny/sft`, `smol/pipeline`, `ppo`)."""
+    root = config_root()
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml")) if root else []
+
+
+def missing_config(path: str) -> FileNotFoundError:
+    """The error for a `--config` that is neither a file nor a packaged name: the closest names, and the list."""
+    import difflib
+
+    names = packaged_names()
+    name = path[len("configs/"):] if path.startswith("configs/") else path
+    name = name[:-5] if name.endswith(".yaml") else name
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    return FileNotFoundError(f"config {path!r} is neither a file nor a packaged config; {hint}packaged: "
+                             f"{', '.join(names)}")
+
+
 def resolve_config_args(args: list[str]) -> list[str]:
-    """`--config X` / `-c X` / `--config=X` with X a packaged config's name become its full path."""
+    """`--config X` / `-c X` / `--config=X` with X a packaged config's name become its full path; an X that is
+    neither a file nor a packaged name stops with the closest names."""
     out, i = [], 0
     while i < len(args):
         arg = args[i]
         if arg in ("--config", "-c") and i + 1 < len(args):
             found = find_config(args[i + 1])
+            if found is None and not args[i + 1].lstrip().startswith(("{", "[")):  # YAML text is allowed too
+                raise missing_config(args[i + 1])
             out += [arg, str(found) if found is not None else args[i + 1]]
             i += 2
             continue
         if arg.startswith("--config="):
-            found = find_config(arg.split("=", 1)[1])
-            arg = f"--config={found}" if found is not None else arg
+            value = arg.split("=", 1)[1]
+            found = find_config(value)
+            if found is None and not value.lstrip().startswith(("{", "[")):
+                raise missing_config(value)
+            arg = f"--config={found}"
         out.append(arg)
         i += 1
     return out

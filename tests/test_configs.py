@@ -65,3 +65,28 @@ def test_no_parser_accepts_an_abbreviated_option(args, typo, tmp_path, monkeypat
     assert refused.value.code not in (0, None)
     assert typo in capsys.readouterr().err
     assert not (tmp_path / "output").exists()  # nothing ran
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["fit", "-c", "tiny/sft", "--trainer.max_stepz", "10"], "did you mean --trainer.max_steps"),
+    (["fit", "-c", "tiny/sfx"], "did you mean tiny/sft"),
+    (["pipeline", "-c", "configs/tiny/pipelin.yaml"], "did you mean tiny/pipeline"),
+    (["fit"], "alpaca-rlhf fit -c tiny/sft"),
+    (["generate", "--mode", "foo"], "--mode foo is not valid (choose one of 'base', 'sft', 'rlhf', 'ppo')"),
+    (["generate", "--instruction", "hi", "--max_new_token", "5"], "did you mean --max_new_tokens?"),
+])
+def test_a_command_line_mistake_is_one_line_with_the_fix(args, says, tmp_path, monkeypatch, capsys):
+    """Issue 24 item 5: these printed a 50-line usage dump before jsonargparse's message, an absolute path the user
+    never typed, `typing.Literal` syntax, or "required: fit.data, fit.model"; now one line names the fix."""
+    from alpaca_rlhf.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ALPACA_RLHF_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as refused:
+        main(args)
+    err = capsys.readouterr().err
+    assert refused.value.code in (1, 2)
+    first = err.strip().splitlines()[0]
+    assert first.startswith("alpaca-rlhf: error:") and says in first, err
+    assert "usage:" not in err and "Traceback" not in err and str(tmp_path) not in err
+    assert len(err.strip().splitlines()) <= 2, err  # the line, and at most the debug hint
