@@ -327,13 +327,22 @@ def argument_error_line(error: BaseException, command: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     first = lines[0] if lines else text
     given = next((line for line in lines if line.startswith("Given value:")), None)
-    choices = re.search(r"Literal\[(.*?)\]", text)
+    choices = ", ".join(dict.fromkeys(c.strip() for group in re.findall(r"Literal\[(.*?)\]", text)
+                                      for c in group.split(",")))
+    nested = re.search(r"NestedArg\(key='([\w.]+)', val='(.*?)'\)", text)
+    group = re.match(r'Parser key "(model|data)"', first)
+    if nested and group:  # an option of the chosen class that it does not have
+        option = f"--{group.group(1)}.init_args.{nested.group(1)}"
+        close = difflib.get_close_matches(nested.group(1), class_option_names(group.group(1)), n=2, cutoff=0.6)
+        hint = f"did you mean {' or '.join(f'--{group.group(1)}.init_args.{c}' for c in close)}? " if close else ""
+        return (f"{option} is not an option of the {group.group(1)} class; {hint}"
+                f"(alpaca-rlhf {command} -c CONFIG --{group.group(1)}.help CLASS lists them)")
     line = first.rstrip(":")
     key = re.match(r'Parser key "([\w.]+)"', line)
     if key and given:  # jsonargparse names the key and the value on lines of their own
         line, given = f"--{key.group(1)} {given.split(':', 1)[1].strip()} is not valid", None
     if choices:
-        line += f" (choose one of {choices.group(1)})"
+        line += f" (choose one of {choices})"
     if given and given not in line:
         line += f"; {given.lower()}"
     unknown = re.findall(r"--[\w.]+", first) if "unrecognized arguments" in first else []
@@ -343,6 +352,38 @@ def argument_error_line(error: BaseException, command: str) -> str:
                  if (close := difflib.get_close_matches(u, known, n=2, cutoff=0.75))]
         line += ("; " + " ".join(hints)) if hints else ""
     return f"{line} (alpaca-rlhf {command} --help)" if command else line
+
+
+def class_option_names(group: str) -> list[str]:
+    """The init options of every stage's LightningModule (`group` model) or DataModule (data), with the fields of
+    their dataclass options (`lora.r`, `model.dtype`, `ppo.ppo_epochs`), for "did you mean"."""
+    import dataclasses
+    import inspect
+    import typing
+
+    import lightning as L
+
+    from alpaca_rlhf import data, modules
+
+    package, base = (modules, L.LightningModule) if group == "model" else (data, L.LightningDataModule)
+    names = set()
+    classes = [getattr(package, name) for name in getattr(package, "__all__", dir(package))]  # lazy names too
+    for cls in classes:
+        if not inspect.isclass(cls) or not issubclass(cls, base):
+            continue
+        try:
+            hints = typing.get_type_hints(cls.__init__)
+        except Exception:  # an annotation that does not resolve: the names alone
+            hints = {}
+        for name in inspect.signature(cls.__init__).parameters:
+            if name == "self":
+                continue
+            names.add(name)
+            kinds = typing.get_args(hints.get(name)) or (hints.get(name),)
+            for kind in kinds:
+                if dataclasses.is_dataclass(kind):
+                    names.update(f"{name}.{f.name}" for f in dataclasses.fields(kind))
+    return sorted(names)
 
 
 def option_names(command: str) -> list[str]:

@@ -4,11 +4,12 @@
     python bench/kill_stress.py --stages ppo dpo --trials 3 --load 1
 
 Every stage runs the tiny config through the real `python cli.py fit` (a subprocess, killed with SIGKILL on its
-process group): SFT, RM and DPO for 24 optimizer steps with a checkpoint every 4; PPO, RLOO and GRPO for 3
+process group): SFT, RM and DPO for 48 optimizer steps with a checkpoint every 4; PPO, RLOO and GRPO for 3
 iterations (24 optimizer steps) with a checkpoint and a `step_<n>` export after every iteration, scored by a
 token rule (no reward model needed). A trial kills the run 1 to `--max-kills` times, each at a moment drawn
-uniformly between `--low` and `--high` of the uninterrupted run's wall time (so the kill can land in a step, a
-checkpoint write, an export or the start-up), resumes after each kill with `--ckpt_path last` (Lightning starts
+uniformly between `--low` and `--high` of the training part of the uninterrupted run (from a little before its
+first checkpoint to its end: start-up is most of a tiny run), so the kill lands in a step, a checkpoint write or
+an export, resumes after each kill with `--ckpt_path last` (Lightning starts
 over when no checkpoint was written yet), and finally compares the exported adapter with the uninterrupted run's,
 tensor by tensor. `--load N` keeps N busy-loop processes running during every other trial, the first included
 (a loaded machine).
@@ -39,11 +40,11 @@ SCORER = json.dumps({"class_path": "alpaca_rlhf.modules.scorers.TokenIdScorer",
                      "init_args": {"token_ids": list(range(40, 200))}})
 # stage: (config, checkpoint folder, optimizer steps per checkpoint, max_steps, the export flag, the final file)
 STAGES = {
-    "sft": ("configs/tiny/sft.yaml", "output/tiny/checkpoints/sft", 4, 24, "--model.init_args.adapter_dir",
+    "sft": ("configs/tiny/sft.yaml", "output/tiny/checkpoints/sft", 4, 48, "--model.init_args.adapter_dir",
             "adapter_model.safetensors"),
-    "rm": ("configs/tiny/rm.yaml", "output/tiny/checkpoints/rm", 4, 24, "--model.init_args.adapter_dir",
+    "rm": ("configs/tiny/rm.yaml", "output/tiny/checkpoints/rm", 4, 48, "--model.init_args.adapter_dir",
            "adapter_model.safetensors"),
-    "dpo": ("configs/tiny/dpo.yaml", "output/tiny/checkpoints/dpo", 4, 24, "--model.init_args.adapter_dir",
+    "dpo": ("configs/tiny/dpo.yaml", "output/tiny/checkpoints/dpo", 4, 48, "--model.init_args.adapter_dir",
             "adapter_model.safetensors"),
     "ppo": ("configs/tiny/ppo.yaml", "output/tiny/checkpoints/ppo", 8, 24, "--model.init_args.output_dir",
             "step_3/adapter_model.safetensors"),
@@ -89,23 +90,31 @@ def prepare(work: Path) -> None:
                    cwd=work, env=environment(), check=True, capture_output=True)
 
 
-def run(stage: str, work: Path, out: str, resume: bool, kill_after: float | None) -> tuple[bool, float]:
-    """(killed, seconds): runs one fit, SIGKILLs its process group after `kill_after` seconds if still alive."""
+def run(stage: str, work: Path, out: str, resume: bool, kill_after: float | None,
+        watch: Path | None = None) -> tuple[bool, float, float | None]:
+    """(killed, seconds, when the first `*.ckpt` appeared in `watch`): runs one fit, SIGKILLs its process group
+    after `kill_after` seconds if still alive."""
     t0 = time.monotonic()
     proc = subprocess.Popen(fit_command(stage, out, resume), cwd=work, env=environment(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    first_checkpoint = None
     try:
+        if watch is not None:  # poll for the first checkpoint: training has begun by then
+            while proc.poll() is None:
+                if first_checkpoint is None and any(watch.glob("*.ckpt")):
+                    first_checkpoint = time.monotonic() - t0
+                time.sleep(0.05)
         proc.wait(timeout=kill_after)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         proc.stderr.close()
-        return True, time.monotonic() - t0
+        return True, time.monotonic() - t0, first_checkpoint
     err = proc.stderr.read().decode(errors="replace")
     proc.stderr.close()
     if proc.returncode != 0:
         raise RuntimeError(f"{stage} run failed ({proc.returncode}):\n{err[-4000:]}")
-    return False, time.monotonic() - t0
+    return False, time.monotonic() - t0, first_checkpoint
 
 
 def last_step(work: Path, stage: str) -> int | None:
@@ -144,7 +153,7 @@ class Burner:
             p.wait()
 
 
-def stress(stages: list[str], trials: int, work: Path, seed: int = 0, low: float = 0.6, high: float = 0.95,
+def stress(stages: list[str], trials: int, work: Path, seed: int = 0, low: float = 0.0, high: float = 1.0,
            max_kills: int = 2, load: int = 0, tolerance: float = 0.0, log=print) -> list[dict]:
     rng = random.Random(seed)
     work.mkdir(parents=True, exist_ok=True)
@@ -154,8 +163,11 @@ def stress(stages: list[str], trials: int, work: Path, seed: int = 0, low: float
         _, ckpt_dir, every, *_ , export = STAGES[stage]
         (work / f"ckpt_{stage}.yaml").write_text(checkpoint_yaml(ckpt_dir, every))
         shutil.rmtree(work / ckpt_dir, ignore_errors=True)
-        _, wall = run(stage, work, f"straight_{stage}", resume=False, kill_after=None)
-        log(f"{stage}: uninterrupted run {wall:.1f} s")
+        _, wall, first = run(stage, work, f"straight_{stage}", resume=False, kill_after=None, watch=work / ckpt_dir)
+        # the kills land in the training part of the run (start-up is most of a tiny run): from a little before
+        # the first checkpoint (one checkpoint interval of steps) to the end, export included
+        start = 0.8 * first if first is not None else 0.0
+        log(f"{stage}: uninterrupted run {wall:.1f} s, first checkpoint at {first or float('nan'):.1f} s")
         for trial in range(trials):
             loaded = load > 0 and trial % 2 == 0
             burner = Burner(load) if loaded else None
@@ -165,8 +177,8 @@ def stress(stages: list[str], trials: int, work: Path, seed: int = 0, low: float
             kills, resume = [], False
             try:
                 for _ in range(rng.randint(1, max_kills)):
-                    when = rng.uniform(low, high) * wall * (1.5 if loaded else 1.0)
-                    killed, _ = run(stage, work, out, resume, kill_after=when)
+                    when = (start + rng.uniform(low, high) * (wall - start)) * (1.5 if loaded else 1.0)
+                    killed, _, _ = run(stage, work, out, resume, kill_after=when)
                     kills.append({"at_s": round(when, 2), "landed": killed, "last_step": last_step(work, stage),
                                   "partial": partial_files(work, stage)})
                     resume = True  # as a user would: --ckpt_path last (Lightning starts over when none was written)
@@ -193,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
     parser.add_argument("--trials", type=int, default=9, help="trials per stage")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--low", type=float, default=0.6, help="earliest kill, as a fraction of the run")
-    parser.add_argument("--high", type=float, default=0.95, help="latest kill, as a fraction of the run")
+    parser.add_argument("--low", type=float, default=0.0, help="earliest kill, a fraction of the training part")
+    parser.add_argument("--high", type=float, default=1.0, help="latest kill, a fraction of the training part")
     parser.add_argument("--max-kills", type=int, default=2, help="kills per trial: 1 to this many")
     parser.add_argument("--load", type=int, default=1, help="busy-loop processes during every other trial")
     parser.add_argument("--work", default=None, help="work folder (default: a new temporary one)")

@@ -9,6 +9,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from alpaca_rlhf.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 MODES = ("base", "sft", "rlhf", "ppo")  # generate --mode (ppo: the seed's name for rlhf)
@@ -71,18 +73,18 @@ def resolve_checkpoint(mode: str, model_name: str | None = None, adapter_path: s
                        tokenizer_name: str | None = None) -> Checkpoint:
     """Maps the seed's inference flags to a `Checkpoint`, with a clear error for a missing or wrong one."""
     if mode not in MODES:
-        raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
+        raise ConfigError(f"--mode must be one of {MODES}, got {mode!r}")
     mode = "rlhf" if mode == "ppo" else mode
     if mode == "base":
         if not model_name:
-            raise ValueError("--mode base needs --model_name (hub id or folder)")
+            raise ConfigError("--mode base needs --model_name (hub id or folder)")
         return Checkpoint(model_name, tokenizer=tokenizer_name)
     if mode == "sft":
         if merged_model_path:
             folder = Path(merged_model_path)
             return Checkpoint(merged_model_path, tokenizer=tokenizer_name, template=_template_of(folder))
         if not adapter_path:
-            raise ValueError("--mode sft needs --merged_model_path, or --adapter_path (with --model_name to "
+            raise ConfigError("--mode sft needs --merged_model_path, or --adapter_path (with --model_name to "
                              "override the adapter's recorded base)")
         folder = Path(adapter_path)
         config = _read_json(folder / "adapter_config.json")
@@ -92,7 +94,7 @@ def resolve_checkpoint(mode: str, model_name: str | None = None, adapter_path: s
         tokenizer = tokenizer_name or (adapter_path if (folder / "tokenizer_config.json").is_file() else base)
         return Checkpoint(base, adapter_path, tokenizer, _template_of(folder))
     if not ppo_model_path:
-        raise ValueError("--mode rlhf needs --rlhf_model (a PPO export step_<n>, or the PPO output_dir)")
+        raise ConfigError("--mode rlhf needs --rlhf_model (a PPO export step_<n>, or the PPO output_dir)")
     folder = latest_export(ppo_model_path)
     state = _read_json(folder / "ppo_state.json")
     adapter_config = _read_json(folder / "adapter_config.json")

@@ -14,6 +14,7 @@ from typing import Literal
 
 from alpaca_rlhf.data.partition import Partition, PartName, prompt_key
 from alpaca_rlhf.data.templates import PromptTemplate
+from alpaca_rlhf.errors import ConfigError
 from alpaca_rlhf.evaluation import is_refusal, win_tie_loss
 from alpaca_rlhf.inference.checkpoints import (
     STAGE_TITLES,
@@ -232,7 +233,7 @@ def compare(
     if base_model:
         checkpoints["base"] = resolve_checkpoint("base", model_name=base_model)
     if not checkpoints:
-        raise ValueError("nothing to compare: give at least one of base_model, sft_model, rlhf_model")
+        raise ConfigError("nothing to compare: give at least one of base_model, sft_model, rlhf_model")
     stages = [s for s in STAGES if s in checkpoints]
     # every stage answers the same prompt text: the template of the most trained model (all are Alpaca here)
     template = PromptTemplate.load(checkpoints[stages[-1]].template)

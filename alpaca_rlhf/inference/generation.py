@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from alpaca_rlhf.data.templates import PromptTemplate
+from alpaca_rlhf.errors import ConfigError
 from alpaca_rlhf.inference.checkpoints import Checkpoint, detect_checkpoint, load_checkpoint, resolve_checkpoint
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,7 @@ def generate(
     import torch
 
     if sum(x is not None for x in (instruction, instructions_file)) + chat != 1:
-        raise ValueError("give exactly one of --instruction, --instructions_file or --chat")
+        raise ConfigError("give exactly one of --instruction, --instructions_file or --chat")
     checkpoint, kind = _checkpoint_from_flags(model, mode, base_model, sft_model, rlhf_model, model_name,
                                               adapter_path, merged_model_path, ppo_model_path, tokenizer_name)
     log.info("generate: loading %s (%s)", checkpoint.describe(), kind)
@@ -261,7 +262,7 @@ def _checkpoint_from_flags(model, mode, base_model, sft_model, rlhf_model, model
     if model is not None:
         if any(x is not None for x in (mode, base_model, sft_model, rlhf_model, adapter_path, merged_model_path,
                                        ppo_model_path)):
-            raise ValueError("--model detects the stage itself: give it alone, or use --mode with the stage flags")
+            raise ConfigError("--model detects the stage itself: give it alone, or use --mode with the stage flags")
         return detect_checkpoint(model, tokenizer_name)
     rlhf_model = rlhf_model or ppo_model_path
     model_name = base_model or model_name
@@ -274,7 +275,7 @@ def _checkpoint_from_flags(model, mode, base_model, sft_model, rlhf_model, model
         mode = ("rlhf" if rlhf_model else "sft" if (adapter_path or merged_model_path) else
                 "base" if model_name else None)
         if mode is None:
-            raise ValueError("give --model PATH (any stage's output), or one of --base_model, --sft_model, "
+            raise ConfigError("give --model PATH (any stage's output), or one of --base_model, --sft_model, "
                              "--rlhf_model")
     checkpoint = resolve_checkpoint(mode, model_name, adapter_path, merged_model_path, rlhf_model, tokenizer_name)
     return checkpoint, {"ppo": "rlhf"}.get(mode, mode)
