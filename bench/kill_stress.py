@@ -9,7 +9,8 @@ iterations (24 optimizer steps) with a checkpoint and a `step_<n>` export after 
 token rule (no reward model needed). A trial kills the run 1 to `--max-kills` times, each at a moment drawn
 uniformly between `--low` and `--high` of the training part of the uninterrupted run (from a little before its
 first checkpoint to its end: start-up is most of a tiny run), so the kill lands in a step, a checkpoint write or
-an export, resumes after each kill with `--ckpt_path last` (Lightning starts
+an export; the clock of the killed run is scaled by when it wrote its own first checkpoint, so a loaded run is
+killed at the same point of its work, resumes after each kill with `--ckpt_path last` (Lightning starts
 over when no checkpoint was written yet), and finally compares the exported adapter with the uninterrupted run's,
 tensor by tensor. `--load N` keeps N busy-loop processes running during every other trial, the first included
 (a loaded machine).
@@ -90,31 +91,34 @@ def prepare(work: Path) -> None:
                    cwd=work, env=environment(), check=True, capture_output=True)
 
 
-def run(stage: str, work: Path, out: str, resume: bool, kill_after: float | None,
-        watch: Path | None = None) -> tuple[bool, float, float | None]:
-    """(killed, seconds, when the first `*.ckpt` appeared in `watch`): runs one fit, SIGKILLs its process group
-    after `kill_after` seconds if still alive."""
-    t0 = time.monotonic()
+def run(stage: str, work: Path, out: str, resume: bool, kill_at: float | None = None,
+        first: float | None = None) -> tuple[bool, float, float | None]:
+    """(killed, seconds, when this run wrote its first checkpoint). Runs one fit. With `kill_at` (seconds into
+    the uninterrupted run, whose first checkpoint came at `first` s), SIGKILLs its process group at the same
+    point of this run: the clock is scaled by how late this run's first new checkpoint came, so a loaded or a
+    resumed run is killed at the same stage of its work."""
+    launched, t0 = time.time(), time.monotonic()
     proc = subprocess.Popen(fit_command(stage, out, resume), cwd=work, env=environment(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    first_checkpoint = None
-    try:
-        if watch is not None:  # poll for the first checkpoint: training has begun by then
-            while proc.poll() is None:
-                if first_checkpoint is None and any(watch.glob("*.ckpt")):
-                    first_checkpoint = time.monotonic() - t0
-                time.sleep(0.05)
-        proc.wait(timeout=kill_after)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        proc.stderr.close()
-        return True, time.monotonic() - t0, first_checkpoint
+    folder = work / STAGES[stage][1]
+    seen = None
+    while proc.poll() is None:
+        now = time.monotonic() - t0
+        if seen is None and any(p.stat().st_mtime >= launched for p in folder.glob("*.ckpt") if p.exists()):
+            seen = now
+        if kill_at is not None and seen is not None:
+            scale = seen / first if first else 1.0
+            if now >= kill_at * scale:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                proc.stderr.close()
+                return True, now, seen
+        time.sleep(0.02)
     err = proc.stderr.read().decode(errors="replace")
     proc.stderr.close()
     if proc.returncode != 0:
         raise RuntimeError(f"{stage} run failed ({proc.returncode}):\n{err[-4000:]}")
-    return False, time.monotonic() - t0, first_checkpoint
+    return False, time.monotonic() - t0, seen
 
 
 def last_step(work: Path, stage: str) -> int | None:
@@ -163,7 +167,7 @@ def stress(stages: list[str], trials: int, work: Path, seed: int = 0, low: float
         _, ckpt_dir, every, *_ , export = STAGES[stage]
         (work / f"ckpt_{stage}.yaml").write_text(checkpoint_yaml(ckpt_dir, every))
         shutil.rmtree(work / ckpt_dir, ignore_errors=True)
-        _, wall, first = run(stage, work, f"straight_{stage}", resume=False, kill_after=None, watch=work / ckpt_dir)
+        _, wall, first = run(stage, work, f"straight_{stage}", resume=False)
         # the kills land in the training part of the run (start-up is most of a tiny run): from a little before
         # the first checkpoint (one checkpoint interval of steps) to the end, export included
         start = 0.8 * first if first is not None else 0.0
@@ -177,14 +181,14 @@ def stress(stages: list[str], trials: int, work: Path, seed: int = 0, low: float
             kills, resume = [], False
             try:
                 for _ in range(rng.randint(1, max_kills)):
-                    when = (start + rng.uniform(low, high) * (wall - start)) * (1.5 if loaded else 1.0)
-                    killed, _, _ = run(stage, work, out, resume, kill_after=when)
+                    when = start + rng.uniform(low, high) * (wall - start)
+                    killed, _, _ = run(stage, work, out, resume, kill_at=when, first=first)
                     kills.append({"at_s": round(when, 2), "landed": killed, "last_step": last_step(work, stage),
                                   "partial": partial_files(work, stage)})
                     resume = True  # as a user would: --ckpt_path last (Lightning starts over when none was written)
                     if not killed:
                         break
-                run(stage, work, out, resume, kill_after=None)
+                run(stage, work, out, resume)
             finally:
                 if burner:
                     burner.stop()
