@@ -501,8 +501,9 @@ def _cli_class():
 
             config = self.config["fit"]
             check(config, config.get("preflight", "check"), config.get("preflight_budget_gb"))
-            removed = refuse_to_start_over(self.trainer, self.model, config.get("ckpt_path") is not None,
-                                           bool(config.get("overwrite")))
+            resuming = config.get("ckpt_path") is not None
+            self.model.resume_requested = resuming  # an online stage told to resume that finds no checkpoint
+            removed = refuse_to_start_over(self.trainer, self.model, resuming, bool(config.get("overwrite")))
             if removed:
                 import logging
 

@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=9, help="trials per stage")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--low", type=float, default=0.0, help="earliest kill, a fraction of the training part")
-    parser.add_argument("--high", type=float, default=1.0, help="latest kill, a fraction of the training part")
+    parser.add_argument("--high", type=float, default=0.9, help="latest kill, a fraction of the training part")
     parser.add_argument("--max-kills", type=int, default=2, help="kills per trial: 1 to this many")
     parser.add_argument("--load", type=int, default=1, help="busy-loop processes during every other trial")
     parser.add_argument("--work", default=None, help="work folder (default: a new temporary one)")

@@ -49,12 +49,13 @@ def configs(size: str, stage: str, work: Path, quantization: str = "none") -> li
 def instantiate(args: list[str]):
     import lightning as L
 
-    from alpaca_rlhf.cli import _cli_class
+    from alpaca_rlhf.cli import _cli_class, _trainer_class
 
     argv, sys.argv = sys.argv, sys.argv[:1]  # this script's own flags are not the stage's
     try:
         return _cli_class()(L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
                             subclass_mode_data=True, auto_configure_optimizers=False, run=False,
+                            trainer_class=_trainer_class(),  # precision: auto, as `fit` has it
                             args=args + ["--preflight", "off"])
     finally:
         sys.argv = argv

@@ -289,7 +289,14 @@ class OnlineRLModule(L.LightningModule):
         old = sorted(p.parent for p in self.output_dir.glob("step_*/ppo_state.json"))
         if not old:
             return
-        if not self.overwrite_output_dir:
+        killed_early = getattr(self, "resume_requested", False) and not any(
+            json.loads((p / "ppo_state.json").read_text()).get("finished") for p in old)
+        if killed_early:  # --ckpt_path last, yet no checkpoint: a run killed between its first export and its
+            # first checkpoint; it starts over and writes these exports again (they were not finished)
+            rank_zero_warn(f"--ckpt_path was given but there is no checkpoint to resume: {self.ALGORITHM.upper()} "
+                           f"starts over and replaces the unfinished exports {', '.join(p.name for p in old)} in "
+                           f"{str(self.output_dir)!r}, left by a run killed before its first checkpoint")
+        elif not self.overwrite_output_dir:
             raise FileExistsError(
                 f"{self.ALGORITHM.upper()} output_dir {str(self.output_dir)!r} holds exports of an earlier run "
                 f"({', '.join(p.name for p in old)}); "

@@ -359,6 +359,31 @@ def test_a_new_run_never_mixes_with_an_old_runs_exports(tiny_sft_run, tmp_path):
     assert latest_export(tmp_path / "ppo_out").name == "step_2"
 
 
+def test_resume_asked_for_after_a_kill_before_the_first_checkpoint_starts_over(tiny_sft_run, tmp_path):
+    """Found by bench/kill_stress.py (issue 23 #17): a kill after the first step_<n> export and before the first
+    checkpoint left an unfinished export and no checkpoint; `--ckpt_path last` then found nothing to resume, so
+    the run started over and refused the export as another run's, telling the user to resume with
+    --ckpt_path last (a loop). Now the unfinished exports of that killed run are replaced; finished ones (another
+    run's results) are still refused."""
+    import json
+
+    base = tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged"
+    killed = tmp_path / "ppo_out/step_1"
+    killed.mkdir(parents=True)
+    (killed / "ppo_state.json").write_text(json.dumps({"iteration": 1, "finished": False}))
+    (killed / "adapter_config.json").write_text("{}")
+    module = make_module(base, tmp_path)
+    module.resume_requested = True  # what the CLI sets for --ckpt_path
+    with pytest.warns(UserWarning, match="no checkpoint to resume"):
+        trainer(2).fit(module, make_data(), ckpt_path="last")
+    state = json.loads((tmp_path / "ppo_out/step_2/ppo_state.json").read_text())
+    assert state["finished"] is True and not killed.exists()
+    module = make_module(base, tmp_path)
+    module.resume_requested = True
+    with pytest.raises(FileExistsError, match="step_2"):  # a finished run is not replaced without being asked
+        trainer(2).fit(module, make_data(), ckpt_path="last")
+
+
 def test_value_head_stays_fp32_under_cpu_bf16_autocast():
     head = ValueHead(16, init_std=0.1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
