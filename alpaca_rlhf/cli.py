@@ -171,7 +171,9 @@ def cli_main(args: list[str] | None = None):
     """Runs one command; `args` defaults to `sys.argv[1:]` (tests pass a list)."""
     from alpaca_rlhf.packaged import resolve_config_args
 
-    argv = resolve_config_args(list(sys.argv[1:] if args is None else args))  # packaged configs by name
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in COMMANDS:  # an unknown command is named as such below, before its --config
+        argv = resolve_config_args(argv)  # packaged configs by name
     if not argv or argv[0] in ("-h", "--help"):
         print(root_help())
         return None

@@ -95,7 +95,8 @@ def test_resume_gives_the_same_adapter(tmp_path, monkeypatch):
     os.remove("output/tiny/checkpoints/sft/last.ckpt")
     Path("kill.yaml").write_text(KILL_CONFIG)
     with pytest.raises(RuntimeError, match="killed at step 21"):
-        cli_main(["fit", *config, "--config", "kill.yaml", "--model.init_args.adapter_dir", "killed"])
+        cli_main(["fit", *config, "--config", "kill.yaml", "--model.init_args.adapter_dir", "killed",
+                  "--overwrite", "true"])  # a new run beside the straight run's step40.ckpt
     assert not Path("killed").exists()  # no export from a killed run
     assert torch.load("output/tiny/checkpoints/sft/last.ckpt", weights_only=False)["global_step"] == 20
     cli_main(["fit", *config, "--model.init_args.adapter_dir", "resumed", "--ckpt_path", "last"])
