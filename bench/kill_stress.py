@@ -39,22 +39,20 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
          "--trainer.limit_val_batches", "0", "--trainer.val_check_interval", "1000", "--trainer.logger", "false"]
 SCORER = json.dumps({"class_path": "alpaca_rlhf.modules.scorers.TokenIdScorer",
                      "init_args": {"token_ids": list(range(40, 200))}})
-# stage: (config, checkpoint folder, optimizer steps per checkpoint, max_steps, the export flag, the final file)
-STAGES = {
-    "sft": ("configs/tiny/sft.yaml", "output/tiny/checkpoints/sft", 4, 48, "--model.init_args.adapter_dir",
-            "adapter_model.safetensors"),
-    "rm": ("configs/tiny/rm.yaml", "output/tiny/checkpoints/rm", 4, 48, "--model.init_args.adapter_dir",
-           "adapter_model.safetensors"),
-    "dpo": ("configs/tiny/dpo.yaml", "output/tiny/checkpoints/dpo", 4, 48, "--model.init_args.adapter_dir",
-            "adapter_model.safetensors"),
-    "ppo": ("configs/tiny/ppo.yaml", "output/tiny/checkpoints/ppo", 8, 24, "--model.init_args.output_dir",
-            "step_3/adapter_model.safetensors"),
-    "rloo": ("configs/tiny/rloo.yaml", "output/tiny/checkpoints/rloo", 8, 24, "--model.init_args.output_dir",
-             "step_3/adapter_model.safetensors"),
-    "grpo": ("configs/tiny/grpo.yaml", "output/tiny/checkpoints/grpo", 8, 24, "--model.init_args.output_dir",
-             "step_3/adapter_model.safetensors"),
-}
 ONLINE = ("ppo", "rloo", "grpo")
+
+
+def _stage(name: str) -> tuple:
+    """(config, checkpoint folder, optimizer steps per checkpoint, max_steps, the export flag, the final file):
+    the offline stages train 48 steps with a checkpoint every 4; the online ones 3 iterations of 8 steps."""
+    if name in ONLINE:
+        return (f"configs/tiny/{name}.yaml", f"output/tiny/checkpoints/{name}", 8, 24, "--model.init_args.output_dir",
+                "step_3/adapter_model.safetensors")
+    return (f"configs/tiny/{name}.yaml", f"output/tiny/checkpoints/{name}", 4, 48, "--model.init_args.adapter_dir",
+            "adapter_model.safetensors")
+
+
+STAGES = {name: _stage(name) for name in ("sft", "rm", "dpo", "ppo", "rloo", "grpo")}
 
 
 def checkpoint_yaml(ckpt_dir: str, every: int) -> str:
