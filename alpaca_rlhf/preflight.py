@@ -188,6 +188,17 @@ def activation_bytes(shape: Shape, tokens: int, act: int, checkpointing: bool) -
     return shape.layers * per_layer, f"{shape.layers} layers x (6H + 2kv + 4I) per token"
 
 
+def activation_width(mixed: bool, dtype: str, quantization: str | None) -> int:
+    """Bytes per activation element. A quantized model that trains runs its residual stream in fp32: PEFT's k-bit
+    preparation casts the embeddings and norms to fp32, and bitsandbytes' layers return their input's dtype, so
+    the projections' outputs, attention and MLP tensors are fp32 too, mixed precision or not."""
+    from alpaca_rlhf.models import null_to_none
+
+    if null_to_none(quantization) is not None:
+        return 4
+    return 2 if (mixed or BYTES[dtype] == 2) else 4
+
+
 def _get(node, dotted: str, default=None):
     for key in dotted.split("."):
         if node is None:
@@ -220,7 +231,7 @@ def estimate(config, model_shape: str | None = None) -> Estimate:
     spec = _get(args, "model")
     shape = shape_of(spec, model_shape)
     dtype = str(_get(spec, "dtype", "float32"))
-    act = 2 if (mixed or BYTES[dtype] == 2) else 4
+    act = activation_width(mixed, dtype, _get(spec, "quantization"))
     est = Estimate(stage)
     weights, how = weight_bytes(shape, dtype, _get(spec, "quantization"), score_head=stage == "reward model",
                                 trainable=True)
@@ -252,7 +263,7 @@ def _ppo(args, data, mixed: bool, config, model_shape: str | None = None, name: 
     policy = _get(args, "policy")
     shape = shape_of(policy, model_shape)
     dtype = str(_get(policy, "dtype", "float32"))
-    act = 2 if (mixed or BYTES[dtype] == 2) else 4
+    act = activation_width(mixed, dtype, _get(policy, "quantization"))
     weights, how = weight_bytes(shape, dtype, _get(policy, "quantization"), trainable=True)
     est.add("policy weights", weights, how + "; the reference is the policy with its adapter disabled")
     ref = _get(args, "ref_model")

@@ -11,7 +11,8 @@ plus the weights and adapters already in memory (CPU only for now; a GPU run wou
 `alpaca_rlhf.preflight.estimate` of the same config. PPO is measured through one real iteration (generation
 included) on the tiny shape's prompts, whose lengths and early EOS make it a lower bound of the worst case.
 A quantized row loads the base in 8 or 4 bits (bitsandbytes, bf16 compute) and counts the packed weights with
-their scales; PEFT's k-bit preparation casts embeddings, lm_head and norms to fp32, which the estimate includes.
+their scales; PEFT's k-bit preparation casts embeddings, lm_head and norms to fp32, and the residual stream
+runs in fp32 from there (activations 4 bytes wide even under bf16-mixed); the estimate includes both.
 """
 
 from __future__ import annotations

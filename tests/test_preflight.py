@@ -40,13 +40,17 @@ def test_real_configs_fit_a_24_gb_card_and_each_knob_moves_the_right_component()
     assert lines(rm)["weights"] < lines(sft)["weights"]  # a one-score head instead of a 128k-row lm_head
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])
-def test_the_estimate_is_within_25_percent_of_the_measured_peak_at_the_tiny_shape(stage, tmp_path, monkeypatch):
-    """Measured: every tensor alive at the peak of one optimizer step (PyTorch's memory profiler), worst batch."""
+@pytest.mark.parametrize("stage,quantization", [("sft", "none"), ("rm", "none"), ("ppo", "none"),
+                                                ("sft", "8bit"), ("sft", "4bit")])
+def test_the_estimate_is_within_25_percent_of_the_measured_peak_at_the_tiny_shape(stage, quantization, tmp_path,
+                                                                                  monkeypatch):
+    """Measured: every tensor alive at the peak of one optimizer step (PyTorch's memory profiler), worst batch.
+    The quantized rows load a bf16 base in 8/4 bits: their activations are fp32 (k-bit training's residual
+    stream), which the estimate counted at bf16 width before (estimate / measured was 0.71)."""
     import memory
 
     monkeypatch.chdir(tmp_path)
-    fit_args = memory.configs("tiny", stage, tmp_path)
+    fit_args = memory.configs("tiny", stage, tmp_path, quantization)
     cli = memory.instantiate(fit_args)
     measured = memory.measure_ppo(cli) if stage == "ppo" else memory.measure_supervised(cli, stage)
     estimated = estimate(parse_fit_config(fit_args)).total
