@@ -24,6 +24,7 @@ COMMANDS = {
     "compare": "base vs SFT vs RLHF on held-out prompts: scores, judge, KL, diagnostics, report.md and plots",
     "judge": "validate a pairwise LLM judge: its agreement with human labels on held-out pairs, per subset",
     "pipeline": "run SFT -> merge -> RM -> merge -> PPO -> compare from one YAML, skipping finished stages",
+    "data": "preview what a stage's data feeds the model: counts and rendered examples (-c CONFIG --show N)",
     "preflight": "estimate a stage's peak GPU memory from its config, per component (-c CONFIG [--budget_gb N])",
     "init": "copy the packaged configs into ./configs to edit",
     "env": "versions, CPU bf16 support and CUDA, for bug reports (also: alpaca-rlhf --version)",
@@ -185,6 +186,10 @@ def cli_main(args: list[str] | None = None):
         return None
     if argv[0] == "preflight":
         return _preflight(argv[1:])
+    if argv[0] == "data":
+        from alpaca_rlhf.data.preview import preview
+
+        return preview(argv[1:])
     if argv[0] in COMMANDS and argv[0] not in FIT_COMMANDS:
         return _function_command(argv[0], argv[1:])
     if argv[0] not in FIT_COMMANDS:
@@ -392,11 +397,12 @@ def option_names(command: str) -> list[str]:
     """The options `alpaca-rlhf <command>` takes (fit/validate: from its help text)."""
     import re
 
-    if command in FIT_COMMANDS:
+    if command in (*FIT_COMMANDS, "preflight", "data"):  # the last two take fit's options after their own
         from alpaca_rlhf.helptext import live, shipped
 
+        command = command if command in FIT_COMMANDS else "fit"
         return sorted(set(re.findall(r"--[\w.]+", shipped(command) or live(command))))
-    if command in COMMANDS and command != "preflight":
+    if command in COMMANDS and command not in ("preflight", "data", "env"):
         parser = function_parser(command, exit_on_error=False)
         return sorted({o for action in parser._actions for o in action.option_strings if o.startswith("--")})
     return []
