@@ -33,6 +33,9 @@ from alpaca_rlhf.data.partition import Partition
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]  # the folder that holds alpaca_rlhf/
 STAGE_NAMES = ("sft", "merge_sft", "rm", "merge_rm", "ppo", "rloo", "grpo", "dpo", "judge", "merge_judge", "compare")
 ONLINE = ("ppo", "rloo", "grpo")  # RL stages that sample, score with the RM and export step_<n> folders
+PROGRESS_ENV = "ALPACA_RLHF_PROGRESS"  # a file path: a fit run writes its progress there (trainer.ProgressFile)
+# without a terminal (a log, CI), one progress line a minute (ALPACA_RLHF_PROGRESS_EVERY seconds)
+PROGRESS_EVERY_S = float(os.environ.get("ALPACA_RLHF_PROGRESS_EVERY", 60))
 RL_NAMES = (*ONLINE, "dpo")  # `--from_stage` with any of them reruns the RL stage, whichever it is
 
 
@@ -440,7 +443,10 @@ def run_stage(stage: Stage, log_file: Path, tag: str) -> tuple[int, float]:
     # the package's own folder first on the path, as in this process (a checkout run as `python cli.py` too)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_PARENT),
                                                                      os.environ.get("PYTHONPATH")]))}
-    start = time.time()
+    progress = log_file.with_name(f"{stage.name}.progress.json")  # the stage's own step, total, loss/score, ETA
+    progress.unlink(missing_ok=True)
+    env[PROGRESS_ENV] = str(progress)
+    start = printed = time.time()
     with open(log_file, "w") as log:
         log.write("$ " + " ".join(command) + "\n")
         log.flush()
@@ -450,8 +456,11 @@ def run_stage(stage: Stage, log_file: Path, tag: str) -> tuple[int, float]:
                 time.sleep(1.0)
                 if sys.stdout.isatty():
                     columns = shutil.get_terminal_size().columns - 1
-                    status = f"{tag} {time.time() - start:5.0f} s  {_last_line(log_file)}"
+                    status = f"{tag} {time.time() - start:5.0f} s  {progress_line(progress) or _last_line(log_file)}"
                     print("\r" + status[:columns].ljust(columns), end="", flush=True)
+                elif time.time() - printed >= PROGRESS_EVERY_S and progress_line(progress):  # a log, not a screen
+                    printed = time.time()
+                    print(f"{tag} {printed - start:5.0f} s  {progress_line(progress)}", flush=True)
         except KeyboardInterrupt:
             proc.terminate()
             proc.wait()
@@ -460,6 +469,21 @@ def run_stage(stage: Stage, log_file: Path, tag: str) -> tuple[int, float]:
     if sys.stdout.isatty():
         print("\r" + " " * (shutil.get_terminal_size().columns - 1) + "\r", end="")
     return proc.returncode, time.time() - start
+
+
+def progress_line(path: Path) -> str | None:
+    """"step 40/100 (40%)  loss 0.683  ETA 2.5 min" from a stage's progress file (None before it has one)."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    step, total = state["step"], state.get("total")
+    parts = [f"step {step}/{total} ({step / total:.0%})" if total else f"step {step}"]
+    parts += [f"{key} {value:.3g}" for key, value in state.get("metrics", {}).values()]
+    eta = state.get("eta_s")
+    if eta is not None:
+        parts.append(f"ETA {eta / 60:.1f} min" if eta >= 90 else f"ETA {eta:.0f} s")
+    return "  ".join(parts)
 
 
 def _last_line(path: Path) -> str:
@@ -498,6 +522,7 @@ def pipeline(
     """
     if from_stage is not None and from_stage not in STAGE_NAMES:
         raise PipelineError(f"pipeline: --from_stage must be one of {STAGE_NAMES}, got {from_stage!r}")
+    print("checking the stages' configs ...", flush=True)  # each is parsed by its own command's parser
     planned, paths = plan(stages, partition)
     planned = [s for s in planned if s.enabled]
     names = [s.name for s in planned]
@@ -505,6 +530,8 @@ def pipeline(
         raise PipelineError(f"pipeline: --from_stage {from_stage!r} is not a stage of this pipeline; its stages are "
                             f"{', '.join(names)}")
     logs = Path(output_dir) / "logs"
+    if not dry_run:
+        add_time(logs, invocation=True, reset=force)
     started, n = time.time(), len(planned)
     explicit = force  # --force, or --from_stage reached: rerun from scratch whatever the inputs
     ran = False  # a stage ran in this invocation: later finished stages are kept only if their inputs are unchanged
@@ -546,7 +573,10 @@ def pipeline(
             continue
         print(f"{tag} ... running{note}; log: {log_file}", flush=True)
         stage_start = time.time()
-        code, seconds = run_stage(stage, log_file, tag)
+        try:
+            code, seconds = run_stage(stage, log_file, tag)
+        finally:
+            add_time(logs, stage.name, time.time() - stage_start)  # interrupted or failed attempts count too
         if code != 0:
             print(_tail(log_file), file=sys.stderr)
             raise PipelineError(f"pipeline stopped: stage '{stage.name}' failed (exit {code}); "
@@ -569,10 +599,36 @@ def pipeline(
     return finish(paths, logs, time.time() - started, times)
 
 
+def add_time(logs: Path, stage: str | None = None, seconds: float = 0.0, invocation: bool = False,
+             reset: bool = False) -> dict:
+    """The run's time ledger `logs/time.json`: seconds per stage over every attempt (interrupted ones too) and the
+    number of invocations, so the whole run's time is known when it took several (`--force` starts it anew)."""
+    path = logs / "time.json"
+    ledger = {"invocations": 0, "stages": {}}
+    if path.is_file() and not reset:
+        try:
+            ledger = json.loads(path.read_text())
+        except ValueError:
+            pass
+    ledger["invocations"] += int(invocation)
+    if stage is not None:
+        ledger["stages"][stage] = round(ledger["stages"].get(stage, 0.0) + seconds, 1)
+    logs.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("time.json.tmp")
+    tmp.write_text(json.dumps(ledger, indent=2))
+    os.replace(tmp, path)
+    return ledger
+
+
 def finish(paths: dict, logs: Path, seconds: float, times: dict[str, float]) -> dict:
     """Prints the headline numbers and where the report, TensorBoard logs and checkpoints are."""
     print(f"\npipeline finished in {seconds / 60:.1f} min" + (
         " (" + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + ")" if times else " (nothing to do)"))
+    ledger = add_time(logs)
+    if ledger["invocations"] > 1 or set(ledger["stages"]) - set(times):
+        total = sum(ledger["stages"].values())
+        print(f"the whole run: {total / 60:.1f} min of stage time over {ledger['invocations']} invocation(s) ("
+              + ", ".join(f"{k} {v:.0f} s" for k, v in ledger["stages"].items()) + f"; {logs / 'time.json'})")
     summary_file = paths["report"].parent / "summary.json"
     summary = json.loads(summary_file.read_text()).get("summary", {}) if summary_file.is_file() else {}
     for stage, stats in summary.get("stages", {}).items():

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -10,6 +14,7 @@ from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from alpaca_rlhf.hardware import resolve_precision, warn_if_slow_bf16
+from alpaca_rlhf.pipeline import PROGRESS_ENV
 
 ADVERT = "💡 Tip:"  # Lightning's advertisements for its cloud products: not about the user's run
 
@@ -47,7 +52,55 @@ class Trainer(L.Trainer):
         if slow:
             rank_zero_warn(slow)
         silence_adverts()
+        progress = os.environ.get(PROGRESS_ENV)
+        if progress:  # the pipeline reads the stage's own progress from this file
+            callbacks = kwargs.get("callbacks") or []
+            callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
+            kwargs["callbacks"] = [*callbacks, ProgressFile(progress)]
         super().__init__(precision=resolved, **kwargs)
+
+
+class ProgressFile(L.Callback):
+    """Writes the run's progress (optimizer step, total, the progress bar's loss and score, elapsed, ETA) to a JSON
+    file, replaced whole at most once a second, so a parent process (the pipeline) can show it."""
+
+    def __init__(self, path: str, every_s: float = 1.0) -> None:
+        self.path, self.every_s = Path(path), every_s
+        self.started = self.start_step = None
+        self.written = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.started, self.start_step = time.time(), trainer.global_step
+        self._write(trainer, force=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._write(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._write(trainer, force=True)
+
+    def _write(self, trainer, force: bool = False) -> None:
+        now = time.time()
+        if not trainer.is_global_zero or (not force and now - self.written < self.every_s):
+            return
+        self.written = now
+        step = trainer.global_step
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        total = int(total) if total != float("inf") else None
+        done = step - (self.start_step or 0)
+        elapsed = now - (self.started or now)
+        eta = elapsed / done * (total - step) if total and done > 0 else None
+        metrics = {}
+        shown = sorted(trainer.progress_bar_metrics.items(), key=lambda kv: kv[0].startswith("val"))  # train first
+        for key, value in shown:
+            for word in ("loss", "score", "kl"):
+                if word in key and word not in metrics:
+                    metrics[word] = (key, float(value))
+        state = {"step": step, "total": total, "elapsed_s": round(elapsed, 1),
+                 "eta_s": None if eta is None else round(eta, 1), "metrics": metrics}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.path)
 
 
 def _accelerator_of(kwargs: dict):

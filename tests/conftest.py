@@ -55,11 +55,11 @@ def tiny_sft_run(tmp_path_factory) -> Path:
     return work
 
 
-def run_cli(args: list[str], cwd: Path, timeout: int = 600):
+def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None):
     """Runs the real `python cli.py ...` in a subprocess; fails the test with its output if it fails."""
     import subprocess
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **(env or {})}
     proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
     if proc.returncode != 0:

@@ -167,6 +167,7 @@ def test_interrupted_stage_resumes_and_later_stages_rerun(tmp_path, monkeypatch,
     _touch(tmp_path / "output/tiny/checkpoints/rm/last.ckpt")  # ... after a checkpoint
     cli_main(["pipeline", "--config", str(ROOT / "configs/tiny/pipeline.yaml"), "--dry_run"])
     lines = capsys.readouterr().out.splitlines()
+    assert lines.pop(0) == "checking the stages' configs ..."
     assert "skipped" in lines[0] and "skipped" in lines[1]
     assert "would run (resuming from output/tiny/checkpoints/rm/last.ckpt)" in lines[2]
     assert lines[2].endswith("--ckpt_path last")
@@ -238,9 +239,18 @@ def test_force_removes_the_previous_output_and_last_checkpoint(tmp_path, monkeyp
 def test_tiny_pipeline_end_to_end_then_rerun_skips(tmp_path):
     start = time.time()
     config = str(ROOT / "configs/tiny/pipeline.yaml")
-    proc = run_cli(["pipeline", "--config", config], cwd=tmp_path, timeout=2400)
+    proc = run_cli(["pipeline", "--config", config], cwd=tmp_path, timeout=2400,
+                   env={"ALPACA_RLHF_PROGRESS_EVERY": "2"})  # a progress line every 2 s (no terminal here)
     seconds = time.time() - start
     out = tmp_path / "output/tiny"
+    assert proc.stdout.startswith("checking the stages' configs ...")
+    # each fit stage's own progress: step of total, its loss or score, and an ETA, read from the stage itself
+    for name, metric in (("sft", "loss"), ("rm", "loss"), ("ppo", "score")):
+        progress = json.loads((out / "logs" / f"{name}.progress.json").read_text())
+        assert progress["step"] == progress["total"] > 0 and metric in progress["metrics"], progress
+        tag = f"[{ {'sft': 1, 'rm': 3, 'ppo': 5}[name]}/6] {name} "
+        assert any(line.startswith(tag) and " step " in line and "ETA" in line and metric in line
+                   for line in proc.stdout.splitlines()), (name, proc.stdout)
     for i, name in enumerate(["sft", "merge_sft", "rm", "merge_rm", "ppo", "compare"], start=1):
         assert f"[{i}/6] {name} ... done" in proc.stdout
         assert (out / "logs" / f"{name}.log").is_file()
@@ -261,6 +271,10 @@ def test_tiny_pipeline_end_to_end_then_rerun_skips(tmp_path):
 
     again = run_cli(["pipeline", "--config", config], cwd=tmp_path)
     assert again.stdout.count("skipped") == 6 and "win rate of RLHF over SFT" in again.stdout
+    ledger = json.loads((out / "logs/time.json").read_text())  # the whole run's time over both invocations
+    assert ledger["invocations"] == 2 and set(ledger["stages"]) == {"sft", "merge_sft", "rm", "merge_rm", "ppo",
+                                                                    "compare"}
+    assert "the whole run: " in again.stdout and "over 2 invocation(s)" in again.stdout
 
 
 def test_the_rl_stage_is_the_configs_algorithm_dpo_needs_no_reward_model(capsys):
