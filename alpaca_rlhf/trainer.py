@@ -85,7 +85,9 @@ class ProgressFile(L.Callback):
             return
         self.written = now
         step = trainer.global_step
-        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        planned = getattr(trainer.lightning_module, "planned_optimizer_steps", None)  # RL: steps, not iterations
+        total = (planned() if planned else trainer.max_steps if trainer.max_steps and trainer.max_steps > 0
+                 else trainer.estimated_stepping_batches)
         total = int(total) if total != float("inf") else None
         done = step - (self.start_step or 0)
         elapsed = now - (self.started or now)
