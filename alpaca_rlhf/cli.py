@@ -17,13 +17,13 @@ import warnings
 from typing import Literal
 
 COMMANDS = {
-    "fit": "train a stage from its YAML: SFT, reward model or PPO (LightningCLI; --ckpt_path last resumes)",
+    "fit": "train a stage from its YAML: SFT, reward model, PPO, RLOO, GRPO or DPO (--ckpt_path last resumes)",
     "validate": "run a stage's validation on a checkpoint (LightningCLI)",
     "merge": "fold a LoRA adapter into its base and save a standalone checkpoint",
     "generate": "answer instructions with any stage's model (--model PATH, its kind detected); --chat to talk",
     "compare": "base vs SFT vs RLHF on held-out prompts: scores, judge, KL, diagnostics, report.md and plots",
     "judge": "validate a pairwise LLM judge: its agreement with human labels on held-out pairs, per subset",
-    "pipeline": "run SFT -> merge -> RM -> merge -> PPO -> compare from one YAML, skipping finished stages",
+    "pipeline": "run SFT -> merge -> RM -> merge -> PPO (or RLOO/GRPO/DPO) -> compare from one YAML, resumable",
     "data": "preview what a stage's data feeds the model: counts and rendered examples (-c CONFIG --show N)",
     "preflight": "estimate a stage's peak GPU memory from its config, per component (-c CONFIG [--budget_gb N])",
     "init": "copy the packaged configs into ./configs to edit",
@@ -74,7 +74,9 @@ def environment_report() -> str:
 def root_help() -> str:
     width = max(len(c) for c in COMMANDS)
     lines = ["usage: alpaca-rlhf <command> [-c CONFIG] [--print_config] [options]", "",
-             "The Alpaca RLHF recipe (SFT, reward model, PPO) with LoRA adapters, on Lightning.", "", "commands:"]
+             "The Alpaca RLHF recipe (SFT, reward model, PPO; or RLOO, GRPO, DPO) with LoRA adapters, on Lightning.",
+             "Stage configs: configs/<tiny|smol>/{sft,rm,ppo,rloo,grpo,dpo}.yaml, e.g. `alpaca-rlhf fit -c tiny/grpo`.",
+             "", "commands:"]
     lines += [f"  {name:{width}s}  {text}" for name, text in COMMANDS.items()]
     lines += ["", "`alpaca-rlhf <command> --help` shows a command's options. Packaged configs by name: "
               "`-c tiny/sft`, `-c configs/smol/pipeline.yaml`;", "`alpaca-rlhf init` copies them to edit. "

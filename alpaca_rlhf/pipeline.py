@@ -461,9 +461,13 @@ def run_stage(stage: Stage, log_file: Path, tag: str) -> tuple[int, float]:
                 elif time.time() - printed >= PROGRESS_EVERY_S and progress_line(progress):  # a log, not a screen
                     printed = time.time()
                     print(f"{tag} {printed - start:5.0f} s  {progress_line(progress)}", flush=True)
-        except KeyboardInterrupt:
-            proc.terminate()
-            proc.wait()
+        except KeyboardInterrupt:  # the stage got the Ctrl-C too: a fit run saves a checkpoint after its step
+            print(f"\n{tag}: Ctrl-C; waiting for the stage to save and stop (Ctrl-C again stops it now)", flush=True)
+            try:
+                proc.wait()
+            except KeyboardInterrupt:
+                proc.terminate()
+                proc.wait()
             raise PipelineError(f"\npipeline interrupted in stage '{stage.name}'; run the same command again "
                                 f"to resume it (log: {log_file})") from None
     if sys.stdout.isatty():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Literal
@@ -52,12 +53,69 @@ class Trainer(L.Trainer):
         if slow:
             rank_zero_warn(slow)
         silence_adverts()
+        callbacks = kwargs.get("callbacks") or []
+        callbacks = [*(list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]), CtrlCCheckpoint()]
         progress = os.environ.get(PROGRESS_ENV)
         if progress:  # the pipeline reads the stage's own progress from this file
-            callbacks = kwargs.get("callbacks") or []
-            callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
-            kwargs["callbacks"] = [*callbacks, ProgressFile(progress)]
+            callbacks.append(ProgressFile(progress))
+        kwargs["callbacks"] = callbacks
         super().__init__(precision=resolved, **kwargs)
+
+
+class CtrlCCheckpoint(L.Callback):
+    """Ctrl-C during training saves a checkpoint to resume from, then stops. The first Ctrl-C lets the current
+    optimizer step (an RL iteration) finish, saves `last.ckpt` in the run's checkpoint folder at that step
+    boundary (where the periodic checkpoints are saved, so the resumed run is the uninterrupted one, as
+    `bench/kill_stress.py` checks for them) and says how to resume; a second Ctrl-C stops at once, without one.
+    One process only: under a multi-process strategy Lightning's own handling is left as it is."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.saved: Path | None = None
+        self._previous = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import signal
+        import threading
+
+        if trainer.world_size != 1 or threading.current_thread() is not threading.main_thread():
+            return
+        self._previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame) -> None:
+            self.requested = True
+            signal.signal(signal.SIGINT, self._previous)  # a second Ctrl-C: the usual KeyboardInterrupt
+            print("\nCtrl-C: finishing this step, then saving a checkpoint to resume from (Ctrl-C again stops now, "
+                  "without one)", file=sys.stderr, flush=True)
+
+        signal.signal(signal.SIGINT, handler)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.requested:
+            return
+        if pl_module.automatic_optimization and (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # mid-accumulation: the gradients so far would not be in the checkpoint
+        folder = getattr(trainer.checkpoint_callback, "dirpath", None)
+        if folder:
+            self.saved = Path(folder) / "last.ckpt"
+            trainer.save_checkpoint(self.saved)
+        raise KeyboardInterrupt
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if isinstance(exception, KeyboardInterrupt) and self.saved is not None:
+            rank_zero_info(f"interrupted: saved {self.saved} at step {trainer.global_step}; resume with the same "
+                           f"command and --ckpt_path last")
+        self._restore()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 class ProgressFile(L.Callback):

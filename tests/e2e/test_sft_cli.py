@@ -189,3 +189,40 @@ def test_a_rerun_over_a_finished_run_stops_and_says_how_to_resume_or_start_over(
     err = capsys.readouterr().err
     assert refused.value.code == 1 and "already exists" in err and "--overwrite" in err and "Traceback" not in err
     main(["merge", "--adapter_path", "output/tiny/lora-alpaca", "--overwrite", "true"])
+
+
+def test_ctrl_c_saves_a_checkpoint_at_a_step_and_the_resumed_run_is_the_uninterrupted_one(tmp_path):
+    """Ctrl-C (SIGINT) mid-training: the step finishes, `last.ckpt` is saved at that step, the run says how to
+    resume, and `--ckpt_path last` ends with the adapter of a run never interrupted. Before, Lightning stopped
+    with no checkpoint newer than the last periodic one (or none at all)."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    fit = ["fit", "--config", str(ROOT / "configs/tiny/sft.yaml"), "--trainer.val_check_interval", "1000",
+           "--trainer.limit_val_batches", "0", "--trainer.max_steps", "60"]
+    run_cli([*fit, "--model.init_args.adapter_dir", "straight"], cwd=tmp_path)
+    progress = tmp_path / "progress.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "ALPACA_RLHF_PROGRESS": str(progress)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *fit, "--overwrite", "true"], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if progress.is_file() and json.loads(progress.read_text())["step"] >= 3:
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out
+    assert "Ctrl-C: finishing this step" in out and "--ckpt_path last" in out, out
+    step = torch.load(tmp_path / "output/tiny/checkpoints/sft/last.ckpt", weights_only=False)["global_step"]
+    assert 3 <= step < 60 and f"at step {step};" in out, (step, out)  # where it stopped, not the last periodic one
+    assert not (tmp_path / "output/tiny/lora-alpaca").exists()  # not exported as if finished
+    run_cli([*fit, "--ckpt_path", "last"], cwd=tmp_path)
+    a = load_file(tmp_path / "straight/adapter_model.safetensors")
+    b = load_file(tmp_path / "output/tiny/lora-alpaca/adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
