@@ -342,6 +342,12 @@ def test_a_merged_rl_export_is_a_model_that_generate_and_compare_take(tiny_stage
     assert provenance["ppo_state.json"]["iteration"] == 3 and provenance["adapter"] == s["ppo"]
     checkpoint, kind = detect_checkpoint(str(merged))
     assert kind == "model" and checkpoint.adapter is None
+    # one servable folder: plain transformers loads the policy and its tokenizer, nothing of PPO's own comes along
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(merged), AutoTokenizer.from_pretrained(merged)
+    assert not any("value" in k or "lora" in k for k in model.state_dict())
+    assert model.generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=2).shape[1] >= 2
     summary = inf.compare(sft_model=s["merged"], rlhf_model=str(merged), prompts=inf.PromptSource(val_set_size=2),
                           sampling=inf.SamplingSpec(max_new_tokens=4), report_dir=str(tmp_path / "cmp"))
     assert set(summary["stages"]) == {"sft", "rlhf"}
