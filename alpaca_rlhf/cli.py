@@ -497,6 +497,17 @@ def _cli_class():
                                      "are removed); without it such a run stops and says to resume it with "
                                      "--ckpt_path last")
 
+        def parse_arguments(self, parser, args) -> None:
+            super().parse_arguments(parser, args)
+            argv = sys.argv[1:] if args is None else list(args) if isinstance(args, list | tuple) else []
+            command = self.config.get("subcommand")
+            if command in FIT_COMMANDS:
+                for given, meant in abbreviated_options(argv, self.config.get(command)):
+                    from alpaca_rlhf.errors import ConfigError
+
+                    raise ConfigError(f"{given} is not an option (abbreviations are refused); did you mean {meant}? "
+                                      f"(alpaca-rlhf {command} --help)")
+
         def before_instantiate_classes(self) -> None:
             """A missing local data file stops the run before any model loads (minutes on a real model)."""
             from alpaca_rlhf.data.records import check_data_path
@@ -528,6 +539,31 @@ def _cli_class():
             return trainer
 
     return RLHFCLI
+
+
+def abbreviated_options(argv: list[str], config) -> list[tuple[str, str]]:
+    """(given, meant) for each dotted option of `argv` that the parser took as an abbreviation: jsonargparse
+    refuses `--trainer.max_step` but completes a nested class field (`--model.init_args.ppo.ppo_epoch` set
+    `ppo_epochs`), so the parsed config lacks the given key and holds one that starts with it."""
+    from jsonargparse import Namespace
+
+    found = []
+    for token in argv:
+        if not token.startswith("--") or "." not in token:
+            continue
+        key = token[2:].split("=", 1)[0]
+        if key.endswith(("+", ".help")):
+            continue
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, Namespace) else None
+        if not isinstance(node, Namespace) or leaf in vars(node):
+            continue
+        completed = sorted(k for k in vars(node) if k.startswith(leaf))
+        if completed:
+            found.append((f"--{key}", f"--{'.'.join([*parents, completed[0]])}"))
+    return found
 
 
 def parse_fit_config(args: list[str]):

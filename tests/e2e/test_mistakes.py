@@ -1,4 +1,4 @@
-"""25 common first-hour mistakes, each typed as a user would, through the command line's entry point: each ends
+"""30 common first-hour mistakes, each typed as a user would, through the command line's entry point: each ends
 with one line `alpaca-rlhf: error: ...` (or the command's own one-line refusal) that names the fix, exit status
 non-zero, no traceback and no usage dump. The cases run in one empty folder, in order (later ones need the tiny
 SFT run the rerun case leaves)."""
@@ -56,6 +56,9 @@ MISTAKES = [
     (["generate", "--model", "output/tiny/lora-alpaca"], "give exactly one of --instruction"),
     (["pipeline", "-c", "tiny/pipeline", "--from_stage", "nope"], "--from_stage must be one of"),
     (["compare"], "nothing to compare"),
+    (["fit", "-c", "tiny/ppo", "--model.init_args.ppo.ppo_epoch", "2"],  # was taken as ppo_epochs, silently
+     "abbreviations are refused); did you mean --model.init_args.ppo.ppo_epochs?"),
+    (["data", "-c", "tiny/sft", "--show", "three"], "--show takes a number"),
 ]
 
 
