@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -319,3 +320,25 @@ def test_generation_and_rollouts_stop_at_the_end_of_turn_token(llama3_chat_folde
     responses, mask, _ = module.generate(enc["input_ids"], enc["attention_mask"])
     assert mask.sum(1).tolist() == [1, 1] and (responses[:, 0] == EOT).all()
     assert (responses[:, 1:] == module.tokenizer.pad_token_id).all()  # nothing after the end of turn
+
+
+QWEN_JUDGE = Path(os.environ.get("ALPACA_RLHF_CACHE", Path.home() / ".cache/alpaca_rlhf"),
+                  "models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
+
+
+@pytest.mark.skipif(not QWEN_JUDGE.is_file(), reason=f"the judge model is not fetched ({QWEN_JUDGE}); run "
+                    "../shared/tools/get-judge-model.sh")
+@pytest.mark.slow
+def test_qwen_chatml_responses_end_with_im_end_as_the_template_renders_them():
+    """Issue 23 #7 on the real Qwen2.5 tokenizer (the judge model's GGUF): ChatML ends an assistant turn with
+    <|im_end|>, and prompt + response ids are exactly the template's ids for the finished conversation."""
+    tokenizer = load_tokenizer(ModelSpec(name_or_path=str(QWEN_JUDGE)))
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    chat = PromptTemplate.load("chat").bind(tokenizer)
+    assert chat.end_of_turn_ids() == [im_end] and im_end in chat.stop_token_ids()
+    messages = [{"role": "user", "content": "Name a primary color."}, {"role": "assistant", "content": "Red."}]
+    ex = tokenize_example(tokenizer, chat.render("Name a primary color."), "Red.", 256,
+                          end_ids=chat.end_of_turn_ids())
+    whole = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert whole[: len(ex["input_ids"])] == ex["input_ids"]  # the template may add a newline after <|im_end|>
+    assert [t for t in ex["labels"] if t != IGNORE_INDEX][-1] == im_end
