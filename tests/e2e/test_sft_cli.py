@@ -226,3 +226,19 @@ def test_ctrl_c_saves_a_checkpoint_at_a_step_and_the_resumed_run_is_the_uninterr
     a = load_file(tmp_path / "straight/adapter_model.safetensors")
     b = load_file(tmp_path / "output/tiny/lora-alpaca/adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_weights_and_biases_offline_as_the_logger(tmp_path):
+    """W&B instead of TensorBoard, from the command line, offline (no account, no network): the run's metrics
+    land in its offline run file (`wandb sync` uploads it later) and the stage still exports its adapter."""
+    pytest.importorskip("wandb")
+    logger = ("{class_path: lightning.pytorch.loggers.WandbLogger, init_args: {project: alpaca-rlhf, offline: true, "
+              "save_dir: output/tiny}}")
+    run_cli(["fit", "--config", str(ROOT / "configs/tiny/sft.yaml"), "--trainer.max_steps", "6",
+             "--trainer.val_check_interval", "3", "--trainer.logger", logger], cwd=tmp_path,
+            env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    runs = list((tmp_path / "output/tiny/wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    logged = runs[0].read_bytes()
+    assert b"train/loss" in logged and b"val/loss" in logged and b"val/perplexity" in logged
+    assert (tmp_path / "output/tiny/lora-alpaca/adapter_model.safetensors").is_file()
