@@ -24,6 +24,7 @@ COMMANDS = {
     "compare": "base vs SFT vs RLHF on held-out prompts: scores, judge, KL, diagnostics, report.md and plots",
     "judge": "validate a pairwise LLM judge: its agreement with human labels on held-out pairs, per subset",
     "pipeline": "run SFT -> merge -> RM -> merge -> PPO (or RLOO/GRPO/DPO) -> compare from one YAML, resumable",
+    "push": "an adapter or merged folder to the Hugging Face Hub (or a local folder), with a model card",
     "data": "preview what a stage's data feeds the model: counts and rendered examples (-c CONFIG --show N)",
     "preflight": "estimate a stage's peak GPU memory from its config, per component (-c CONFIG [--budget_gb N])",
     "init": "copy the packaged configs into ./configs to edit",
@@ -108,6 +109,8 @@ def _function(name: str):
         from alpaca_rlhf.inference.comparison import compare as function
     elif name == "judge":
         from alpaca_rlhf.inference.judge import judge as function
+    elif name == "push":
+        from alpaca_rlhf.hub import push as function
     else:
         from alpaca_rlhf.pipeline import pipeline as function
     return function

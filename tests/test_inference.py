@@ -491,3 +491,31 @@ def test_plots_give_each_stage_its_panel_mark_the_length_cap_and_show_kl_coef_fr
     assert low == 0 and high >= 0.1005
     plt.close(fig)
     assert plots.score_vs_length(rows, ["base", "sft", "rlhf"], tmp_path / "s.png", 6).is_file()
+
+
+def test_push_to_a_local_folder_gives_loadable_folders_with_a_model_card(tiny_stages, tmp_path, monkeypatch, capsys):
+    """`alpaca-rlhf push` to a path writes what the hub would get: the files whole, and a model card in place of
+    PEFT's blank template; the copies load with PEFT / plain transformers. No network."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from alpaca_rlhf.cli import main
+
+    s = tiny_stages
+    monkeypatch.chdir(s["work"])
+    main(["push", "--folder", s["adapter"], "--to", str(tmp_path / "sft")])
+    card = (tmp_path / "sft/README.md").read_text()
+    assert "library_name: peft" in card and "sft]" in card and "Model Card for Model ID" not in card
+    base = AutoModelForCausalLM.from_pretrained(s["base"])
+    PeftModel.from_pretrained(base, str(tmp_path / "sft"))  # PEFT's own format, loadable from the copy
+    main(["push", "--folder", s["merged"], "--to", f"file://{tmp_path / 'merged'}"])
+    AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    main(["push", "--folder", s["rm"], "--to", str(tmp_path / "rm")])
+    assert "reward-model" in (tmp_path / "rm/README.md").read_text()
+    AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    capsys.readouterr()
+    for folder, to, says in ((s["adapter"], tmp_path / "sft", "--overwrite true"),
+                             (s["work"], tmp_path / "x", "has no weights")):
+        with pytest.raises(SystemExit):
+            main(["push", "--folder", str(folder), "--to", str(to)])
+        assert says in capsys.readouterr().err
