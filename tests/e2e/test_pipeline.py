@@ -236,11 +236,35 @@ def test_force_removes_the_previous_output_and_last_checkpoint(tmp_path, monkeyp
 
 
 @pytest.mark.slow
+def readme_first_screen() -> tuple[str, str]:
+    """The README's two opening commands: (install and run the main job, run the tests)."""
+    block = (ROOT / "README.md").read_text().split("```bash", 1)[1].split("```", 1)[0]
+    install, tests = [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+    return install, tests
+
+
+def test_the_readme_opens_with_the_install_the_main_job_and_the_test_command_ci_runs():
+    install, tests = readme_first_screen()
+    assert install.startswith('python3 -m venv .venv && . .venv/bin/activate && pip install "torch==2.13.0" -e ".[dev]"')
+    assert install.split(" && ")[-1] == "alpaca-rlhf pipeline --config configs/tiny/pipeline.yaml"
+    assert tests.split("#")[0].strip().removeprefix("python ") in (ROOT / ".ci/run").read_text()
+
+
 def test_tiny_pipeline_end_to_end_then_rerun_skips(tmp_path):
+    """The README's main job, typed as its first screen says (the installed `alpaca-rlhf` command, in an empty
+    folder: the config name resolves to the packaged one), then run again."""
+    import shlex
+    import subprocess
+    import sys
+
     start = time.time()
     config = str(ROOT / "configs/tiny/pipeline.yaml")
-    proc = run_cli(["pipeline", "--config", config], cwd=tmp_path, timeout=2400,
-                   env={"ALPACA_RLHF_PROGRESS_EVERY": "2"})  # a progress line every 2 s (no terminal here)
+    command = shlex.split(readme_first_screen()[0].split(" && ")[-1])
+    assert command[0] == "alpaca-rlhf"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ALPACA_RLHF_PROGRESS_EVERY": "2"}  # a progress line every 2 s
+    proc = subprocess.run([str(Path(sys.executable).parent / "alpaca-rlhf"), *command[1:]], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=2400)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     seconds = time.time() - start
     out = tmp_path / "output/tiny"
     assert proc.stdout.startswith("checking the stages' configs ...")
