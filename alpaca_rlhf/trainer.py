@@ -80,7 +80,8 @@ class CtrlCCheckpoint(L.Callback):
 
         if trainer.world_size != 1 or threading.current_thread() is not threading.main_thread():
             return
-        self._previous = signal.getsignal(signal.SIGINT)
+        previous = signal.getsignal(signal.SIGINT)
+        self._previous = signal.SIG_DFL if previous is None else previous  # None: a handler not set from Python
 
         def handler(signum, frame) -> None:
             self.requested = True
