@@ -5,10 +5,10 @@
     alpaca-rlhf push --folder output/tiny/lora-alpaca --to /srv/models/tiny-sft     # a local folder: a copy
 
 The folder is checked first (a PEFT adapter with its weights, or a model with `config.json` and weights), and a
-model card (`README.md`: base model, what the stage is, the files) is written beside the files unless the folder
-has one of its own (PEFT's blank template is replaced). A hub id goes through `huggingface_hub` (`create_repo`, then `upload_folder`; log in with `hf auth login`
-or `HF_TOKEN`); a path (absolute, or starting with `.` or `file://`) gets a copy written whole or not at all, the
-same files the hub would get, for a mirror or a test without network.
+model card (`README.md`: base model, what the stage is, the files) is written beside the files unless the folder has
+one of its own (PEFT's blank template is replaced). A hub id goes through `huggingface_hub` (`create_repo`, then
+`upload_folder`; log in with `hf auth login` or `HF_TOKEN`); a path (absolute, or starting with `.` or `file://`)
+gets a copy written whole or not at all, the same files the hub would get, for a mirror or a test without network.
 """
 
 from __future__ import annotations

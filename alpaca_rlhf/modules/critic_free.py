@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from alpaca_rlhf import ppo as F
+from alpaca_rlhf import ppo as rl  # the pure-torch math of every RL method
 from alpaca_rlhf.errors import ConfigError
 from alpaca_rlhf.modules.online import OnlineRLModule, RolloutHParams
 from alpaca_rlhf.ppo.rollout import Rollout
@@ -51,8 +51,8 @@ class CriticFreeModule(OnlineRLModule):
         if hparams.num_generations < 2:
             raise ConfigError(f"{self.ALGORITHM}.num_generations must be >= 2 (a group needs a baseline), got "
                               f"{hparams.num_generations}")
-        if hparams.loss_type not in F.LOSS_TYPES:
-            raise ConfigError(f"{self.ALGORITHM}.loss_type must be one of {F.LOSS_TYPES}, got {hparams.loss_type!r}")
+        if hparams.loss_type not in rl.LOSS_TYPES:
+            raise ConfigError(f"{self.ALGORITHM}.loss_type must be one of {rl.LOSS_TYPES}, got {hparams.loss_type!r}")
         super().__init__(hparams=hparams, value_head=None, samples_per_prompt=hparams.num_generations, **kwargs)
 
     def epochs(self) -> int:
@@ -71,18 +71,18 @@ class CriticFreeModule(OnlineRLModule):
         C = mb.context_length
         logits = (outputs if outputs is not None else self.policy(mb.query_responses, mb.attention_mask, C,
                                                                   with_values=False))[0]
-        logprobs, entropy = F.logprobs_and_entropy(logits, mb.query_responses[:, C:], self.gen.temperature)
-        per_token, st = F.clipped_surrogate(logprobs, mb.logprobs, mb.advantages, mb.response_mask,
+        logprobs, entropy = rl.logprobs_and_entropy(logits, mb.query_responses[:, C:], self.gen.temperature)
+        per_token, st = rl.clipped_surrogate(logprobs, mb.logprobs, mb.advantages, mb.response_mask,
                                             self.hp.epsilon, self.hp.epsilon_high)
         a = self.ALGORITHM
         stats = {}
         beta = self.kl_in_loss_coef()
         if beta:
-            kl = F.k3_kl(logprobs, mb.ref_logprobs)
-            stats[f"{a}/kl"] = F.masked_mean(kl.detach(), mb.response_mask)  # TRL's `kl`
+            kl = rl.k3_kl(logprobs, mb.ref_logprobs)
+            stats[f"{a}/kl"] = rl.masked_mean(kl.detach(), mb.response_mask)  # TRL's `kl`
             per_token = per_token + beta * kl
-        loss = F.reduce_loss(per_token, mb.response_mask, self.hp.loss_type, self.gen.max_new_tokens)
-        entropy = F.masked_mean(entropy, mb.response_mask)
+        loss = rl.reduce_loss(per_token, mb.response_mask, self.hp.loss_type, self.gen.max_new_tokens)
+        entropy = rl.masked_mean(entropy, mb.response_mask)
         stats.update({f"{a}/loss": loss.detach(), f"{a}/entropy": entropy, **{f"{a}/{k}": v for k, v in st.items()}})
         return loss, stats
 

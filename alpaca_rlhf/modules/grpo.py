@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from alpaca_rlhf import ppo as F
+from alpaca_rlhf import ppo as rl  # the pure-torch math of every RL method
 from alpaca_rlhf.models import LoraSpec, ModelSpec
 from alpaca_rlhf.modules.critic_free import CriticFreeHParams, CriticFreeModule, LossType
 from alpaca_rlhf.modules.online import GenerationHParams, Samples
@@ -84,10 +84,10 @@ class GRPOModule(CriticFreeModule):
     def build_rollout(self, s: Samples) -> Rollout:
         mask = s.response_mask
         if s.ref_logprobs is not None:
-            kl = F.k3_kl(s.logprobs, s.ref_logprobs) * mask  # what the loss penalises, at the rollout's policy
+            kl = rl.k3_kl(s.logprobs, s.ref_logprobs) * mask  # what the loss penalises, at the rollout's policy
         else:
             kl = torch.full_like(s.logprobs, math.nan)  # not measured (no reference forward with beta 0)
-        advantages, _ = F.grpo_advantages(s.scores, self.k, self.hp.scale_rewards)
+        advantages, _ = rl.grpo_advantages(s.scores, self.k, self.hp.scale_rewards)
         return self.sequence_rollout(s, s.scores, kl, advantages)
 
     def iteration_stats(self, rollout: Rollout, samples: Samples) -> dict:

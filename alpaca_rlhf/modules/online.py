@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from alpaca_rlhf import ppo as F
+from alpaca_rlhf import ppo as rl  # the pure-torch math of every RL method
 from alpaca_rlhf.data.templates import PromptTemplate
 from alpaca_rlhf.errors import ConfigError
 from alpaca_rlhf.evaluation import is_refusal
@@ -337,7 +337,7 @@ class OnlineRLModule(L.LightningModule):
         with merged_adapter(self.policy.lm, self.gen.merge_adapter), recorder:
             out = self.policy.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
         responses = out[:, input_ids.shape[1] :]
-        response_mask = F.first_eos_mask(responses, self.stop_ids)
+        response_mask = rl.first_eos_mask(responses, self.stop_ids)
         return (torch.where(response_mask, responses, self.tokenizer.pad_token_id), response_mask,
                 recorder.result(responses))
 
@@ -353,11 +353,11 @@ class OnlineRLModule(L.LightningModule):
             rows = slice(i, i + self.hp.forward_batch_size)
             if policy:
                 logits, v = self.policy(query_responses[rows], attention_mask[rows], C, with_values=with_values)
-                logprobs.append(F.response_logprobs(logits, responses[rows], self.gen.temperature))
+                logprobs.append(rl.response_logprobs(logits, responses[rows], self.gen.temperature))
                 if v is not None:
                     values.append(v)
             if reference:
-                ref_logprobs.append(F.response_logprobs(self.reference_logits(
+                ref_logprobs.append(rl.response_logprobs(self.reference_logits(
                     query_responses[rows], attention_mask[rows], C), responses[rows], self.gen.temperature))
         cat = lambda xs: torch.cat(xs) if xs else None  # noqa: E731
         return cat(logprobs), cat(values), cat(ref_logprobs)
@@ -369,7 +369,7 @@ class OnlineRLModule(L.LightningModule):
         T = input_ids.shape[1] - C
         return self.ref_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                               position_ids=position_ids_from_mask(attention_mask),
-                              logits_to_keep=F.response_positions(C, T, input_ids.device)).logits
+                              logits_to_keep=rl.response_positions(C, T, input_ids.device)).logits
 
     def scoring_batch(self, prompts: list[str], query_responses: Tensor, attention_mask: Tensor,
                       C: int) -> ScoringBatch:
@@ -408,7 +408,7 @@ class OnlineRLModule(L.LightningModule):
         if keep_graph:
             with torch.enable_grad():
                 graph = self.policy(query_responses, attention_mask, C)
-            logprobs = F.response_logprobs(graph[0].detach(), responses, self.gen.temperature)
+            logprobs = rl.response_logprobs(graph[0].detach(), responses, self.gen.temperature)
             values = graph[1].detach() if graph[1] is not None else None
             ref_logprobs = self._forward_old(query_responses, attention_mask, C, policy=False,
                                              reference=reference)[2]
@@ -420,8 +420,8 @@ class OnlineRLModule(L.LightningModule):
                 values = values.masked_fill(~response_mask, 0.0)
             sb = self.scoring_batch(prompts, query_responses, attention_mask, C)
             raw_scores = self.scorer(sb).to(logprobs.device)
-            has_eos = F.contains_eos(responses, self.stop_ids)
-            scores = F.process_scores(raw_scores, contains_eos=has_eos,
+            has_eos = rl.contains_eos(responses, self.stop_ids)
+            scores = rl.process_scores(raw_scores, contains_eos=has_eos,
                                       missing_eos_penalty=self.hp.missing_eos_penalty, score_clip=self.hp.score_clip,
                                       score_bias=-self.scorer.offset, response_lengths=response_mask.sum(1),
                                       min_response_tokens=self.hp.min_response_tokens,
@@ -623,10 +623,10 @@ class OnlineRLModule(L.LightningModule):
             am = torch.cat([batch["attention_mask"], mask.long()], 1)
             raw = self.scorer(self.scoring_batch(batch["prompt"], qr, am, C)).to(qr.device)
             logprobs, _, ref_logprobs = self._forward_old(qr, am, C, with_values=False)
-            kl = F.masked_sum(logprobs - ref_logprobs, mask, dim=1)
+            kl = rl.masked_sum(logprobs - ref_logprobs, mask, dim=1)
         n = len(raw)
         texts = [t.strip() for t in self.tokenizer.batch_decode(responses, skip_special_tokens=True)]
-        has_eos = F.contains_eos(responses, self.stop_ids).float()
+        has_eos = rl.contains_eos(responses, self.stop_ids).float()
         rates = torch.tensor([[float(is_refusal(t)), float(not t)] for t in texts], device=qr.device)
         self.log("val/score", (raw + self.scorer.offset).mean(), batch_size=n, sync_dist=True)
         self.log("val/kl", kl.mean(), batch_size=n, sync_dist=True)

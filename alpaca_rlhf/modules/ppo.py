@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from alpaca_rlhf import ppo as F
+from alpaca_rlhf import ppo as rl  # the pure-torch math of every RL method
 from alpaca_rlhf.models import LoraSpec, ModelSpec
 from alpaca_rlhf.modules.online import (  # noqa: F401  (GenerationHParams, is_checkpointing: their old home)
     GenerationHParams,
@@ -76,11 +76,11 @@ class PPOHParams(RolloutHParams):
 
 
 def resolve_estimator(name: str):
-    if name in F.KL_ESTIMATORS:
+    if name in rl.KL_ESTIMATORS:
         return name
     module, _, attr = name.rpartition(".")
     if not module:
-        raise ValueError(f"kl_estimator must be one of {sorted(F.KL_ESTIMATORS)} or a dotted path, got {name!r}")
+        raise ValueError(f"kl_estimator must be one of {sorted(rl.KL_ESTIMATORS)} or a dotted path, got {name!r}")
     return getattr(importlib.import_module(module), attr)
 
 
@@ -120,7 +120,7 @@ class PPOModule(OnlineRLModule):
         ref_model: ModelSpec | None = None,
         ppo: PPOHParams = PPOHParams(),
         generation: GenerationHParams = GenerationHParams(),
-        kl_controller: F.KLController | None = None,
+        kl_controller: rl.KLController | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         output_dir: str = "output/checkpoints/tuning_llama_rl",
@@ -136,16 +136,16 @@ class PPOModule(OnlineRLModule):
                          overwrite_output_dir=overwrite_output_dir)
         self.save_hyperparameters(ignore=["scorer", "value_head", "kl_controller"])
         self.estimator = resolve_estimator(ppo.kl_estimator)
-        self.kl_ctl = kl_controller or F.AdaptiveKLController(0.2, target=6.0, horizon=10000)
+        self.kl_ctl = kl_controller or rl.AdaptiveKLController(0.2, target=6.0, horizon=10000)
 
     # ---- experience: KL-penalised rewards, GAE, whitening -----------------------------------------------------
     def build_rollout(self, s: Samples) -> Rollout:
-        rewards, kl = F.kl_penalized_rewards(s.scores, s.logprobs, s.ref_logprobs, s.response_mask,
+        rewards, kl = rl.kl_penalized_rewards(s.scores, s.logprobs, s.ref_logprobs, s.response_mask,
                                              self.kl_ctl.value, self.estimator)
         if self.hp.whiten_rewards:
-            rewards = F.whiten_rewards(rewards, s.response_mask)
-        advantages, returns = F.gae(s.values, rewards, s.response_mask, self.hp.gamma, self.hp.lam)
-        advantages = F.masked_whiten(advantages, s.response_mask)
+            rewards = rl.whiten_rewards(rewards, s.response_mask)
+        advantages, returns = rl.gae(s.values, rewards, s.response_mask, self.hp.gamma, self.hp.lam)
+        advantages = rl.masked_whiten(advantages, s.response_mask)
         return Rollout(s.query_responses, s.attention_mask, s.response_mask, s.logprobs, s.ref_logprobs, s.values,
                        s.scores, rewards, kl, advantages, returns)
 
@@ -157,10 +157,10 @@ class PPOModule(OnlineRLModule):
         """Clipped policy + value loss of a micro-batch; `outputs` = the policy's (logits, values) if already run."""
         C = mb.context_length
         logits, values = outputs if outputs is not None else self.policy(mb.query_responses, mb.attention_mask, C)
-        logprobs, entropy = F.logprobs_and_entropy(logits, mb.query_responses[:, C:], self.gen.temperature)
-        pg_loss, pg_stats = F.policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask, self.hp.clip_range)
-        vf_loss, vf_stats = F.value_loss(values, mb.values, mb.returns, mb.response_mask, self.hp.value_clip_range)
-        entropy = F.masked_mean(entropy, mb.response_mask)
+        logprobs, entropy = rl.logprobs_and_entropy(logits, mb.query_responses[:, C:], self.gen.temperature)
+        pg_loss, pg_stats = rl.policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask, self.hp.clip_range)
+        vf_loss, vf_stats = rl.value_loss(values, mb.values, mb.returns, mb.response_mask, self.hp.value_clip_range)
+        entropy = rl.masked_mean(entropy, mb.response_mask)
         stats = {"ppo/policy_loss": pg_loss.detach(), "ppo/value_loss": vf_loss.detach(), "ppo/entropy": entropy,
                  **{f"ppo/{k}": v for k, v in {**pg_stats, **vf_stats}.items()}}
         return pg_loss + self.hp.vf_coef * vf_loss, stats
@@ -183,7 +183,7 @@ class PPOModule(OnlineRLModule):
         mask = rollout.response_mask
         return {"rollout/non_score_reward": (-self.kl_ctl.value * rollout.kl).sum(1).mean(),
                 "ppo/kl_coef": self.kl_ctl.value,
-                "ppo/explained_variance": F.explained_variance(rollout.values, rollout.returns, mask)}
+                "ppo/explained_variance": rl.explained_variance(rollout.values, rollout.returns, mask)}
 
     def end_iteration(self, kl_per_seq: float, episodes: int) -> None:
         self.kl_ctl.update(kl_per_seq, episodes)  # after the optimisation; n = episodes (PPO.md 2.12)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from alpaca_rlhf import ppo as F
+from alpaca_rlhf import ppo as rl  # the pure-torch math of every RL method
 from alpaca_rlhf.models import LoraSpec, ModelSpec
 from alpaca_rlhf.modules.critic_free import CriticFreeHParams, CriticFreeModule
 from alpaca_rlhf.modules.online import GenerationHParams, Samples
@@ -75,7 +75,7 @@ class RLOOModule(CriticFreeModule):
         mask = s.response_mask
         kl = (s.logprobs - s.ref_logprobs) * mask  # k1 per token; its sum over the sequence enters the reward
         rewards = s.scores - self.hp.beta * kl.sum(1)
-        advantages = F.rloo_advantages(rewards, self.k)
+        advantages = rl.rloo_advantages(rewards, self.k)
         if self.hp.normalize_advantages:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-4)
         return self.sequence_rollout(s, rewards, kl, advantages)
@@ -83,6 +83,6 @@ class RLOOModule(CriticFreeModule):
     def iteration_stats(self, rollout: Rollout, samples: Samples) -> dict:
         return {"rloo/reward": rollout.rewards.mean(), "rloo/reward_std": rollout.rewards.std(),
                 # the sequence advantage (each valid token carries it), not its sum over the response's tokens
-                "rloo/advantage_std": (F.masked_mean(rollout.advantages, rollout.response_mask, dim=1).std()
+                "rloo/advantage_std": (rl.masked_mean(rollout.advantages, rollout.response_mask, dim=1).std()
                                        if len(rollout) > 1 else 0.0),
                 "rollout/non_score_reward": -self.hp.beta * rollout.kl.sum(1).mean()}

@@ -245,7 +245,8 @@ def readme_first_screen() -> tuple[str, str]:
 
 def test_the_readme_opens_with_the_install_the_main_job_and_the_test_command_ci_runs():
     install, tests = readme_first_screen()
-    assert install.startswith('python3 -m venv .venv && . .venv/bin/activate && pip install "torch==2.13.0" -e ".[dev]"')
+    assert install.startswith('python3 -m venv .venv && . .venv/bin/activate && '
+                              'pip install "torch==2.13.0" -e ".[dev]"')
     assert install.split(" && ")[-1] == "alpaca-rlhf pipeline --config configs/tiny/pipeline.yaml"
     assert tests.split("#")[0].strip().removeprefix("python ") in (ROOT / ".ci/run").read_text()
 
