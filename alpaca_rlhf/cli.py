@@ -137,7 +137,9 @@ def merge(adapter_path: str, output_dir: str | None = None,
     from pathlib import Path
 
     adapter = Path(adapter_path)
-    target = Path(output_dir) if output_dir else adapter.with_name(adapter.name + "-adapter-merged")
+    from alpaca_rlhf.io import merged_folder
+
+    target = Path(output_dir) if output_dir else Path(merged_folder(adapter))
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"merge: {target} already exists (later stages may have been trained on it); "
                               "pass --overwrite to replace it, or --output_dir to write elsewhere")

@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from alpaca_rlhf.io import atomic_dir
+from alpaca_rlhf.io import atomic_dir, merged_folder
 
 log = logging.getLogger(__name__)
 
@@ -612,7 +612,7 @@ def merge_adapter(adapter_path: str, output_dir: str | None = None, dtype: str =
     adapter = Path(adapter_path)
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter}: no adapter_config.json (is this a PEFT adapter folder?)")
-    output = Path(output_dir) if output_dir else adapter.with_name(adapter.name + "-adapter-merged")
+    output = Path(output_dir) if output_dir else Path(merged_folder(adapter))
     config = PeftConfig.from_pretrained(str(adapter))
     base = base_model or resolve_base(config.base_model_name_or_path, adapter)
     tokenizer = AutoTokenizer.from_pretrained(str(adapter) if (adapter / "tokenizer_config.json").exists() else base)

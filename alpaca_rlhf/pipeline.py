@@ -204,7 +204,9 @@ class Stage:
 
 def merged_dir(adapter_dir: str, stage: MergeStage) -> str:
     """The merge's output folder, spelled as the user spelled the adapter's (`./x` stays `./x-adapter-merged`)."""
-    return stage.output_dir if stage.output_dir else str(adapter_dir).rstrip("/") + "-adapter-merged"
+    from alpaca_rlhf.io import merged_folder
+
+    return stage.output_dir if stage.output_dir else merged_folder(adapter_dir)
 
 
 ALGORITHMS = {"PPOModule": "ppo", "RLOOModule": "rloo", "GRPOModule": "grpo", "DPOModule": "dpo"}

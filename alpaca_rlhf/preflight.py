@@ -65,8 +65,10 @@ class Shape:
 
 
 def _adapter_base(path: Path) -> str | None:
-    adapter = path.with_name(path.name.removesuffix("-adapter-merged")) / "adapter_config.json"
-    return json.loads(adapter.read_text()).get("base_model_name_or_path") if adapter.is_file() else None
+    from alpaca_rlhf.io import adapter_of_merged
+
+    config = (adapter_of_merged(path) or path) / "adapter_config.json"  # a merged folder's adapter, or an adapter
+    return json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None
 
 
 def shape_of(spec, fallback: str | None = None) -> Shape:
@@ -100,7 +102,9 @@ def shape_of(spec, fallback: str | None = None) -> Shape:
 
             config = AutoConfig.from_pretrained(name, local_files_only=True).to_dict()
         except Exception as e:
-            stage_output = name.endswith("-adapter-merged") or looks_local(name)
+            from alpaca_rlhf.io import MERGED_SUFFIX
+
+            stage_output = name.endswith(MERGED_SUFFIX) or looks_local(name)
             hint = ("it looks like an earlier stage's output that is not written yet: run that stage first, or "
                     "give the shape it will have with --model_shape NAME (the model that stage starts from, e.g. "
                     "the SFT config's model_name_or_path)" if stage_output else
