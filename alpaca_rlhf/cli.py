@@ -506,12 +506,13 @@ def _cli_class():
             super().parse_arguments(parser, args)
             argv = sys.argv[1:] if args is None else list(args) if isinstance(args, list | tuple) else []
             command = self.config.get("subcommand")
-            if command in FIT_COMMANDS:
-                for given, meant in abbreviated_options(argv, self.config.get(command)):
-                    from alpaca_rlhf.errors import ConfigError
+            abbreviated = abbreviated_options(argv, self.config.get(command)) if command in FIT_COMMANDS else []
+            if abbreviated:
+                from alpaca_rlhf.errors import ConfigError
 
-                    raise ConfigError(f"{given} is not an option (abbreviations are refused); did you mean {meant}? "
-                                      f"(alpaca-rlhf {command} --help)")
+                given, meant = abbreviated[0]
+                raise ConfigError(f"{given} is not an option (abbreviations are refused); did you mean {meant}? "
+                                  f"(alpaca-rlhf {command} --help)")
 
         def before_instantiate_classes(self) -> None:
             """A missing local data file stops the run before any model loads (minutes on a real model)."""

@@ -23,6 +23,17 @@ def adapter_of_merged(merged: str | os.PathLike) -> Path | None:
     return Path(name.removesuffix(MERGED_SUFFIX)) if name.endswith(MERGED_SUFFIX) else None
 
 
+PROGRESS_ENV = "ALPACA_RLHF_PROGRESS"  # a file path: a fit run writes its progress there (trainer.ProgressFile)
+
+
+def write_text_whole(path: str | os.PathLike, text: str) -> None:
+    """Writes a small text file through a temporary sibling and a rename: a reader sees the old text or the new."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 @contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary sibling folder; on success it replaces `target` by rename, on error it is removed.

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Literal
 
 from alpaca_rlhf.data.partition import Partition
+from alpaca_rlhf.io import PROGRESS_ENV
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]  # the folder that holds alpaca_rlhf/
 STAGE_NAMES = ("sft", "merge_sft", "rm", "merge_rm", "ppo", "rloo", "grpo", "dpo", "judge", "merge_judge", "compare")
 ONLINE = ("ppo", "rloo", "grpo")  # RL stages that sample, score with the RM and export step_<n> folders
-PROGRESS_ENV = "ALPACA_RLHF_PROGRESS"  # a file path: a fit run writes its progress there (trainer.ProgressFile)
 # without a terminal (a log, CI), one progress line a minute (ALPACA_RLHF_PROGRESS_EVERY seconds)
 PROGRESS_EVERY_S = float(os.environ.get("ALPACA_RLHF_PROGRESS_EVERY", 60))
 RL_NAMES = (*ONLINE, "dpo")  # `--from_stage` with any of them reruns the RL stage, whichever it is
@@ -460,9 +460,11 @@ def run_stage(stage: Stage, log_file: Path, tag: str) -> tuple[int, float]:
                     columns = shutil.get_terminal_size().columns - 1
                     status = f"{tag} {time.time() - start:5.0f} s  {progress_line(progress) or _last_line(log_file)}"
                     print("\r" + status[:columns].ljust(columns), end="", flush=True)
-                elif time.time() - printed >= PROGRESS_EVERY_S and progress_line(progress):  # a log, not a screen
-                    printed = time.time()
-                    print(f"{tag} {printed - start:5.0f} s  {progress_line(progress)}", flush=True)
+                elif time.time() - printed >= PROGRESS_EVERY_S:  # a log, not a screen: a line a minute
+                    line = progress_line(progress)
+                    if line:
+                        printed = time.time()
+                        print(f"{tag} {printed - start:5.0f} s  {line}", flush=True)
         except KeyboardInterrupt:  # the stage got the Ctrl-C too: a fit run saves a checkpoint after its step
             print(f"\n{tag}: Ctrl-C; waiting for the stage to save and stop (Ctrl-C again stops it now)", flush=True)
             try:
@@ -619,10 +621,10 @@ def add_time(logs: Path, stage: str | None = None, seconds: float = 0.0, invocat
     ledger["invocations"] += int(invocation)
     if stage is not None:
         ledger["stages"][stage] = round(ledger["stages"].get(stage, 0.0) + seconds, 1)
+    from alpaca_rlhf.io import write_text_whole
+
     logs.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("time.json.tmp")
-    tmp.write_text(json.dumps(ledger, indent=2))
-    os.replace(tmp, path)
+    write_text_whole(path, json.dumps(ledger, indent=2))
     return ledger
 
 

@@ -15,7 +15,7 @@ from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from alpaca_rlhf.hardware import resolve_precision, warn_if_slow_bf16
-from alpaca_rlhf.pipeline import PROGRESS_ENV
+from alpaca_rlhf.io import PROGRESS_ENV, write_text_whole
 
 ADVERT = "💡 Tip:"  # Lightning's advertisements for its cloud products: not about the user's run
 
@@ -159,9 +159,7 @@ class ProgressFile(L.Callback):
                     metrics[word] = (key, float(value))
         state = {"step": step, "total": total, "elapsed_s": round(elapsed, 1),
                  "eta_s": None if eta is None else round(eta, 1), "metrics": metrics}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.path)
+        write_text_whole(self.path, json.dumps(state))
 
 
 def _accelerator_of(kwargs: dict):
