@@ -1,15 +1,13 @@
-"""What every online RL stage shares (PPO, RLOO, GRPO): the policy and its reference, sampling, scoring, the
-no-grad forwards of a rollout, the epoch/minibatch/micro-batch loop, non-finite guards, logging, checkpoints,
-exports and resume.
+"""The loop every online RL stage shares (PPO, RLOO, GRPO): the epoch/minibatch/micro-batch optimisation,
+non-finite guards, logging, validation, checkpoints, exports and resume. The rollout itself (generation, the
+no-grad forwards, the reference, scoring) is the sampler's (`modules/sampler.py`).
 
 An algorithm subclasses `OnlineRLModule` and supplies only what is its own:
 - `build_rollout(samples)`: advantages (and values, returns, rewards) from the scored samples;
 - `micro_loss(mb, outputs)`: the loss of a micro-batch and its stats;
 - optionally `micro_weight`, `stop_after_epoch`, `end_iteration`, `state`/`load_state`, `needs_reference`.
 
-Conventions (../shared/PPO.md section 6, ../shared/ALGORITHMS.md): score on the last valid token, masks through
-the first EOS, log-probs of logits / temperature in fp32, dropout off everywhere, reference = the policy with its
-adapter off, a prompt sampled `samples_per_prompt` times in contiguous rows (a group).
+Dropout is off everywhere, so every forward of the same weights gives the same numbers.
 """
 
 from __future__ import annotations
@@ -42,57 +40,20 @@ from alpaca_rlhf.models import (
     load_causal_lm,
     load_tokenizer,
     neutral_generation_config,
-    null_to_none,
     touches_output_layer,
-    unwrap_peft,
 )
 from alpaca_rlhf.modules.policy import PolicyWithValue
-from alpaca_rlhf.modules.scorers import Scorer, ScoringBatch
-from alpaca_rlhf.ppo.rollout import Rollout, minibatch_indices, position_ids_from_mask
-
-
-@dataclass
-class GenerationHParams:
-    """Rollout sampling. Set explicitly, so a model's own generation_config.json cannot bias the KL.
-
-    Attributes:
-        max_new_tokens: Longest response (the seed's output_max_length; TRL's max_completion_length).
-        temperature: Sampling temperature; log-probs everywhere use logits / temperature.
-        top_k: 0 = no truncation (anything else biases the KL estimate).
-        top_p: 1.0 = no nucleus truncation.
-        seed: Base seed of each iteration's sampling (seed + iteration, + rank): resumes sample alike.
-        cache_implementation: The KV cache `generate` uses: None = transformers' dynamic cache (grows per token);
-            "static" = preallocated for prompt + max_new_tokens (what compiled decoding needs).
-        compile: torch.compile the decoding step (transformers' `CompileConfig`; needs cache_implementation
-            "static"). The first iterations pay for compiling; a GPU gains most (bench/rollout.py). False also
-            stops transformers from compiling a static cache on a GPU by itself.
-        merge_adapter: Fold the LoRA weights into the base for generation and unfold them after (PEFT's
-            merge_adapter / unmerge_adapter; TRL does the same before handing weights to vLLM): generation runs the
-            plain network, without the adapter's extra matmuls per layer. Unquantized bases only. Folding and
-            unfolding round: the base weights move by ~1 ulp per iteration (measured in tests/modules/
-            test_rollout_speed.py), so a resumed run is no longer bit-identical to an unbroken one.
-        logprob_gap: Record the log-probs of the sampled tokens as generation computed them and log
-            `rollout/logprob_gap` (mean |generation - training forward| over response tokens) and
-            `rollout/logprob_gap_max`: ~0 (float rounding of the KV-cached decoding) when sampling and training
-            see the same policy; larger means the sampler is off-policy (a merge, a dtype, a bug).
-    """
-
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = 42
-    cache_implementation: str | None = None
-    compile: bool = False
-    merge_adapter: bool = False
-    logprob_gap: bool = True
-
-    def __post_init__(self) -> None:
-        if null_to_none(self.cache_implementation) in (None, "dynamic"):
-            self.cache_implementation = None
-        if self.compile and self.cache_implementation != "static":
-            raise ConfigError("generation.compile needs generation.cache_implementation: static (a compiled "
-                              f"decoding step needs a fixed-size cache); got {self.cache_implementation!r}")
+from alpaca_rlhf.modules.sampler import (  # noqa: F401  (re-exported: their old home)
+    GenerationHParams,
+    SampledLogprobs,
+    Sampler,
+    Samples,
+    is_checkpointing,
+    merged_adapter,
+    sampling_gap,
+)
+from alpaca_rlhf.modules.scorers import Scorer
+from alpaca_rlhf.ppo.rollout import Rollout, minibatch_indices
 
 
 @dataclass
@@ -134,29 +95,6 @@ class RolloutHParams:
     max_nonfinite_skips: int = 3
 
 
-@dataclass
-class Samples:
-    """One iteration's scored samples, before any algorithm turns them into experience (B completions)."""
-
-    prompts: list[str]
-    query_responses: Tensor  # (B, C+T)
-    attention_mask: Tensor   # (B, C+T)
-    response_mask: Tensor    # (B, T) bool, through the first EOS
-    logprobs: Tensor         # (B, T) log pi_old, adapter on
-    ref_logprobs: Tensor | None  # (B, T) reference; None when the algorithm needs none (GRPO with beta 0)
-    values: Tensor | None    # (B, T) with a value head, zero outside the mask; else None
-    raw_scores: Tensor       # (B,) the scorer's output
-    scores: Tensor           # (B,) processed: centred, clipped, EOS-penalised
-    has_eos: Tensor          # (B,) bool
-    scoring_batch: ScoringBatch
-    graph: tuple | None      # the rollout forward's outputs with autograd, for the first step (or None)
-    timings: dict
-    sampled_logprobs: Tensor | None = None  # (B, T) log-probs of the sampled tokens as generation computed them
-
-    @property
-    def context_length(self) -> int:
-        return self.query_responses.shape[1] - self.response_mask.shape[1]
-
 
 class OnlineRLModule(L.LightningModule):
     """An on-policy RL stage on a merged SFT model with a fresh LoRA adapter; the reward comes from `scorer`.
@@ -197,7 +135,7 @@ class OnlineRLModule(L.LightningModule):
         super().__init__()
         self.overwrite_output_dir = overwrite_output_dir
         self.automatic_optimization = False
-        self.policy_spec, self.hp, self.gen, self.k = policy, hparams, generation, samples_per_prompt
+        self.policy_spec, self.hp, self.k = policy, hparams, samples_per_prompt
         self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
         self.output_dir, self.save_freq, self.save_merged = Path(output_dir), save_freq, save_merged
         self.log_samples_every, self.template = log_samples_every, PromptTemplate.load(template)
@@ -229,6 +167,8 @@ class OnlineRLModule(L.LightningModule):
         for model in (self.policy, self.ref_model, scorer):
             if model is not None:
                 disable_dropout(model)  # Lightning calls .train(): p = 0 keeps every forward deterministic
+        self.sampler = Sampler(self.policy, scorer, self.tokenizer, self.stop_ids, generation, hparams,
+                               samples_per_prompt, self.ref_model)
         self.iteration = 0
         self.skipped_iterations = self.nonfinite_steps = self.consecutive_skips = 0
         self.last_stats: dict[str, float] = {}
@@ -310,142 +250,33 @@ class OnlineRLModule(L.LightningModule):
                 shutil.rmtree(folder)
         self.trainer.strategy.barrier()
 
-    # ---- rollout ---------------------------------------------------------------------------------------------
-    def generation_kwargs(self) -> dict:
-        from transformers import CompileConfig
+    # ---- rollout: the sampler (modules/sampler.py) ------------------------------------------------------------
+    @property
+    def gen(self) -> GenerationHParams:
+        """The rollout's sampling settings (the sampler's)."""
+        return self.sampler.gen
 
-        speed = dict(cache_implementation=self.gen.cache_implementation, disable_compile=not self.gen.compile)
-        if self.gen.compile:  # transformers compiles only on accelerators unless told to on every device
-            speed["compile_config"] = CompileConfig(fullgraph=False, dynamic=None)
-            speed["compile_config"]._compile_all_devices = True
-        return dict(do_sample=True, temperature=self.gen.temperature, top_k=self.gen.top_k, top_p=self.gen.top_p,
-                    max_new_tokens=self.gen.max_new_tokens, min_new_tokens=0, repetition_penalty=1.0,
-                    eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
-                    use_cache=True, **speed)
+    @gen.setter
+    def gen(self, value: GenerationHParams) -> None:
+        self.sampler.gen = value
 
-    @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor,
                  record_logprobs: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(responses (B, T) with pad after the first EOS, response_mask (B, T) bool, the sampled tokens'
-        log-probs as generation computed them (B, T) if `record_logprobs`, else None)."""
-        from transformers import GenerationConfig
-
-        config = GenerationConfig(**self.generation_kwargs())
-        if self.gen.cache_implementation == "static":  # sized in steps of 64: a new prompt width rarely recompiles
-            config.max_cache_len = -(-(input_ids.shape[1] + self.gen.max_new_tokens) // 64) * 64
-        recorder = SampledLogprobs(self.policy.lm.get_base_model(), self.gen.temperature, record_logprobs)
-        with merged_adapter(self.policy.lm, self.gen.merge_adapter), recorder:
-            out = self.policy.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-        responses = out[:, input_ids.shape[1] :]
-        response_mask = rl.first_eos_mask(responses, self.stop_ids)
-        return (torch.where(response_mask, responses, self.tokenizer.pad_token_id), response_mask,
-                recorder.result(responses))
-
-    @torch.no_grad()
-    def _forward_old(self, query_responses: Tensor, attention_mask: Tensor, C: int, policy: bool = True,
-                     with_values: bool = True, reference: bool = True):
-        """Old log-probs and values (if `policy`; values if `with_values` and there is a value model) and
-        reference log-probs (if `reference`), `forward_batch_size` rows at a time; what is not computed comes
-        back as None."""
-        logprobs, values, ref_logprobs = [], [], []
-        responses = query_responses[:, C:]
-        for i in range(0, query_responses.shape[0], self.hp.forward_batch_size):
-            rows = slice(i, i + self.hp.forward_batch_size)
-            if policy:
-                logits, v = self.policy(query_responses[rows], attention_mask[rows], C, with_values=with_values)
-                logprobs.append(rl.response_logprobs(logits, responses[rows], self.gen.temperature))
-                if v is not None:
-                    values.append(v)
-            if reference:
-                ref_logprobs.append(rl.response_logprobs(self.reference_logits(
-                    query_responses[rows], attention_mask[rows], C), responses[rows], self.gen.temperature))
-        cat = lambda xs: torch.cat(xs) if xs else None  # noqa: E731
-        return cat(logprobs), cat(values), cat(ref_logprobs)
-
-    def reference_logits(self, input_ids: Tensor, attention_mask: Tensor, C: int) -> Tensor:
-        """Response-aligned logits of the reference: the policy with its adapter off, or `ref_model`."""
-        if self.ref_model is None:
-            return self.policy.reference_logits(input_ids, attention_mask, C)
-        T = input_ids.shape[1] - C
-        return self.ref_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                              position_ids=position_ids_from_mask(attention_mask),
-                              logits_to_keep=rl.response_positions(C, T, input_ids.device)).logits
-
-    def scoring_batch(self, prompts: list[str], query_responses: Tensor, attention_mask: Tensor,
-                      C: int) -> ScoringBatch:
-        return ScoringBatch(prompts, query_responses, attention_mask, C, self.tokenizer, stop_ids=self.stop_ids)
+        """The sampler's `generate`: (responses, response_mask, sampled log-probs or None)."""
+        return self.sampler.generate(input_ids, attention_mask, record_logprobs)
 
     def sample(self, batch: dict, keep_graph: bool = False) -> Samples:
-        """Generate `samples_per_prompt` completions per prompt (contiguous rows), run the no-grad forwards and
-        score them.
+        """This iteration's scored samples of one prompt batch (the sampler's `sample`)."""
+        return self.sampler.sample(batch, self.iteration, self.global_rank, keep_graph, self.needs_reference())
 
-        With `keep_graph`, the policy's forward over the whole batch runs with autograd and its outputs come back
-        in `graph`: the first optimisation step, when its micro-batch is the whole batch, takes them instead of
-        running the same forward again. Same weights, no dropout: the numbers are the ones a second forward would
-        give, so the first ratio is exactly 1 either way.
-        """
-        timings = {}
-        t0 = time.perf_counter()
-        if self.gen.seed is not None:
-            self._seed_sampling(self.gen.seed + self.iteration * 1009 + self.global_rank * 100003)
-        prompt_ids, prompt_mask, prompts = batch["input_ids"], batch["attention_mask"], list(batch["prompt"])
-        if self.k > 1:
-            prompt_ids = prompt_ids.repeat_interleave(self.k, 0)
-            prompt_mask = prompt_mask.repeat_interleave(self.k, 0)
-            prompts = [p for p in prompts for _ in range(self.k)]
-        C = prompt_ids.shape[1]
-        checkpointing = is_checkpointing(self.policy.lm)
-        if checkpointing:
-            self.policy.eval()  # under gradient checkpointing, transformers generates without a cache in train mode
-        responses, response_mask, sampled_logprobs = self.generate(prompt_ids, prompt_mask, self.gen.logprob_gap)
-        if checkpointing:
-            self.policy.train()
-        query_responses = torch.cat([prompt_ids, responses], 1)  # (B, C+T)
-        attention_mask = torch.cat([prompt_mask, response_mask.long()], 1)
-        timings["time/generation"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        graph, reference = None, self.needs_reference()
-        if keep_graph:
-            with torch.enable_grad():
-                graph = self.policy(query_responses, attention_mask, C)
-            logprobs = rl.response_logprobs(graph[0].detach(), responses, self.gen.temperature)
-            values = graph[1].detach() if graph[1] is not None else None
-            ref_logprobs = self._forward_old(query_responses, attention_mask, C, policy=False,
-                                             reference=reference)[2]
-        else:
-            logprobs, values, ref_logprobs = self._forward_old(query_responses, attention_mask, C,
-                                                               reference=reference)
-        with torch.no_grad():
-            if values is not None:
-                values = values.masked_fill(~response_mask, 0.0)
-            sb = self.scoring_batch(prompts, query_responses, attention_mask, C)
-            raw_scores = self.scorer(sb).to(logprobs.device)
-            has_eos = rl.contains_eos(responses, self.stop_ids)
-            scores = rl.process_scores(raw_scores, contains_eos=has_eos,
-                                      missing_eos_penalty=self.hp.missing_eos_penalty, score_clip=self.hp.score_clip,
-                                      score_bias=-self.scorer.offset, response_lengths=response_mask.sum(1),
-                                      min_response_tokens=self.hp.min_response_tokens,
-                                      short_response_penalty=self.hp.short_response_penalty)
-        timings["time/scoring_and_forwards"] = time.perf_counter() - t1
-        return Samples(prompts, query_responses, attention_mask, response_mask, logprobs, ref_logprobs, values,
-                       raw_scores, scores, has_eos, sb, graph, timings, sampled_logprobs)
-
-    def make_rollout(self, batch: dict, keep_graph: bool = False) -> tuple[Rollout, dict]:
+    def make_rollout(self, batch: dict, keep_graph: bool = False) -> tuple[Rollout, Samples]:
         """Sample, score and build the algorithm's detached experience from one prompt batch."""
         samples = self.sample(batch, keep_graph)
         t1 = time.perf_counter()
         with torch.no_grad():
             rollout = self.build_rollout(samples)
         samples.timings["time/scoring_and_forwards"] += time.perf_counter() - t1
-        return rollout, {"raw_scores": samples.raw_scores, "has_eos": samples.has_eos,
-                         "scoring_batch": samples.scoring_batch, "timings": samples.timings, "graph": samples.graph,
-                         "samples": samples}
-
-    def _seed_sampling(self, seed: int) -> None:
-        if self.device.type == "cpu":  # torch.manual_seed also queues lazy CUDA seeding (a traceback per call)
-            torch.random.default_generator.manual_seed(seed)
-        else:
-            torch.manual_seed(seed)
+        return rollout, samples
 
     # ---- optimisation ----------------------------------------------------------------------------------------
     def micro_batch_size(self, batch_size: int) -> int:
@@ -529,14 +360,15 @@ class OnlineRLModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         B = batch["input_ids"].shape[0] * self.k
         reuse = self.hp.reuse_rollout_forward and self.micro_batch_size(B) >= B
-        rollout, extra = self.make_rollout(batch, keep_graph=reuse)
-        bad = self.nonfinite_rollout(rollout, extra["raw_scores"])
+        rollout, samples = self.make_rollout(batch, keep_graph=reuse)
+        bad = self.nonfinite_rollout(rollout, samples.raw_scores)
         if bad:
             self.skip_nonfinite(bad)
             return
         t0 = time.perf_counter()
         before = self.nonfinite_steps
-        stats = self.optimize(rollout, extra.pop("graph"))
+        graph, samples.graph = samples.graph, None
+        stats = self.optimize(rollout, graph)
         self.consecutive_skips = self.consecutive_skips + 1 if self.nonfinite_steps > before else 0
         if self.consecutive_skips >= self.hp.max_nonfinite_skips:
             raise FloatingPointError(f"{self.consecutive_skips} consecutive {self.ALGORITHM.upper()} iterations had "
@@ -549,12 +381,11 @@ class OnlineRLModule(L.LightningModule):
         episodes = len(rollout) * self.trainer.world_size
         stats.update({
             "rollout/score": rollout.scores.mean(), "rollout/score_std": rollout.scores.std(unbiased=False),
-            "rollout/score_raw": extra["raw_scores"].mean(), "rollout/kl": kl_per_seq,
+            "rollout/score_raw": samples.raw_scores.mean(), "rollout/kl": kl_per_seq,
             "rollout/response_length": mask.sum(1).float().mean(),
-            "rollout/eos_fraction": extra["has_eos"].float().mean(),
+            "rollout/eos_fraction": samples.has_eos.float().mean(),
             f"{self.ALGORITHM}/lr": opt_lr(self.optimizers()),
-            **self.iteration_stats(rollout, extra["samples"]), **extra["timings"],
-            **sampling_gap(extra["samples"]),
+            **self.iteration_stats(rollout, samples), **samples.timings, **sampling_gap(samples),
         })
         if kl_per_seq < self.hp.negative_kl_warning:
             rank_zero_warn(f"rollout KL is {kl_per_seq:.2f} nats per sequence: a clearly negative KL means "
@@ -564,7 +395,7 @@ class OnlineRLModule(L.LightningModule):
         self._log_histogram("rollout/scores", rollout.scores)
         self.iteration += 1
         if self.log_samples_every and self.iteration % self.log_samples_every == 1 % self.log_samples_every:
-            self._log_samples(extra["samples"].prompts, extra["scoring_batch"].responses, rollout.scores)
+            self._log_samples(samples.prompts, samples.scoring_batch.responses, rollout.scores)
         if self.save_freq and self.iteration % self.save_freq == 0:
             self.export(f"step_{self.iteration}")
 
@@ -621,8 +452,8 @@ class OnlineRLModule(L.LightningModule):
             C = batch["input_ids"].shape[1]
             qr = torch.cat([batch["input_ids"], responses], 1)
             am = torch.cat([batch["attention_mask"], mask.long()], 1)
-            raw = self.scorer(self.scoring_batch(batch["prompt"], qr, am, C)).to(qr.device)
-            logprobs, _, ref_logprobs = self._forward_old(qr, am, C, with_values=False)
+            raw = self.scorer(self.sampler.scoring_batch(batch["prompt"], qr, am, C)).to(qr.device)
+            logprobs, _, ref_logprobs = self.sampler.forward_old(qr, am, C, with_values=False)
             kl = rl.masked_sum(logprobs - ref_logprobs, mask, dim=1)
         n = len(raw)
         texts = [t.strip() for t in self.tokenizer.batch_decode(responses, skip_special_tokens=True)]
@@ -724,15 +555,6 @@ class OnlineRLModule(L.LightningModule):
         self.logger.experiment.add_text("samples/rollout", "\n".join(rows), self.iteration)
 
 
-def is_checkpointing(model: nn.Module) -> bool:
-    """Whether transformers' gradient (activation) checkpointing is on, through a PEFT wrapper."""
-    base = unwrap_peft(model)
-    for flag in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # the first is transformers >= 5.x
-        if hasattr(type(base), flag):
-            return bool(getattr(base, flag))
-    return False
-
-
 def md(text: str, limit: int = 300) -> str:
     return text[:limit].replace("|", "\\|").replace("\n", " ")
 
@@ -741,76 +563,3 @@ def opt_lr(optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
 
-def sampling_gap(samples: Samples) -> dict:
-    """`rollout/logprob_gap` (mean) and `rollout/logprob_gap_max` of |log-prob at sampling - log pi_old| over the
-    response tokens; nothing when generation's log-probs were not recorded."""
-    if samples.sampled_logprobs is None:
-        return {}
-    mask = samples.response_mask
-    gap = (samples.sampled_logprobs.to(samples.logprobs.device) - samples.logprobs).abs()[mask]
-    if gap.numel() == 0:
-        return {}
-    return {"rollout/logprob_gap": gap.mean(), "rollout/logprob_gap_max": gap.max()}
-
-
-class merged_adapter:
-    """With `on`, the PEFT model's LoRA weights are folded into the base inside the block and unfolded after."""
-
-    def __init__(self, model, on: bool) -> None:
-        self.model, self.on = model, on
-
-    def __enter__(self):
-        if self.on:
-            self.model.merge_adapter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.on:
-            self.model.unmerge_adapter()
-
-
-class SampledLogprobs:
-    """Log-probs of the tokens `generate` samples, from the logits it sampled them from (hooks on the causal LM).
-
-    Each decoding forward receives the token sampled from the previous forward's logits as its `input_ids`, so
-    the pre-hook gathers that token's log-prob from the stored log-softmax of the previous step (one (B, V) at a
-    time, never the (B, T, V) that `output_logits` would keep); `result()` adds the last sampled token's.
-    Log-probs use logits / temperature in fp32, as the training forward's do."""
-
-    def __init__(self, causal_lm: nn.Module, temperature: float, on: bool = True) -> None:
-        self.lm, self.temperature, self.on = causal_lm, temperature, on
-        self.previous: Tensor | None = None
-        self.gathered: list[Tensor] = []
-        self.handles = []
-
-    def __enter__(self):
-        if self.on:
-            self.handles = [self.lm.register_forward_pre_hook(self._before, with_kwargs=True),
-                            self.lm.register_forward_hook(self._after)]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-
-    @torch.compiler.disable  # bookkeeping outside a compiled decoding step (no guards on the list's length)
-    def _before(self, module, args, kwargs) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if self.previous is not None and ids is not None:
-            self.gathered.append(self.previous.gather(1, ids[:, -1:].to(self.previous.device)))
-
-    @torch.compiler.disable
-    def _after(self, module, args, output) -> None:
-        logits = output.logits[:, -1].float()
-        self.previous = torch.log_softmax(logits / self.temperature, dim=-1)
-
-    def result(self, responses: Tensor) -> Tensor | None:
-        """(B, T) log-probs of `responses` at sampling; None when off or when the steps do not line up."""
-        if not self.on or self.previous is None:
-            return None
-        steps = [*self.gathered, self.previous.gather(1, responses[:, -1:].to(self.previous.device))]
-        self.previous, self.gathered = None, []
-        if len(steps) != responses.shape[1]:
-            return None
-        return torch.cat(steps, 1)

@@ -63,7 +63,7 @@ def test_rloo_rollout_groups_k_samples_per_prompt_and_puts_the_kl_in_the_reward(
         for n, p in module.policy.named_parameters():
             if "lora_B" in n:
                 p.add_(torch.randn_like(p) * 0.05)
-    rollout, extra = module.make_rollout(batch)
+    rollout, samples = module.make_rollout(batch)
     P, C = batch["input_ids"].shape
     assert len(rollout) == P * 4 and rollout.values is None and rollout.returns is None
     prompts = rollout.query_responses[:, :C]
@@ -77,7 +77,7 @@ def test_rloo_rollout_groups_k_samples_per_prompt_and_puts_the_kl_in_the_reward(
     mask = rollout.response_mask
     torch.testing.assert_close(rollout.advantages, expected[:, None] * mask)
     # rloo/advantage_std is the std of the sequence advantages, not of advantage x response length
-    stats = module.iteration_stats(rollout, extra["samples"])
+    stats = module.iteration_stats(rollout, samples)
     assert float(stats["rloo/advantage_std"]) == pytest.approx(expected.std().item(), rel=1e-5)
     assert mask.sum(1).float().std() > 0  # lengths differ: the old sum over tokens gave another number
 
@@ -101,8 +101,8 @@ def test_grpo_rollout_advantages_are_group_normalised_and_kl_is_k3(base, tmp_pat
 def test_grpo_with_beta_zero_runs_no_reference_forward(base, tmp_path):
     module = make("grpo", base, tmp_path, beta=0.0)
     calls = []
-    original = module.reference_logits
-    module.reference_logits = lambda *a: calls.append(1) or original(*a)
+    original = module.sampler.reference_logits
+    module.sampler.reference_logits = lambda *a: calls.append(1) or original(*a)
     rollout, _ = module.make_rollout(first_batch(module, make_data()))
     assert calls == [] and rollout.ref_logprobs is None and torch.isnan(rollout.kl).all()
 

@@ -50,7 +50,7 @@ def first_batch(module, dm):
 def test_rollout_masks_rewards_and_zero_kl_at_start(tiny_sft_run, tmp_path):
     module = make_module(tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged", tmp_path)
     batch = first_batch(module, make_data())
-    rollout, extra = module.make_rollout(batch)
+    rollout, _ = module.make_rollout(batch)
     B, C = batch["input_ids"].shape
     T = rollout.response_mask.shape[1]
     assert rollout.query_responses.shape == (B, C + T) and rollout.logprobs.shape == (B, T)
