@@ -137,7 +137,7 @@ def merge(adapter_path: str, output_dir: str | None = None,
     from pathlib import Path
 
     adapter = Path(adapter_path)
-    from alpaca_rlhf.io import merged_folder
+    from alpaca_rlhf.exports import merged_folder
 
     target = Path(output_dir) if output_dir else Path(merged_folder(adapter))
     if target.exists() and any(target.iterdir()) and not overwrite:

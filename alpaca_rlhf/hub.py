@@ -17,6 +17,7 @@ import json
 import shutil
 from pathlib import Path
 
+from alpaca_rlhf import exports
 from alpaca_rlhf.errors import ConfigError
 
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "pytorch_model.bin",
@@ -44,8 +45,8 @@ def describe_folder(folder: Path) -> dict:
     architectures = config.get("architectures") or []
     reward = adapter.get("task_type") == "SEQ_CLS" or any(a.endswith("ForSequenceClassification")
                                                           for a in architectures)
-    merged_from = _read(folder / "merged_from.json")
-    rl = (folder / "ppo_state.json").is_file() or bool(merged_from.get("ppo_state.json"))
+    merged_from = _read(folder / exports.MERGED_FROM_FILE)
+    rl = (folder / exports.STATE_FILE).is_file() or bool(merged_from.get(exports.STATE_FILE))
     stage = "reward model" if reward else "RLHF policy" if rl else "instruction-tuned (SFT) model"
     base = adapter.get("base_model_name_or_path") or merged_from.get("base") or config.get("_name_or_path")
     return {"kind": "adapter" if adapter else "model", "stage": stage, "base": base, "reward": reward}

@@ -8,21 +8,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-MERGED_SUFFIX = "-adapter-merged"  # `merge` writes <adapter>-adapter-merged unless told where
-
-
-def merged_folder(adapter: str | os.PathLike) -> str:
-    """Where `merge` writes an adapter's merged model by default, spelled as the adapter is (`./x/` -> `./x` +
-    suffix): the one rule every stage, the pipeline and the preflight use."""
-    return str(adapter).rstrip("/") + MERGED_SUFFIX
-
-
-def adapter_of_merged(merged: str | os.PathLike) -> Path | None:
-    """The adapter folder a default-named merged folder comes from (None for another name)."""
-    name = str(merged).rstrip("/")
-    return Path(name.removesuffix(MERGED_SUFFIX)) if name.endswith(MERGED_SUFFIX) else None
-
-
 PROGRESS_ENV = "ALPACA_RLHF_PROGRESS"  # a file path: a fit run writes its progress there (trainer.ProgressFile)
 
 

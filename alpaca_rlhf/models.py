@@ -20,14 +20,13 @@ from typing import Literal
 
 import torch
 
-from alpaca_rlhf.io import atomic_dir, merged_folder
+from alpaca_rlhf.exports import MERGED_FROM_FILE, STATE_FILE, export_adapter, merged_folder, resolve_base  # noqa: F401
+from alpaca_rlhf.io import atomic_dir
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-RL_STATE_FILE = "ppo_state.json"  # every online stage's export state (inference and the pipeline read it)
-MERGED_FROM_FILE = "merged_from.json"  # a merged RL export: the adapter, its base and its state
 # tokens a tokenizer may reserve for padding (Llama 3.1 ships <|finetune_right_pad_id|>); never EOS
 PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<pad>", "[PAD]", "<|pad|>", "<|reserved_special_token_0|>")
 TINY_CORPUS = "alpaca_rlhf/data/samples/alpaca_sample.json"
@@ -572,27 +571,6 @@ def adapter_sized(module: torch.nn.Module, checkpoint: dict) -> None:
         checkpoint["hyper_parameters"] = plain(dict(checkpoint["hyper_parameters"]))
 
 
-def export_adapter(peft_model, tokenizer, output_dir: str | os.PathLike, extra_files: dict | None = None) -> Path:
-    """Saves the adapter in PEFT's format, the tokenizer and extra JSON files, whole or not at all."""
-    with atomic_dir(output_dir) as tmp:
-        peft_model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        for name, content in (extra_files or {}).items():
-            Path(tmp, name).write_text(json.dumps(content, indent=2))
-    return Path(output_dir)
-
-
-def resolve_base(base: str, adapter: Path) -> str:
-    """The adapter's recorded base: as given if it exists (or is a hub id), else a relative folder found from an
-    ancestor of the adapter (a run started in another working directory records `output/tiny/base`)."""
-    if Path(base).exists() or Path(base).is_absolute():
-        return base
-    for parent in Path(adapter).resolve().parents:
-        if (parent / base / "config.json").is_file():
-            return str(parent / base)
-    return base
-
-
 def merge_adapter(adapter_path: str, output_dir: str | None = None, dtype: str = "float32",
                   base_model: str | None = None) -> Path:
     """Folds a LoRA adapter into its base and saves a standalone checkpoint plain `transformers` loads.
@@ -635,13 +613,13 @@ def merge_adapter(adapter_path: str, output_dir: str | None = None, dtype: str =
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         for side_file in adapter.glob("*.json"):
-            if side_file.name in {"adapter_config.json", RL_STATE_FILE} or (tmp / side_file.name).exists():
+            if side_file.name in {"adapter_config.json", STATE_FILE} or (tmp / side_file.name).exists():
                 continue  # an RL export's state file would make the merged folder read as an RL run
             shutil.copy(side_file, tmp / side_file.name)
-        state = adapter / RL_STATE_FILE
+        state = adapter / STATE_FILE
         if state.is_file():  # its provenance stays, under a name no reader takes for an RL run
             (tmp / MERGED_FROM_FILE).write_text(json.dumps({"adapter": str(adapter), "base": str(base),
-                                                            RL_STATE_FILE: json.loads(state.read_text())}, indent=2))
+                                                            STATE_FILE: json.loads(state.read_text())}, indent=2))
     log.info("merge: %s folded into %s -> %s in %.0f s", adapter, base, output, time.perf_counter() - started)
     return output
 

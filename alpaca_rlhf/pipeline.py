@@ -28,7 +28,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from alpaca_rlhf import exports
 from alpaca_rlhf.data.partition import Partition
+from alpaca_rlhf.exports import newest_export
 from alpaca_rlhf.io import PROGRESS_ENV
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]  # the folder that holds alpaca_rlhf/
@@ -204,9 +206,7 @@ class Stage:
 
 def merged_dir(adapter_dir: str, stage: MergeStage) -> str:
     """The merge's output folder, spelled as the user spelled the adapter's (`./x` stays `./x-adapter-merged`)."""
-    from alpaca_rlhf.io import merged_folder
-
-    return stage.output_dir if stage.output_dir else merged_folder(adapter_dir)
+    return stage.output_dir if stage.output_dir else exports.merged_folder(adapter_dir)
 
 
 ALGORITHMS = {"PPOModule": "ppo", "RLOOModule": "rloo", "GRPOModule": "grpo", "DPOModule": "dpo"}
@@ -339,10 +339,9 @@ def plan(stages: Stages, partition: Partition | None = None) -> tuple[list[Stage
 def ppo_final_export(ppo_dir: Path, marker: Path) -> Path | None:
     """The finished PPO run's last export: marked `"finished": true` in its ppo_state.json, or recorded by the
     pipeline when the PPO stage exited successfully."""
-    finished = [p.parent for p in ppo_dir.glob("step_*/ppo_state.json")
-                if json.loads(p.read_text()).get("finished") is True]
-    if finished:
-        return max(finished, key=lambda p: (p / "ppo_state.json").stat().st_mtime)  # the newest run's
+    finished = exports.finished_export(ppo_dir)  # the newest run's
+    if finished is not None:
+        return finished
     if marker.is_file():
         recorded = json.loads(marker.read_text()).get("export")
         export = ppo_dir / Path(recorded).name if recorded else None  # paths are relative to the run's cwd
@@ -375,7 +374,7 @@ def invalidate(stage: Stage, logs: Path) -> list[Path]:
     removed = []
     out = stage.output
     if stage.name in ONLINE:
-        targets = [p.parent for p in out.glob("step_*/ppo_state.json")]
+        targets = exports.rl_exports(out)
     elif stage.name == "compare":
         targets = [out / f for f in ("report.md", "summary.json", "outputs.jsonl")]
     else:
@@ -393,13 +392,6 @@ def invalidate(stage: Stage, logs: Path) -> list[Path]:
             continue
         removed.append(target)
     return removed
-
-
-def newest_export(ppo_dir: Path, since: float) -> Path | None:
-    """The `step_<n>` export with the largest n written since `since` (or at all, if none was)."""
-    exports = [p.parent for p in ppo_dir.glob("step_*/ppo_state.json")]
-    recent = [p for p in exports if (p / "ppo_state.json").stat().st_mtime >= since - 1] or exports
-    return max(recent, key=lambda p: int(p.name.split("_")[-1])) if recent else None
 
 
 def fingerprint(path: Path) -> str:

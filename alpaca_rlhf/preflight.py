@@ -65,7 +65,7 @@ class Shape:
 
 
 def _adapter_base(path: Path) -> str | None:
-    from alpaca_rlhf.io import adapter_of_merged
+    from alpaca_rlhf.exports import adapter_of_merged
 
     config = (adapter_of_merged(path) or path) / "adapter_config.json"  # a merged folder's adapter, or an adapter
     return json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None
@@ -102,7 +102,7 @@ def shape_of(spec, fallback: str | None = None) -> Shape:
 
             config = AutoConfig.from_pretrained(name, local_files_only=True).to_dict()
         except Exception as e:
-            from alpaca_rlhf.io import MERGED_SUFFIX
+            from alpaca_rlhf.exports import MERGED_SUFFIX
 
             stage_output = name.endswith(MERGED_SUFFIX) or looks_local(name)
             hint = ("it looks like an earlier stage's output that is not written yet: run that stage first, or "

@@ -3,13 +3,20 @@ folder, a PPO export `step_<n>` on the merged SFT model named in its `ppo_state.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from alpaca_rlhf.errors import ConfigError
+from alpaca_rlhf.exports import (  # noqa: F401  (latest_export, resolve_base: re-exported, their old home)
+    is_rl_output,
+    latest_export,
+    read_json,
+    read_state,
+    resolve_base,
+    template_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,44 +37,6 @@ class Checkpoint:
         return f"{self.adapter} (adapter) on {self.base}" if self.adapter else self.base
 
 
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _template_of(folder: Path) -> str:
-    return str(folder / "template.json") if (folder / "template.json").is_file() else "alpaca"
-
-
-def latest_export(path: str | Path) -> Path:
-    """A PPO export folder: `path` itself if it holds an adapter, else the run's final export (the one its
-    `ppo_state.json` marks finished; the most recently written if several are), else the largest `step_<n>`."""
-    path = Path(path)
-    if (path / "adapter_config.json").is_file():
-        return path
-    steps = [p for p in path.glob("step_*") if p.name[5:].isdigit() and (p / "adapter_config.json").is_file()]
-    if not steps:
-        raise FileNotFoundError(f"{path}: neither a PPO export (adapter_config.json) nor a folder of "
-                                "step_<n> exports")
-    finished = [p for p in steps if (_read_json(p / "ppo_state.json") or {}).get("finished") is True]
-    if finished:
-        return max(finished, key=lambda p: (p / "ppo_state.json").stat().st_mtime)
-    return max(steps, key=lambda p: int(p.name[5:]))
-
-
-def resolve_base(recorded: str, export: Path) -> str:
-    """The base a PPO export recorded, usually a path relative to the working directory of the PPO run.
-
-    Tried as given, then relative to each parent of the export (the run's working directory is one of them
-    when the export sits below it, as `output/.../step_<n>` does); a name found nowhere is taken as a hub id.
-    """
-    if Path(recorded).is_absolute() or Path(recorded).exists():
-        return recorded
-    for parent in export.resolve().parents:
-        if (parent / recorded / "config.json").is_file():
-            return str(parent / recorded)
-    return recorded
-
-
 def resolve_checkpoint(mode: str, model_name: str | None = None, adapter_path: str | None = None,
                        merged_model_path: str | None = None, ppo_model_path: str | None = None,
                        tokenizer_name: str | None = None) -> Checkpoint:
@@ -82,37 +51,37 @@ def resolve_checkpoint(mode: str, model_name: str | None = None, adapter_path: s
     if mode == "sft":
         if merged_model_path:
             folder = Path(merged_model_path)
-            return Checkpoint(merged_model_path, tokenizer=tokenizer_name, template=_template_of(folder))
+            return Checkpoint(merged_model_path, tokenizer=tokenizer_name, template=template_of(folder))
         if not adapter_path:
             raise ConfigError("--mode sft needs --merged_model_path, or --adapter_path (with --model_name to "
                              "override the adapter's recorded base)")
         folder = Path(adapter_path)
-        config = _read_json(folder / "adapter_config.json")
+        config = read_json(folder / "adapter_config.json")
         if config is None:
             raise FileNotFoundError(f"{folder}: no adapter_config.json (is this a PEFT adapter folder?)")
         base = model_name or config["base_model_name_or_path"]
         tokenizer = tokenizer_name or (adapter_path if (folder / "tokenizer_config.json").is_file() else base)
-        return Checkpoint(base, adapter_path, tokenizer, _template_of(folder))
+        return Checkpoint(base, adapter_path, tokenizer, template_of(folder))
     if not ppo_model_path:
         raise ConfigError("--mode rlhf needs --rlhf_model (a PPO export step_<n>, or the PPO output_dir)")
     folder = latest_export(ppo_model_path)
-    state = _read_json(folder / "ppo_state.json")
-    adapter_config = _read_json(folder / "adapter_config.json")
+    state = read_state(folder)
+    adapter_config = read_json(folder / "adapter_config.json")
     recorded = (state or {}).get("base_model") or adapter_config["base_model_name_or_path"]
     base = model_name or resolve_base(recorded, folder)
     tokenizer = tokenizer_name or (str(folder) if (folder / "tokenizer_config.json").is_file() else base)
-    return Checkpoint(base, str(folder), tokenizer, _template_of(folder), state)
+    return Checkpoint(base, str(folder), tokenizer, template_of(folder), state)
 
 
 def detect_checkpoint(path: str, tokenizer_name: str | None = None) -> tuple[Checkpoint, str]:
     """(Checkpoint, kind) of any stage's output from one path: a PPO export or output_dir ("rlhf"), a PEFT
     adapter folder ("sft", on its recorded base), a merged or base folder or a hub id ("model")."""
     folder = Path(path)
-    if (folder / "ppo_state.json").is_file() or any(folder.glob("step_*/ppo_state.json")):
+    if is_rl_output(folder):
         return resolve_checkpoint("rlhf", ppo_model_path=path, tokenizer_name=tokenizer_name), "rlhf"
     if (folder / "adapter_config.json").is_file():
         return resolve_checkpoint("sft", adapter_path=path, tokenizer_name=tokenizer_name), "adapter"
-    config = _read_json(folder / "config.json")
+    config = read_json(folder / "config.json")
     if config and any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
         from alpaca_rlhf.errors import ConfigError
 
@@ -120,7 +89,7 @@ def detect_checkpoint(path: str, tokenizer_name: str | None = None) -> tuple[Che
     if folder.is_dir() and config is None and not str(path).endswith(".gguf"):
         raise FileNotFoundError(f"{path}: no config.json, adapter_config.json or ppo_state.json (is this a "
                                 "model folder or a stage's output?)")
-    template = _template_of(folder) if folder.is_dir() else "alpaca"
+    template = template_of(folder) if folder.is_dir() else "alpaca"
     return Checkpoint(path, tokenizer=tokenizer_name, template=template), "model"
 
 

@@ -21,13 +21,13 @@ from torch import Tensor
 
 from alpaca_rlhf.data.templates import PromptTemplate
 from alpaca_rlhf.errors import ConfigError
+from alpaca_rlhf.exports import TEMPLATE_FILE, export_adapter
 from alpaca_rlhf.guards import skip_nonfinite
 from alpaca_rlhf.models import (
     LoraSpec,
     ModelSpec,
     apply_lora,
     disable_dropout,
-    export_adapter,
     load_causal_lm,
     load_tokenizer,
 )
@@ -136,4 +136,4 @@ class DPOModule(AdapterStage, L.LightningModule):
 
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero:  # on_fit_end: a resumed run past its last step still exports
-            export_adapter(self.model, self.tokenizer, self.adapter_dir, {"template.json": self.template.to_json()})
+            export_adapter(self.model, self.tokenizer, self.adapter_dir, {TEMPLATE_FILE: self.template.to_json()})

@@ -12,7 +12,6 @@ Dropout is off everywhere, so every forward of the same weights gives the same n
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -23,15 +22,14 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from alpaca_rlhf import exports
 from alpaca_rlhf import ppo as rl  # the pure-torch math of every RL method
 from alpaca_rlhf.data.templates import PromptTemplate
 from alpaca_rlhf.errors import ConfigError
 from alpaca_rlhf.evaluation import is_refusal
 from alpaca_rlhf.guards import assert_finite
-from alpaca_rlhf.io import atomic_dir
 from alpaca_rlhf.models import (
     LoraSpec,
     ModelSpec,
@@ -226,11 +224,11 @@ class OnlineRLModule(L.LightningModule):
         check_logs_outside(self, self.output_dir, "model.output_dir")
         if self.trainer.ckpt_path is not None:
             return
-        old = sorted(p.parent for p in self.output_dir.glob("step_*/ppo_state.json"))
+        old = sorted(exports.rl_exports(self.output_dir))
         if not old:
             return
         killed_early = getattr(self, "resume_requested", False) and not any(
-            json.loads((p / "ppo_state.json").read_text()).get("finished") for p in old)
+            (exports.read_state(p) or {}).get("finished") for p in old)
         if killed_early:  # --ckpt_path last, yet no checkpoint: a run killed between its first export and its
             # first checkpoint; it starts over and writes these exports again (they were not finished)
             rank_zero_warn(f"--ckpt_path was given but there is no checkpoint to resume: {self.ALGORITHM.upper()} "
@@ -397,7 +395,7 @@ class OnlineRLModule(L.LightningModule):
         if self.log_samples_every and self.iteration % self.log_samples_every == 1 % self.log_samples_every:
             self._log_samples(samples.prompts, samples.scoring_batch.responses, rollout.scores)
         if self.save_freq and self.iteration % self.save_freq == 0:
-            self.export(f"step_{self.iteration}")
+            self.export(exports.step_name(self.iteration))
 
     def skip_nonfinite(self, names: list[str]) -> None:
         """Skips this iteration's update because rollout tensors are not finite; stops after too many in a row."""
@@ -510,7 +508,7 @@ class OnlineRLModule(L.LightningModule):
     def on_fit_end(self) -> None:
         # on_fit_end, not on_train_end: a resumed run that had already reached its last step skips the training
         # loop (and on_train_end) but still ends here, so a kill between the last checkpoint and the export heals
-        self.export(f"step_{self.iteration}", finished=True)  # ppo_state.json says "finished": true
+        self.export(exports.step_name(self.iteration), finished=True)  # its state says "finished": true
 
     def export(self, name: str, finished: bool = False) -> Path | None:
         """Writes `<output_dir>/<name>`: adapter (PEFT), value head if any, tokenizer, template and
@@ -520,25 +518,16 @@ class OnlineRLModule(L.LightningModule):
             return None
         target = self.output_dir / name
         assert_finite({k: p for k, p in self.policy.named_parameters() if p.requires_grad}, f"export {target}")
-        with atomic_dir(target) as tmp:
-            self.policy.lm.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            if self.policy.value_head is not None:
-                head = {k: p.detach().cpu().contiguous() for k, p in self.policy.value_head.named_parameters()
-                        if p.requires_grad}  # a separate critic's frozen trunk stays in its own folder
-                save_file(head, str(tmp / "value_head.safetensors"))
-            (tmp / "template.json").write_text(json.dumps(self.template.to_json(), indent=2))
-            (tmp / "ppo_state.json").write_text(json.dumps({
-                "algorithm": self.ALGORITHM, "iteration": self.iteration, "finished": finished,
-                **self.export_state(), "base_model": self.policy_spec.name_or_path,
-                "log_dir": self.logger.log_dir if isinstance(self.logger, TensorBoardLogger) else None,  # curves
-                self.ALGORITHM: asdict(self.hp), "generation": asdict(self.gen),
-                "samples_per_prompt": self.k}, indent=2))
-            if self.save_merged:
-                from alpaca_rlhf.models import merge_adapter
-
-                merge_adapter(str(tmp), output_dir=str(tmp / "merged"), dtype=self.policy_spec.dtype)
-        return target
+        head = None
+        if self.policy.value_head is not None:  # a separate critic's frozen trunk stays in its own folder
+            head = {k: p.detach().cpu().contiguous() for k, p in self.policy.value_head.named_parameters()
+                    if p.requires_grad}
+        state = {"algorithm": self.ALGORITHM, "iteration": self.iteration, "finished": finished,
+                 **self.export_state(), "base_model": self.policy_spec.name_or_path,
+                 "log_dir": self.logger.log_dir if isinstance(self.logger, TensorBoardLogger) else None,  # curves
+                 self.ALGORITHM: asdict(self.hp), "generation": asdict(self.gen), "samples_per_prompt": self.k}
+        return exports.export_rl(target, self.policy.lm, self.tokenizer, state, self.template.to_json(), head,
+                                 self.policy_spec.dtype if self.save_merged else None)
 
     def _log_histogram(self, tag: str, values: Tensor) -> None:
         """This iteration's values as a TensorBoard histogram (rank 0: its own rollout)."""

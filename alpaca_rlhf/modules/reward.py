@@ -24,13 +24,13 @@ from torchmetrics.classification import BinaryAccuracy
 
 from alpaca_rlhf.data.templates import PromptTemplate
 from alpaca_rlhf.evaluation import accuracy_report, format_accuracy_report
+from alpaca_rlhf.exports import TEMPLATE_FILE, export_adapter
 from alpaca_rlhf.guards import skip_nonfinite
 from alpaca_rlhf.models import (
     REWARD_STATS_FILE,
     LoraSpec,
     ModelSpec,
     apply_lora,
-    export_adapter,
     load_sequence_classifier,
     load_tokenizer,
     unwrap_peft,
@@ -227,5 +227,5 @@ class RewardModule(AdapterStage, L.LightningModule):
         if not self.trainer.is_global_zero:
             return
         stats = self.final_stats()
-        extra = {"template.json": self.template.to_json(), **({REWARD_STATS_FILE: stats} if stats else {})}
+        extra = {TEMPLATE_FILE: self.template.to_json(), **({REWARD_STATS_FILE: stats} if stats else {})}
         export_adapter(self.model, self.tokenizer, self.adapter_dir, extra)

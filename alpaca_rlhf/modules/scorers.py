@@ -117,8 +117,9 @@ def reward_model_end_ids(folder: str, tokenizer) -> list[int]:
 
     from alpaca_rlhf.data.templates import PromptTemplate
     from alpaca_rlhf.errors import ConfigError
+    from alpaca_rlhf.exports import TEMPLATE_FILE
 
-    path = Path(folder) / "template.json"
+    path = Path(folder) / TEMPLATE_FILE
     if not path.is_file():
         return [tokenizer.eos_token_id]
     try:

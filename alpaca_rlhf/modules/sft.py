@@ -12,12 +12,12 @@ from torchmetrics.text import Perplexity
 
 from alpaca_rlhf.data.sft import IGNORE_INDEX, encode_prompt
 from alpaca_rlhf.data.templates import PromptTemplate
+from alpaca_rlhf.exports import TEMPLATE_FILE, export_adapter
 from alpaca_rlhf.guards import skip_nonfinite
 from alpaca_rlhf.models import (
     LoraSpec,
     ModelSpec,
     apply_lora,
-    export_adapter,
     load_causal_lm,
     load_tokenizer,
     unwrap_peft,
@@ -138,4 +138,4 @@ class SFTModule(AdapterStage, L.LightningModule):
         # loop (and on_train_end) but still ends here, so a kill between the last checkpoint and the export heals
         if self.trainer.is_global_zero:
             export_adapter(self.model, self.tokenizer, self.adapter_dir,
-                           {"template.json": self.template.to_json()})
+                           {TEMPLATE_FILE: self.template.to_json()})
