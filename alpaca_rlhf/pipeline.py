@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -34,11 +34,12 @@ from alpaca_rlhf.exports import newest_export
 from alpaca_rlhf.io import PROGRESS_ENV
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]  # the folder that holds alpaca_rlhf/
-STAGE_NAMES = ("sft", "merge_sft", "rm", "merge_rm", "ppo", "rloo", "grpo", "dpo", "judge", "merge_judge", "compare")
-ONLINE = ("ppo", "rloo", "grpo")  # RL stages that sample, score with the RM and export step_<n> folders
+STAGE_NAMES = ("sft", "merge_sft", "rm", "merge_rm", "rl", "ppo", "rloo", "grpo", "dpo", "judge", "merge_judge",
+               "compare")
+ONLINE = ("ppo", "rloo", "grpo")  # the bundled online methods (any OnlineRLModule subclass is one: `Stage.online`)
 # without a terminal (a log, CI), one progress line a minute (ALPACA_RLHF_PROGRESS_EVERY seconds)
 PROGRESS_EVERY_S = float(os.environ.get("ALPACA_RLHF_PROGRESS_EVERY", 60))
-RL_NAMES = (*ONLINE, "dpo")  # `--from_stage` with any of them reruns the RL stage, whichever it is
+RL_NAMES = ("rl", *ONLINE, "dpo")  # `--from_stage` with any of them reruns the RL stage, whichever it is
 
 
 @dataclass
@@ -87,9 +88,10 @@ class CompareStage:
 class Stages:
     """Every stage's config; the defaults are the real (Llama-3.1-8B, GPU) configs.
 
-    The RL stage is `ppo`, or one of `rloo`, `grpo`, `dpo` in its place (give one of those three and `ppo` is
-    not run). Its config's module says which algorithm runs (`PPOModule`, `RLOOModule`, `GRPOModule` or
-    `DPOModule`, or a subclass); under `rloo`, `grpo` or `dpo` it must be that algorithm's. DPO trains on the
+    The RL stage is `rl` (any algorithm) or `ppo`, or one of `rloo`, `grpo`, `dpo` in its place (give one of
+    those four and `ppo` is not run). Its config's module class says which algorithm runs: `DPOModule`, or any
+    `OnlineRLModule` subclass (PPO, RLOO, GRPO, REINFORCE++ or one of your own, named by its `ALGORITHM`);
+    under `rloo`, `grpo` or `dpo` it must be that algorithm's. DPO trains on the
     preference data directly and needs no reward model: `rm: null` then drops the reward-model stages, and
     compare runs without scores unless a judge is there. `judge` (optional) is a second reward
     model, trained like `rm` but on a disjoint part of the preference data (`data.train_part`), whose merged
@@ -101,6 +103,7 @@ class Stages:
     rm: FitStage | None = field(default_factory=lambda: FitStage("configs/rm.yaml"))
     merge_rm: MergeStage = field(default_factory=MergeStage)
     ppo: FitStage = field(default_factory=lambda: FitStage("configs/ppo.yaml"))
+    rl: FitStage | None = None
     rloo: FitStage | None = None
     grpo: FitStage | None = None
     dpo: FitStage | None = None
@@ -196,6 +199,7 @@ class Stage:
     output: Path  # what the stage produces (shown, checked, removed on a forced rerun)
     checkpoint_dir: Path | None = None  # a fit stage's ModelCheckpoint dirpath (resume)
     enabled: bool = True
+    online: bool = False  # an online RL stage: it exports step_<n> folders
 
     def last_checkpoint(self) -> Path | None:
         if self.checkpoint_dir is None:
@@ -209,19 +213,17 @@ def merged_dir(adapter_dir: str, stage: MergeStage) -> str:
     return stage.output_dir if stage.output_dir else exports.merged_folder(adapter_dir)
 
 
-ALGORITHMS = {"PPOModule": "ppo", "RLOOModule": "rloo", "GRPOModule": "grpo", "DPOModule": "dpo"}
-
-
 def rl_entry(stages: Stages) -> tuple[str, FitStage]:
-    """(key, stage) of the RL stage: the one of `rloo`, `grpo`, `dpo` given, else `ppo`."""
-    given = [k for k in ("rloo", "grpo", "dpo") if getattr(stages, k) is not None]
+    """(key, stage) of the RL stage: the one of `rl`, `rloo`, `grpo`, `dpo` given, else `ppo`."""
+    given = [k for k in ("rl", "rloo", "grpo", "dpo") if getattr(stages, k) is not None]
     if len(given) > 1:
         raise PipelineError(f"pipeline: give one RL stage, got {', '.join(given)}")
     return (given[0], getattr(stages, given[0])) if given else ("ppo", stages.ppo)
 
 
-def algorithm_of(config: StageConfig, key: str) -> str:
-    """ppo, rloo, grpo or dpo: the algorithm the stage's module class is (or subclasses)."""
+def algorithm_of(config: StageConfig, key: str) -> tuple[str, bool]:
+    """(name, online) of the RL stage's algorithm, from its module class: `dpo` for a `DPOModule`, else the
+    `ALGORITHM` of an `OnlineRLModule` subclass (ppo, rloo, grpo, reinforce, or one of your own)."""
     import importlib
 
     path = str(config.get("model.class_path", ""))
@@ -230,15 +232,20 @@ def algorithm_of(config: StageConfig, key: str) -> str:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as e:
         raise PipelineError(f"pipeline: stage '{key}': cannot import its model class {path!r}: {e}") from e
-    from alpaca_rlhf import modules
+    from alpaca_rlhf.modules.dpo import DPOModule
+    from alpaca_rlhf.modules.online import OnlineRLModule
 
-    found = next((algo for cls_name, algo in ALGORITHMS.items() if issubclass(cls, getattr(modules, cls_name))), None)
-    if found is None:
-        raise PipelineError(f"pipeline: stage '{key}': its model {path} is none of {', '.join(ALGORITHMS)}")
-    if key != "ppo" and found != key:
-        raise PipelineError(f"pipeline: stage '{key}' runs {path}, a {found.upper()} module; use the '{found}' entry "
+    if isinstance(cls, type) and issubclass(cls, DPOModule):
+        found, online = "dpo", False
+    elif isinstance(cls, type) and issubclass(cls, OnlineRLModule):
+        found, online = cls.ALGORITHM, True
+    else:
+        raise PipelineError(f"pipeline: stage '{key}': its model {path} is neither a DPOModule nor an online RL "
+                            "module (an OnlineRLModule subclass: PPOModule, RLOOModule, GRPOModule, ...)")
+    if key not in ("ppo", "rl") and found != key:
+        raise PipelineError(f"pipeline: stage '{key}' runs {path}, a {found.upper()} module; use the 'rl' entry "
                             f"or a {key.upper()} config")
-    return found
+    return found, online
 
 
 def fit_config(stage: FitStage, name: str, wiring: list[str] = ()) -> StageConfig:
@@ -263,10 +270,10 @@ def plan(stages: Stages, partition: Partition | None = None) -> tuple[list[Stage
         rm_adapter = str(rm.get("model.init_args.adapter_dir", "output/reward_model"))
         rm_merged = merged_dir(rm_adapter, stages.merge_rm)
 
-    # the RL stage: `ppo`, or `rloo`/`grpo`/`dpo` in its place; its config's module says which algorithm
+    # the RL stage: `rl` or `ppo`, or `rloo`/`grpo`/`dpo` in its place; its config's module says which algorithm
     rl_key, rl_stage = rl_entry(stages)
     rl = fit_config(rl_stage, rl_key)
-    rl_name = algorithm_of(rl, rl_key)
+    rl_name, online = algorithm_of(rl, rl_key)
     if rl_name == "dpo":  # trained on the preference data directly: the merged SFT model is its start
         ppo_wiring = ["--model.init_args.model.name_or_path", sft_merged, *split]
         ppo = fit_config(rl_stage, "dpo", ppo_wiring)
@@ -291,18 +298,18 @@ def plan(stages: Stages, partition: Partition | None = None) -> tuple[list[Stage
     compare_wiring = ["--base_model", str(base), "--sft_model", sft_merged, "--rlhf_model", str(ppo_dir)]
     compare_wiring += ["--reward_model", rm_merged] if rm_merged else []
     compare_wiring += ["--judge_model", judge_merged] if judge_merged else []
-    ppo_run = ppo.tensorboard_run() if rl_name in ONLINE else None
+    ppo_run = ppo.tensorboard_run() if online else None
     compare_wiring += ["--ppo_log_dir", str(ppo_run)] if ppo_run is not None else []  # the training-curve plot
     for key in ("data_path", "val_set_size", "seed", "max_prompt_length", "skip_bad_records", "max_records", "split",
                 "hub_config", "revision", "fields", "partition"):
-        if rl_name not in ONLINE:  # DPO's data are pairs: compare keeps its own prompts
+        if not online:  # DPO's data are pairs: compare keeps its own prompts
             break
         value = ppo.get(f"data.init_args.{key}")  # compare on PPO's held-out prompts: PPO's own split arguments
         if key == "partition" and value is not None:
             value = {k: _field(value, k) for k in Partition.__dataclass_fields__}
         as_json = value is None or isinstance(value, (bool, dict, list))
         compare_wiring += [f"--prompts.{key}", json.dumps(value) if as_json else str(value)]
-    if rl_name in ONLINE and ppo.get("data.init_args.part") is not None:
+    if online and ppo.get("data.init_args.part") is not None:
         compare_wiring += ["--prompts.part", "eval"]  # the prompts no stage trains on
     elif rl_name == "dpo" and partition is not None:
         compare_wiring += ["--prompts.partition", json.dumps(asdict(partition))]
@@ -320,7 +327,7 @@ def plan(stages: Stages, partition: Partition | None = None) -> tuple[list[Stage
         *([Stage("rm", fit_args(rm, rm_wiring, stages.rm), Path(rm_adapter), rm.checkpoint_dir()),
            Stage("merge_rm", ["merge", "--adapter_path", rm_adapter, "--output_dir", rm_merged,
                               "--dtype", stages.merge_rm.dtype], Path(rm_merged))] if rm else []),
-        Stage(rl_name, fit_args(ppo, ppo_wiring, rl_stage), ppo_dir, ppo.checkpoint_dir()),
+        Stage(rl_name, fit_args(ppo, ppo_wiring, rl_stage), ppo_dir, ppo.checkpoint_dir(), online=online),
         *([Stage("judge", fit_args(judge, rm_wiring, stages.judge), Path(judge_adapter), judge.checkpoint_dir()),
            Stage("merge_judge", ["merge", "--adapter_path", judge_adapter, "--output_dir", judge_merged,
                                  "--dtype", stages.merge_judge.dtype], Path(judge_merged))] if judge else []),
@@ -358,7 +365,7 @@ def finished_output(stage: Stage, logs: Path) -> Path | None:
         return out if all((out / f).is_file() for f in files) else None
     if stage.name.startswith("merge"):
         return out if (out / "config.json").is_file() else None
-    if stage.name in ONLINE:
+    if stage.online:
         return ppo_final_export(out, logs / f"{stage.name}.done.json")
     return out / "report.md" if (out / "report.md").is_file() and (out / "summary.json").is_file() else None
 
@@ -373,7 +380,7 @@ def invalidate(stage: Stage, logs: Path) -> list[Path]:
     writes are removed."""
     removed = []
     out = stage.output
-    if stage.name in ONLINE:
+    if stage.online:
         targets = exports.rl_exports(out)
     elif stage.name == "compare":
         targets = [out / f for f in ("report.md", "summary.json", "outputs.jsonl")]
@@ -539,7 +546,7 @@ def pipeline(
     times: dict[str, float] = {}
     for i, stage in enumerate(planned, start=1):
         tag = f"[{i}/{n}] {stage.name}"
-        explicit = explicit or stage.name == from_stage or (from_stage in RL_NAMES and stage.name in RL_NAMES)
+        explicit = explicit or stage.name == from_stage or (from_stage in RL_NAMES and stage.name == paths["rl"])
         done = None if explicit else finished_output(stage, logs)
         stale = explicit
         if done is not None and ran and not dry_run:
@@ -565,7 +572,7 @@ def pipeline(
             note = f" (resuming from {stage.last_checkpoint()})"
         if args[0] == "fit" and "--ckpt_path" not in args:  # the pipeline decided to start this stage over
             args += ["--overwrite", "true"]
-        stage = Stage(stage.name, args, stage.output, stage.checkpoint_dir)
+        stage = replace(stage, args=args)
         log_file = logs / f"{stage.name}.log"
         if dry_run:
             print(f"{tag} ... would run{note}: alpaca-rlhf {' '.join(args)}", flush=True)
@@ -583,7 +590,7 @@ def pipeline(
                                 f"see {log_file}")
         record = {"stage": stage.name, "seconds": round(seconds, 1), "command": ["cli.py", *args],
                   "output": str(stage.output), "inputs": fingerprints(outputs)}
-        if stage.name in ONLINE:
+        if stage.online:
             export = newest_export(stage.output, stage_start)
             if export is None:
                 raise PipelineError(f"pipeline stopped: stage '{stage.name}' exited without an export in "

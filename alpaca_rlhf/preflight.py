@@ -228,9 +228,9 @@ def estimate(config, model_shape: str | None = None) -> Estimate:
     data = _get(config, "data.init_args")
     precision = str(_get(config, "trainer.precision", "32-true"))
     mixed = precision == "auto" or precision.startswith(("bf16", "16"))  # auto on a GPU: bf16 or fp16 mixed
-    for name in ("PPO", "RLOO", "GRPO"):  # the online stages: sampling, a rollout, a policy loss
-        if cls.endswith(f"{name}Module"):
-            return _ppo(args, data, mixed, config, model_shape, name)
+    online = online_stage(cls)  # an online stage: sampling, a rollout, a policy loss
+    if online is not None:
+        return _ppo(args, data, mixed, config, model_shape, *online)
     stage = "reward model" if cls.endswith("RewardModule") else "DPO" if cls.endswith("DPOModule") else "SFT"
     spec = _get(args, "model")
     shape = shape_of(spec, model_shape)
@@ -260,10 +260,35 @@ def estimate(config, model_shape: str | None = None) -> Estimate:
     return est
 
 
-def _ppo(args, data, mixed: bool, config, model_shape: str | None = None, name: str = "PPO") -> Estimate:
-    """PPO, RLOO or GRPO: the critic-free ones have no value head and sample `num_generations` per prompt."""
+def online_stage(class_path: str) -> tuple[str, str, bool, int] | None:
+    """(name, the hyperparameters' argument, has a value model, its default completions per prompt) of an online
+    RL module class (PPO, RLOO, GRPO, REINFORCE++ or any `OnlineRLModule` subclass), read from the class itself;
+    None for any other class."""
+    import importlib
+    import inspect
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    from alpaca_rlhf.modules.critic_free import CriticFreeModule
+    from alpaca_rlhf.modules.online import OnlineRLModule, RolloutHParams
+
+    if not (isinstance(cls, type) and issubclass(cls, OnlineRLModule)):
+        return None
+    for parameter in inspect.signature(cls.__init__).parameters.values():
+        if isinstance(parameter.default, RolloutHParams):
+            k = int(getattr(parameter.default, "num_generations", 1))
+            return cls.ALGORITHM.upper(), parameter.name, not issubclass(cls, CriticFreeModule), k
+    return None
+
+
+def _ppo(args, data, mixed: bool, config, model_shape: str | None = None, name: str = "PPO", hp: str = "ppo",
+         critic: bool = True, default_k: int = 1) -> Estimate:
+    """An online stage (PPO, RLOO, GRPO, ...): critic-free ones have no value head and sample `num_generations`
+    per prompt; `hp` is the hyperparameters' argument (ppo, rloo, grpo, ...)."""
     est = Estimate(name)
-    hp = name.lower()  # the hyperparameters' key: ppo, rloo, grpo
     policy = _get(args, "policy")
     shape = shape_of(policy, model_shape)
     dtype = str(_get(policy, "dtype", "float32"))
@@ -281,13 +306,12 @@ def _ppo(args, data, mixed: bool, config, model_shape: str | None = None, name: 
         rm_weights, rm_how = weight_bytes(rm_shape, str(_get(scorer_spec, "dtype", "float32")),
                                           _get(scorer_spec, "quantization"), score_head=True)
         est.add("reward-model weights", rm_weights, rm_how)
-    critic = name == "PPO"
     trainable = lora_params(shape, _get(args, "lora", {})) + (shape.hidden + 1 if critic else 0)  # + value head
     est.add("LoRA + value head" if critic else "LoRA", trainable * BYTES[dtype], f"{trainable / 1e6:.2f}M trainable")
     est.add("gradients", trainable * BYTES[dtype], "one per trainable parameter")
     per_param, opt_how = _optimizer_bytes_per_param(config)
     est.add("optimizer state", trainable * per_param, opt_how)
-    k = 1 if critic else int(_get(args, f"{hp}.num_generations", 2 if hp == "rloo" else 8))
+    k = 1 if critic else int(_get(args, f"{hp}.num_generations", default_k))
     batch = int(_get(data, "batch_size", 16)) * k  # completions per iteration
     prompt = int(_get(data, "max_prompt_length", 256))
     new = int(_get(args, "generation.max_new_tokens", 128))

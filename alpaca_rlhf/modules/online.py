@@ -124,8 +124,9 @@ class OnlineRLModule(L.LightningModule):
     ALGORITHM = "online"
     """The name in logs (`<ALGORITHM>/...`), checkpoints and exports."""
 
-    def __init__(self, policy: ModelSpec, scorer: Scorer, lora: LoraSpec, hparams: RolloutHParams,
-                 generation: GenerationHParams, value_head: Callable[[int], nn.Module] | None = None,
+    def __init__(self, policy: ModelSpec, scorer: Scorer, lora: LoraSpec = LoraSpec(),
+                 hparams: RolloutHParams = RolloutHParams(), generation: GenerationHParams = GenerationHParams(),
+                 value_head: Callable[[int], nn.Module] | None = None,
                  ref_model: ModelSpec | None = None, optimizer: OptimizerCallable = torch.optim.AdamW,
                  scheduler: LRSchedulerCallable | None = None, output_dir: str = "output/rl", save_freq: int = 100,
                  save_merged: bool = False, log_samples_every: int = 10, template: str = "alpaca",
