@@ -63,6 +63,27 @@ def grpo_advantages(rewards: Tensor, k: int, scale_rewards: bool = True, eps: fl
     return advantages.reshape(-1), std.squeeze(1) == 0
 
 
+def reinforce_baseline_advantages(rewards: Tensor, k: int, eps: float = 1e-4) -> Tensor:
+    """REINFORCE++-baseline advantages (Hu et al. 2025): the group's mean as the baseline, then one scale for the
+    whole batch, `(r_i - mean(group)) / (std over the batch of those differences + eps)`.
+
+    Unlike GRPO's per-group std, a group whose rewards barely differ keeps small advantages.
+
+    Args:
+        rewards: (B,) sequence rewards, groups of k contiguous rows.
+        k: Completions per prompt, >= 2.
+        eps: Added to the std: a batch whose rewards are equal within every group gets advantage 0, not NaN.
+
+    Returns:
+        (B,) advantages with mean 0 over the batch.
+    """
+    if k < 2:
+        raise ValueError(f"REINFORCE++-baseline needs at least 2 completions per prompt for its baseline, got k={k}")
+    r = _groups(rewards, k)
+    centred = (r - r.mean(1, keepdim=True)).reshape(-1)
+    return centred / (centred.std() + eps)  # unbiased std over the batch
+
+
 def clipped_surrogate(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, epsilon: float,
                       epsilon_high: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-token clipped surrogate -min(A r, A clip(r, 1 - eps, 1 + eps_high)), r = pi / pi_old.
