@@ -17,7 +17,7 @@ The budget: the online methods generate the same number of completions (8 per it
 reports the tokens they actually generated. DPO generates nothing: it takes the same 96 optimizer steps on 8
 preference pairs each (the split's `dpo` part).
 
-The table is printed and written to `output/smol/algorithms/table.md`; the README shows it.
+The table is printed and written to `output/smol/algorithms/table.md`; docs/results.md shows it.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ It runs `python cli.py pipeline --config configs/smol/pipeline.yaml` (finished s
 - PPO against SFT on the split's `eval` prompts: the LLM judge's win / tie / loss with a paired-bootstrap interval,
   the RM's win rate with its interval, KL, length ratio, EOS, refusal and empty rates, wall time, and the 10
   examples compare drew with its seed, with the judge's verdict on each.
-The table is printed and written to `<output_dir>/quality.md`; the README shows it.
+The table is printed and written to `<output_dir>/quality.md`; docs/results.md shows it.
 """
 
 from __future__ import annotations

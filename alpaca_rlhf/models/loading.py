@@ -29,7 +29,7 @@ def ensure_base(spec: ModelSpec) -> str:
                 raise FileNotFoundError(
                     f"model folder {path!r} does not exist (working directory {os.getcwd()}). It is written by an "
                     "earlier stage: SFT or reward-model training then `alpaca-rlhf merge --adapter_path ...` "
-                    "(see README: the pipeline); run that first, or run from the folder that holds it.")
+                    "(see docs/recipe.md, the pipeline); run that first, or run from the folder that holds it.")
         if spec.name_or_path.endswith(".gguf"):
             return str(gguf_folder(spec, spec.name_or_path))
         return spec.name_or_path

@@ -1,5 +1,5 @@
 """What RLOO and GRPO share on top of the online parts: k completions per prompt, no value model, and the
-clipped surrogate with a sequence advantage on every valid token, reduced by `loss_type` (../shared/ALGORITHMS.md).
+clipped surrogate with a sequence advantage on every valid token, reduced by `loss_type` (docs/algorithms.md).
 Argument names are TRL's `RLOOConfig` / `GRPOConfig` ones (num_generations, beta, num_iterations, epsilon,
 epsilon_high, loss_type)."""
 

@@ -1,7 +1,7 @@
 """GRPO: group-normalised advantages (Shao et al. 2024, DeepSeekMath; TRL's GRPOTrainer) on the online stages'
 shared parts. `A_i = (r_i - mean(group)) / (std(group) + 1e-4)` (unbiased std; `scale_rewards: false` drops the
 division: Dr. GRPO, Liu et al. 2025). The KL is not in the reward but in the loss, per token, with the k3
-estimator weighted by `beta`. No value model (../shared/ALGORITHMS.md).
+estimator weighted by `beta`. No value model (docs/algorithms.md).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ class ValueHead(nn.Module):
 
 class SeparateCritic(nn.Module):
     """A value model with a trunk of its own, as TRL-new and N+ implementation details warm-start it from the
-    reward model (PPO.md §3 item 12), instead of a head on the policy's trunk.
+    reward model (docs/ppo.md §3 item 12), instead of a head on the policy's trunk.
 
     It ignores the policy's hidden states and runs its own decoder over the same token ids (so it must share
     the policy's tokenizer: an RM trained from the same base does). A LoRA adapter on that trunk and an fp32

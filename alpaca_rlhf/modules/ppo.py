@@ -3,7 +3,7 @@
 The math lives in `alpaca_rlhf.ppo` (pure torch); the rollout, the epoch/minibatch loop, logging, checkpoints and
 exports are the online stages' shared parts (`modules/online.py`). What is PPO's own is here: the value model,
 KL-penalised per-token rewards, GAE and whitening, the clipped policy + value losses, early stopping on the
-policy KL and the KL controller. Conventions follow ../shared/PPO.md section 6.
+policy KL and the KL controller. Conventions follow docs/ppo.md §4.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from alpaca_rlhf.ppo.rollout import Rollout
 
 @dataclass
 class PPOHParams(RolloutHParams):
-    """PPO settings (defaults: TRL's classic PPOConfig, as the seed used; see ../shared/PPO.md 2.14).
+    """PPO settings (defaults: TRL's classic PPOConfig, as the seed used; see docs/ppo.md §2.14).
 
     Attributes:
         ppo_epochs: Optimisation epochs over each rollout batch.
@@ -149,7 +149,7 @@ class PPOModule(OnlineRLModule):
         return Rollout(s.query_responses, s.attention_mask, s.response_mask, s.logprobs, s.ref_logprobs, s.values,
                        s.scores, rewards, kl, advantages, returns)
 
-    # ---- loss: clipped policy + value (PPO.md 2.8-2.10), a token mean over the minibatch -----------------------
+    # ---- loss: clipped policy + value (docs/ppo.md §2.8-2.10), a token mean over the minibatch -----------------------
     def epochs(self) -> int:
         return self.hp.ppo_epochs
 
@@ -186,7 +186,7 @@ class PPOModule(OnlineRLModule):
                 "ppo/explained_variance": rl.explained_variance(rollout.values, rollout.returns, mask)}
 
     def end_iteration(self, kl_per_seq: float, episodes: int) -> None:
-        self.kl_ctl.update(kl_per_seq, episodes)  # after the optimisation; n = episodes (PPO.md 2.12)
+        self.kl_ctl.update(kl_per_seq, episodes)  # after the optimisation; n = episodes (docs/ppo.md §2.12)
 
     def state(self) -> dict:
         return {"kl_controller": self.kl_ctl.state_dict()}

@@ -1,7 +1,7 @@
 """RLOO: REINFORCE with a leave-one-out baseline (Ahmadian et al. 2024, "Back to Basics"; TRL's RLOOTrainer),
 on the online stages' shared parts. The KL lives in the reward, per sequence (k1):
 `r_i = score_i - beta * sum_t (logp_t - ref_logp_t)`, then `A_i = r_i - mean_{j != i} r_j` within the prompt's
-group, broadcast to every valid token of the clipped surrogate. No value model, no GAE (../shared/ALGORITHMS.md).
+group, broadcast to every valid token of the clipped surrogate. No value model, no GAE (docs/algorithms.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""PPO math in plain torch: no Lightning, transformers or PEFT imports (STYLE.md, "Rooms")."""
+"""PPO math in plain torch: no Lightning, transformers or PEFT imports (tests/ppo/test_ppo_imports.py keeps it so)."""
 
 from alpaca_rlhf.ppo.advantages import (
     explained_variance,

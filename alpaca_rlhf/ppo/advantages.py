@@ -1,4 +1,4 @@
-"""Masked statistics, whitening and GAE over response tokens (PPO.md §2.6, §2.7).
+"""Masked statistics, whitening and GAE over response tokens (docs/ppo.md §2.6, §2.7).
 
 Every `mask` argument is (B, T), bool or {0, 1}, with 1 on response tokens through the first EOS.
 Masked positions never enter a statistic: they are selected away with `torch.where`, so even inf or NaN
@@ -27,7 +27,7 @@ def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    """Mean of `x` over valid positions; a token-level mean when `dim` is None (PPO.md §2.9).
+    """Mean of `x` over valid positions; a token-level mean when `dim` is None (docs/ppo.md §2.9).
 
     Args:
         x: (B, T) values.
@@ -48,7 +48,7 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
         x: (B, T) values.
         mask: (B, T) valid-token mask.
         unbiased: apply Bessel's correction n/(n-1) as TRL does; False gives the ÷n variance of NPLUS,
-            OAI and OpenRLHF (PPO.md §2.7).
+            OAI and OpenRLHF (docs/ppo.md §2.7).
 
     Returns:
         Scalar variance. With a single valid token the unbiased estimate is undefined (TRL divides by
@@ -95,7 +95,7 @@ def gae(values: Tensor, rewards: Tensor, mask: Tensor, gamma: float, lam: float)
     """Generalized Advantage Estimation (Schulman et al., 2016) over response tokens.
 
     Values and rewards are zeroed outside the mask before the loop, so the bootstrap after the last valid
-    token is 0 and no padding value reaches δ (PPO.md §2.6, §3 item 7).
+    token is 0 and no padding value reaches δ (docs/ppo.md §2.6, §3 item 7).
 
     Args:
         values: (B, T) value estimates recorded during the rollout.

@@ -1,4 +1,4 @@
-"""Critic-free advantages and losses: RLOO and GRPO (../shared/ALGORITHMS.md). Plain torch.
+"""Critic-free advantages and losses: RLOO and GRPO (docs/algorithms.md). Plain torch.
 
 Groups are contiguous rows: the k completions of one prompt are rows `i*k ... i*k + k - 1` (`rewards.view(-1, k)`).
 """
@@ -11,7 +11,7 @@ from torch import Tensor
 from alpaca_rlhf.ppo.advantages import masked_mean
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
-"""Loss reductions over a minibatch's valid tokens (ALGORITHMS.md, GRPO):
+"""Loss reductions over a minibatch's valid tokens (docs/algorithms.md, "Loss reductions"):
 - `grpo`: mean over each sequence's valid tokens, then mean over sequences (Shao et al. 2024, the paper);
 - `bnpo` / `dapo`: sum over all valid tokens of the minibatch / their count (DAPO, Yu et al. 2025; TRL's "dapo":
   the normaliser is the whole minibatch's token count, whatever the gradient accumulation);
@@ -56,7 +56,7 @@ def grpo_advantages(rewards: Tensor, k: int, scale_rewards: bool = True, eps: fl
     if k < 2:
         raise ValueError(f"GRPO needs at least 2 completions per prompt to normalise within a group, got k={k}")
     r = _groups(rewards, k)
-    std = r.std(1, keepdim=True)  # unbiased, as TRL and ALGORITHMS.md
+    std = r.std(1, keepdim=True)  # unbiased, as TRL and docs/algorithms.md
     advantages = r - r.mean(1, keepdim=True)
     if scale_rewards:
         advantages = advantages / (std + eps)

@@ -1,7 +1,7 @@
-"""KL-coefficient controllers (Ziegler et al., 2019; PPO.md §2.12).
+"""KL-coefficient controllers (Ziegler et al., 2019; docs/ppo.md §2.12).
 
 `update` takes the rollout KL in nats per sequence (masked sum over tokens, mean over the batch) and the
-number of episodes in the global batch; a per-token mean against `target=6` is a scale bug (PPO.md §3
+number of episodes in the global batch; a per-token mean against `target=6` is a scale bug (docs/ppo.md §3
 item 16). Call it once per PPO iteration, after the optimisation epochs.
 """
 

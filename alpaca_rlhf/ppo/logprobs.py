@@ -1,6 +1,6 @@
 """Per-token log-probabilities, entropy and valid-token masks for sampled responses.
 
-Layout (PPO.md §1): a left-padded prompt of length C followed by a right-padded response of length T.
+Layout (docs/ppo.md §1): a left-padded prompt of length C followed by a right-padded response of length T.
 """
 
 import torch
@@ -36,7 +36,7 @@ def _scaled(logits: Tensor, temperature: float) -> Tensor:
     """fp32 logits / temperature; no copy for fp32 logits at temperature 1 (x / 1 == x exactly)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    # fp32 before the softmax: bf16 log-probs make the ratio drift from 1 (PPO.md §3 item 10).
+    # fp32 before the softmax: bf16 log-probs make the ratio drift from 1 (docs/ppo.md §3 item 10).
     logits = logits.float()
     return logits if temperature == 1.0 else logits / temperature
 
@@ -52,7 +52,7 @@ def response_logprobs(logits: Tensor, responses: Tensor, temperature: float) -> 
     """Log-probabilities of the sampled response tokens under temperature-scaled logits.
 
     The same function must produce the rollout, reference and training log-probs, so that the PPO ratio is
-    exactly 1 before the first update (PPO.md §3 items 2 and 10).
+    exactly 1 before the first update (docs/ppo.md §3 items 2 and 10).
 
     Args:
         logits: (B, T, V) logits already aligned to the response (see `response_logits_slice`).
@@ -111,7 +111,7 @@ def _is_eos(responses: Tensor, eos_token_id: EosIds) -> Tensor:
 
 
 def first_eos_mask(responses: Tensor, eos_token_id: EosIds) -> Tensor:
-    """Valid-token mask m_t = 1[t <= index of the first EOS] (PPO.md §1 and §6 item 2).
+    """Valid-token mask m_t = 1[t <= index of the first EOS] (docs/ppo.md §1 and §4 item 2).
 
     Built from positions rather than `responses != pad`, which would drop every EOS when pad == eos.
 
@@ -142,7 +142,7 @@ def sequence_lengths(mask: Tensor) -> Tensor:
 
 
 def contains_eos(responses: Tensor, eos_token_id: EosIds) -> Tensor:
-    """Whether each response contains a stop token, for the missing-EOS penalty (PPO.md §2.4).
+    """Whether each response contains a stop token, for the missing-EOS penalty (docs/ppo.md §2.4).
 
     Args:
         responses: (B, T) sampled token ids.

@@ -1,4 +1,4 @@
-"""Clipped PPO policy and value losses (PPO.md §2.8-§2.10).
+"""Clipped PPO policy and value losses (docs/ppo.md §2.8-§2.10).
 
 Means are token-level over the whole minibatch (Σ x·m / Σ m), not per-sequence means, as in TRL and OAI.
 """
@@ -57,7 +57,7 @@ def value_loss(
     mask: Tensor,
     value_clip_range: float | None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped value loss, ½·mean(max((V - R)², (V_clip - R)²)) (PPO.md §2.8).
+    """Clipped value loss, ½·mean(max((V - R)², (V_clip - R)²)) (docs/ppo.md §2.8).
 
     Args:
         values: (B, T) V_φ(s_t) from the current forward pass, with grad.

@@ -1,4 +1,4 @@
-"""Per-token KL estimators, score processing and the KL-penalised reward (PPO.md §2.3-§2.5)."""
+"""Per-token KL estimators, score processing and the KL-penalised reward (docs/ppo.md §2.3-§2.5)."""
 
 from typing import Protocol
 
@@ -76,7 +76,7 @@ def process_scores(
     min_response_tokens: int | None = None,
     short_response_penalty: float | None = None,
 ) -> Tensor:
-    """Centre, clip and penalise reward-model scores before they enter the reward (PPO.md §2.4).
+    """Centre, clip and penalise reward-model scores before they enter the reward (docs/ppo.md §2.4).
 
     Applied in that order: s - bias (NPLUS centring), clip to [-c, c] (TRL-old `score_clip`), then
     subtract the penalty from responses without EOS (TRL-new `missing_eos_penalty`, which subtracts rather
@@ -123,7 +123,7 @@ def kl_penalized_rewards(
     kl_coef: float,
     estimator: str | KLEstimator = "k1",
 ) -> tuple[Tensor, Tensor]:
-    """Per-token reward r_t = -β·kl_t, plus the score on the last valid token (PPO.md §2.4, §6 item 5).
+    """Per-token reward r_t = -β·kl_t, plus the score on the last valid token (docs/ppo.md §2.4, §4 item 5).
 
     The score goes on token L, the first EOS or T-1 without one (TRL-old, OpenRLHF), not on the slot after
     it as TRL-new does.
@@ -150,7 +150,7 @@ def kl_penalized_rewards(
 
 @torch.no_grad()
 def whiten_rewards(rewards: Tensor, mask: Tensor) -> Tensor:
-    """Scale rewards to unit variance, keeping their mean (optional; off by default in TRL, PPO.md §2.5).
+    """Scale rewards to unit variance, keeping their mean (optional; off by default in TRL, docs/ppo.md §2.5).
 
     Args:
         rewards: (B, T) per-token rewards.

@@ -434,7 +434,7 @@ def test_lora_bias_is_refused_with_the_adapter_disabled_reference(tiny_sft_run, 
 
 
 def test_gradient_accumulation_weights_micro_batches_by_valid_tokens(tiny_sft_run, tmp_path):
-    """The minibatch loss is the token mean (PPO.md 2.9): GA = 1 and GA = 2 give equal gradients even when the
+    """The minibatch loss is the token mean (docs/ppo.md §2.9): GA = 1 and GA = 2 give equal gradients even when the
     responses have unequal lengths (row weighting gave the short ones too much)."""
     base = tiny_sft_run / "output/tiny/lora-alpaca-adapter-merged"
     grads = []

@@ -1,4 +1,4 @@
-"""RLOO and GRPO math against numbers worked by hand (../shared/ALGORITHMS.md), each citing its source."""
+"""RLOO and GRPO math against numbers worked by hand (docs/algorithms.md), each citing its source."""
 
 import math
 

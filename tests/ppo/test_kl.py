@@ -4,7 +4,7 @@ from alpaca_rlhf.ppo import AdaptiveKLController, FixedKLController
 
 
 def test_adaptive_controller_case_4():
-    # PPO.md §2.12 Case 4: e = clip(KL/6 - 1, +-0.2), beta *= 1 + e * 128 / 10000.
+    # docs/ppo.md §2.12 Case 4: e = clip(KL/6 - 1, +-0.2), beta *= 1 + e * 128 / 10000.
     controller = AdaptiveKLController(init_kl_coef=0.2, target=6.0, horizon=10000)
     expected = [0.2005120000, 0.1999986893, 0.1999986893, 0.2005106859, 0.1999973786, 0.2002533752]
     for current_kl, value in zip([8.0, 3.0, 6.0, 100.0, 0.0, 6.6], expected, strict=True):

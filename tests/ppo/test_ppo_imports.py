@@ -7,7 +7,7 @@ import pytest
 
 import alpaca_rlhf.ppo
 
-# STYLE.md "Rooms": the PPO math imports plain torch and the standard library helpers below only.
+# The PPO math imports plain torch and the standard library helpers below only.
 ALLOWED = {"torch", "math", "dataclasses", "typing", "warnings", "__future__", "alpaca_rlhf"}
 FORBIDDEN = {"lightning", "pytorch_lightning", "transformers", "peft", "numpy"}
 MODULES = sorted(info.name for info in pkgutil.iter_modules(alpaca_rlhf.ppo.__path__))
