@@ -13,7 +13,6 @@ One root: `alpaca-rlhf --help` lists every command without importing torch or Li
 from __future__ import annotations
 
 import sys
-import warnings
 from typing import Literal
 
 COMMANDS = {
@@ -30,7 +29,18 @@ COMMANDS = {
     "init": "copy the packaged configs into ./configs to edit",
     "env": "versions, CPU bf16 support and CUDA, for bug reports (also: alpaca-rlhf --version)",
 }
-FIT_COMMANDS = ("fit", "validate")
+FIT_COMMANDS = ("fit", "validate")  # = parsers.FIT_COMMANDS, repeated so that `--help` imports no parser
+PARSER_NAMES = ("function_parser", "lightning_cli", "parse_fit_config", "abbreviated_options", "_cli_class",
+                "_trainer_class")
+
+
+def __getattr__(name: str):
+    """The parsers' names, from `alpaca_rlhf.parsers` on first use (their old home was here)."""
+    if name in PARSER_NAMES:
+        from alpaca_rlhf import parsers
+
+        return getattr(parsers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def package_version() -> str:
@@ -85,20 +95,8 @@ def root_help() -> str:
     return "\n".join(lines)
 
 
-def _bare_flags(function, args: list[str]) -> list[str]:
-    """`--force` -> `--force=true` for the function's bool parameters (jsonargparse wants a value)."""
-    import inspect
-
-    parameters = inspect.signature(function).parameters.items()
-    flags = {f"--{name}" for name, p in parameters if p.annotation in (bool, "bool")}
-    out = []
-    for i, arg in enumerate(args):
-        value_follows = i + 1 < len(args) and args[i + 1].lower() in ("true", "false")
-        out.append(f"{arg}=true" if arg in flags and not value_follows else arg)
-    return out
-
-
-def _function(name: str):
+def command_function(name: str):
+    """The function a function command runs."""
     if name == "init":
         from alpaca_rlhf.packaged import init as function
     elif name == "merge":
@@ -136,36 +134,30 @@ def merge(adapter_path: str, output_dir: str | None = None,
     """
     from pathlib import Path
 
-    adapter = Path(adapter_path)
     from alpaca_rlhf.exports import merged_folder
+    from alpaca_rlhf.models import merge_adapter  # torch and transformers load here, not for --help
 
+    adapter = Path(adapter_path)
     target = Path(output_dir) if output_dir else Path(merged_folder(adapter))
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"merge: {target} already exists (later stages may have been trained on it); "
                               "pass --overwrite to replace it, or --output_dir to write elsewhere")
-    from alpaca_rlhf.models import merge_adapter  # torch and transformers load here, not for --help
-
     return merge_adapter(adapter_path, output_dir, dtype, base_model)
 
 
-def function_parser(name: str, exit_on_error: bool = True):
-    """The parser of a function command: its signature's arguments, `-c/--config` and `--print_config`."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+def parse_function_config(name: str, args: list[str], instantiate: bool = False):
+    """The arguments `alpaca-rlhf <name> <args>` (compare, generate, pipeline, ...) would run with, from that
+    command's own parser; with `instantiate`, dataclass arguments come back as objects."""
+    from alpaca_rlhf.parsers import parse_function_args
 
-    function = _function(name)
-    import inspect
-
-    summary = inspect.cleandoc(function.__doc__ or "").split("\nArgs:")[0].strip()  # the options carry the rest
-    parser = ArgumentParser(prog=f"alpaca-rlhf {name}", description=summary, exit_on_error=exit_on_error,
-                            allow_abbrev=False)
-    parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML file(s) of these options")
-    parser.add_function_arguments(function, as_positional=False)
-    return parser
+    return parse_function_args(command_function(name), name, args, instantiate)
 
 
 def _function_command(name: str, args: list[str]):
-    function = _function(name)
-    parser = function_parser(name, exit_on_error=False)
+    from alpaca_rlhf.parsers import _bare_flags, function_parser
+
+    function = command_function(name)
+    parser = function_parser(function, name, exit_on_error=False)
     config = parser.parse_args(_bare_flags(function, args))
     init = parser.instantiate_classes(config)
     kwargs = {k: v for k, v in vars(init).items() if k != "config"}
@@ -194,7 +186,7 @@ def cli_main(args: list[str] | None = None):
     if argv[0] == "preflight":
         return _preflight(argv[1:])
     if argv[0] == "data":
-        from alpaca_rlhf.data.preview import preview
+        from alpaca_rlhf.preview import preview
 
         return preview(argv[1:])
     if argv[0] in COMMANDS and argv[0] not in FIT_COMMANDS:
@@ -203,9 +195,11 @@ def cli_main(args: list[str] | None = None):
         raise SystemExit(f"alpaca-rlhf: unknown command {argv[0]!r}; one of {', '.join(COMMANDS)} "
                          "(alpaca-rlhf --help)")
     if argv[1:] in (["-h"], ["--help"]):
-        from alpaca_rlhf.helptext import live
+        from alpaca_rlhf.helptext import cached_help, live
 
-        return _cached_help(argv, lambda: print(live(argv[0]), end="") or sys.exit(0))
+        return cached_help(argv, lambda: print(live(argv[0]), end="") or sys.exit(0))
+    from alpaca_rlhf.parsers import lightning_cli
+
     if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
         sys.argv[1:] = argv
         return lightning_cli(None)
@@ -231,7 +225,8 @@ def _preflight(args: list[str]):
     if not args or args[0] in ("-h", "--help"):
         print(PREFLIGHT_HELP)
         return None
-    from alpaca_rlhf.preflight import preflight
+    from alpaca_rlhf.parsers import parse_fit_config
+    from alpaca_rlhf.preflight import device_budget_gb, estimate
 
     options = {"--budget_gb": None, "--model_shape": None}
     for flag in options:
@@ -240,64 +235,9 @@ def _preflight(args: list[str]):
             options[flag] = args[i + 1]
             args = args[:i] + args[i + 2:]
     budget = float(options["--budget_gb"]) if options["--budget_gb"] else None
-    return preflight(args, budget, options["--model_shape"])
-
-
-def _help_cache_key(argv: list[str]) -> str:
-    """Changes with the command, the terminal width, the versions of the parsers, and any source file here."""
-    import hashlib
-    import shutil
-    from importlib.metadata import version
-    from pathlib import Path
-
-    package = Path(__file__).resolve().parent
-    digest = hashlib.sha256(" ".join(argv).encode())
-    digest.update(str(shutil.get_terminal_size().columns).encode())
-    for dist in ("lightning", "jsonargparse", "alpaca-rlhf"):
-        try:
-            digest.update(version(dist).encode())
-        except Exception:  # not installed as a distribution (a bare checkout)
-            digest.update(dist.encode())
-    for source in sorted(package.rglob("*.py")):
-        stat = source.stat()
-        digest.update(f"{source.relative_to(package)}:{stat.st_mtime_ns}:{stat.st_size}".encode())
-    return digest.hexdigest()[:16]
-
-
-def _cached_help(argv: list[str], build) -> None:
-    """`fit --help` needs Lightning's import (~3 s cold): the package ships the text (`alpaca_rlhf/help`, made
-    for the pinned versions); with other versions the text built on first use is kept in the cache folder
-    (`$ALPACA_RLHF_CACHE`, else ~/.cache/alpaca_rlhf) and shown from there until a version or source changes."""
-    import contextlib
-    import io
-    import os
-    from pathlib import Path
-
-    from alpaca_rlhf.helptext import shipped
-
-    text = shipped(argv[0])  # made with these versions and shipped: no Lightning import at all
-    if text is not None:
-        print(text, end="")
-        raise SystemExit(0)
-    cache = Path(os.environ.get("ALPACA_RLHF_CACHE", Path.home() / ".cache" / "alpaca_rlhf")) / "help"
-    path = cache / f"{argv[0]}-{_help_cache_key(argv)}.txt"
-    if path.is_file():
-        print(path.read_text(), end="")
-        raise SystemExit(0)
-    buffer = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buffer):
-            build()
-    except SystemExit as exit_:
-        text = buffer.getvalue()
-        print(text, end="")
-        if exit_.code in (0, None) and text:
-            with contextlib.suppress(OSError):
-                cache.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".tmp-{os.getpid()}")
-                tmp.write_text(text)
-                os.replace(tmp, path)
-        raise
+    est = estimate(parse_fit_config(args), options["--model_shape"])
+    print(est.table(budget or device_budget_gb()))
+    return est
 
 
 DEBUG_ENV = "ALPACA_RLHF_DEBUG"
@@ -410,7 +350,9 @@ def option_names(command: str) -> list[str]:
         command = command if command in FIT_COMMANDS else "fit"
         return sorted(set(re.findall(r"--[\w.]+", shipped(command) or live(command))))
     if command in COMMANDS and command not in ("preflight", "data", "env"):
-        parser = function_parser(command, exit_on_error=False)
+        from alpaca_rlhf.parsers import function_parser
+
+        parser = function_parser(command_function(command), command, exit_on_error=False)
         return sorted({o for action in parser._actions for o in action.option_strings if o.startswith("--")})
     return []
 
@@ -453,151 +395,6 @@ def _user_error(error: BaseException, kinds: tuple) -> BaseException | None:
         seen.add(id(error))
         error = error.__cause__
     return None
-
-
-def lightning_cli(args: list[str] | None, cli_class=None):
-    """The LightningCLI every fit/validate run uses; `cli_class` lets the pipeline parse with the very same one."""
-    import lightning as L
-
-    return (cli_class or _cli_class())(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,  # the modules take `optimizer`/`scheduler` callables from YAML
-        trainer_class=_trainer_class(),  # Lightning's, with `precision: auto`
-        save_config_kwargs={"overwrite": True},
-        # `--trainer.max_step` is not silently `max_steps` (as TRL); a bad argument raises (main prints one line
-        # with the closest names) instead of a usage dump
-        parser_kwargs={"allow_abbrev": False, "exit_on_error": False},
-        args=args,
-    )
-
-
-def _trainer_class():
-    from alpaca_rlhf.trainer import Trainer
-
-    return Trainer
-
-
-def _cli_class():
-    from lightning.pytorch.cli import LightningCLI
-
-    class RLHFCLI(LightningCLI):
-        """LightningCLI with the subcommands that have steps here (fit, validate) and trainers that write
-        checkpoints atomically (`alpaca_rlhf.io.use_atomic_checkpoints`)."""
-
-        @staticmethod
-        def subcommands() -> dict[str, set[str]]:
-            return {k: v for k, v in LightningCLI.subcommands().items() if k in FIT_COMMANDS}
-
-        def add_arguments_to_parser(self, parser) -> None:
-            parser.add_argument("--preflight", type=Literal["check", "warn", "off"], default="check",
-                                help="Memory preflight before fit: check refuses a config clearly over the GPU's "
-                                     "memory, warn only warns, off skips it (alpaca-rlhf preflight --help)")
-            parser.add_argument("--preflight_budget_gb", type=float | None, default=None,
-                                help="Budget of the preflight in GiB; None = the GPU's memory (none: log only)")
-            parser.add_argument("--overwrite", type=bool, default=False,
-                                help="Start a new run over one whose checkpoints or adapter exist (its checkpoints "
-                                     "are removed); without it such a run stops and says to resume it with "
-                                     "--ckpt_path last")
-
-        def parse_arguments(self, parser, args) -> None:
-            super().parse_arguments(parser, args)
-            argv = sys.argv[1:] if args is None else list(args) if isinstance(args, list | tuple) else []
-            command = self.config.get("subcommand")
-            abbreviated = abbreviated_options(argv, self.config.get(command)) if command in FIT_COMMANDS else []
-            if abbreviated:
-                from alpaca_rlhf.errors import ConfigError
-
-                given, meant = abbreviated[0]
-                raise ConfigError(f"{given} is not an option (abbreviations are refused); did you mean {meant}? "
-                                  f"(alpaca-rlhf {command} --help)")
-
-        def before_instantiate_classes(self) -> None:
-            """A missing local data file stops the run before any model loads (minutes on a real model)."""
-            from alpaca_rlhf.data.records import check_data_path
-
-            config = self.config.get(self.subcommand) if self.subcommand else self.config
-            data_path = ((config or {}).get("data") or {}).get("init_args", {}).get("data_path")
-            check_data_path(data_path)
-
-        def before_fit(self) -> None:
-            from alpaca_rlhf.io import refuse_to_start_over
-            from alpaca_rlhf.preflight import check
-
-            config = self.config["fit"]
-            check(config, config.get("preflight", "check"), config.get("preflight_budget_gb"))
-            resuming = config.get("ckpt_path") is not None
-            self.model.resume_requested = resuming  # an online stage told to resume that finds no checkpoint
-            removed = refuse_to_start_over(self.trainer, self.model, resuming, bool(config.get("overwrite")))
-            if removed:
-                import logging
-
-                logging.getLogger("alpaca_rlhf").info("--overwrite: removed %d checkpoint(s) of the earlier run "
-                                                      "in %s", len(removed), removed[0].parent)
-
-        def instantiate_trainer(self, **kwargs):
-            from alpaca_rlhf.io import use_atomic_checkpoints
-
-            trainer = super().instantiate_trainer(**kwargs)
-            use_atomic_checkpoints(trainer)
-            return trainer
-
-    return RLHFCLI
-
-
-def abbreviated_options(argv: list[str], config) -> list[tuple[str, str]]:
-    """(given, meant) for each dotted option of `argv` that the parser took as an abbreviation: jsonargparse
-    refuses `--trainer.max_step` but completes a nested class field (`--model.init_args.ppo.ppo_epoch` set
-    `ppo_epochs`), so the parsed config lacks the given key and holds one that starts with it."""
-    from jsonargparse import Namespace
-
-    found = []
-    for token in argv:
-        if not token.startswith("--") or "." not in token:
-            continue
-        key = token[2:].split("=", 1)[0]
-        if key.endswith(("+", ".help")):
-            continue
-        *parents, leaf = key.split(".")
-        node = config
-        for part in parents:
-            node = node.get(part) if isinstance(node, Namespace) else None
-        if not isinstance(node, Namespace) or leaf in vars(node):
-            continue
-        completed = sorted(k for k in vars(node) if k.startswith(leaf))
-        if completed:
-            found.append((f"--{key}", f"--{'.'.join([*parents, completed[0]])}"))
-    return found
-
-
-def parse_fit_config(args: list[str]):
-    """The config `python cli.py fit <args>` would run with, resolved by its own parser, nothing instantiated.
-
-    The pipeline reads output folders from this, so `--model.adapter_dir X`, `--model.init_args.adapter_dir X`
-    and a stacked YAML's `model: {adapter_dir: X}` all mean what they mean to the stage itself.
-    """
-    class ConfigOnly(_cli_class()):
-        def _parse_ckpt_path(self) -> None: ...
-        def before_instantiate_classes(self) -> None: ...  # a config is read, not run: its data may be elsewhere
-        def _set_seed(self) -> None: ...
-        def instantiate_classes(self) -> None: ...
-        def after_instantiate_classes(self) -> None: ...
-        def _run_subcommand(self, subcommand: str) -> None: ...
-
-    with warnings.catch_warnings():  # "args given while sys.argv also holds arguments": intended here
-        warnings.simplefilter("ignore")
-        cli = lightning_cli(["fit", *args], ConfigOnly)
-    return cli.config["fit"]
-
-
-def parse_function_config(name: str, args: list[str], instantiate: bool = False):
-    """The arguments `python cli.py <name> <args>` (compare, generate, pipeline) would run with, from that
-    command's own parser; with `instantiate`, dataclass arguments come back as objects."""
-    parser = function_parser(name, exit_on_error=False)
-    config = parser.parse_args(_bare_flags(_function(name), args))
-    return parser.instantiate_classes(config) if instantiate else config
 
 
 if __name__ == "__main__":

@@ -132,10 +132,10 @@ def export_adapter(peft_model, tokenizer, output_dir: str | os.PathLike, extra_f
 
 
 def export_rl(target: Path, peft_model, tokenizer, state: dict, template: dict,
-              value_head: dict | None = None, merged_dtype: str | None = None) -> Path:
+              value_head: dict | None = None, merge_into=None) -> Path:
     """Writes an online run's export `target` (a `step_<n>` folder), whole or not at all: the adapter, the
-    tokenizer, the value head's trainable tensors (if any), the template and the state file; with
-    `merged_dtype`, also a merged standalone copy in `merged/`."""
+    tokenizer, the value head's trainable tensors (if any), the template and the state file; `merge_into(folder)`,
+    if given, adds a merged standalone copy inside the folder before it is published."""
     from safetensors.torch import save_file
 
     with atomic_dir(target) as tmp:
@@ -145,8 +145,6 @@ def export_rl(target: Path, peft_model, tokenizer, state: dict, template: dict,
             save_file(value_head, str(tmp / VALUE_HEAD_FILE))
         (tmp / TEMPLATE_FILE).write_text(json.dumps(template, indent=2))
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        if merged_dtype is not None:
-            from alpaca_rlhf.models import merge_adapter
-
-            merge_adapter(str(tmp), output_dir=str(tmp / "merged"), dtype=merged_dtype)
+        if merge_into is not None:
+            merge_into(tmp)
     return target

@@ -44,7 +44,7 @@ def live(command: str) -> str:
     """`alpaca-rlhf <command> --help` built now, at the shipped width."""
     import sys
 
-    from alpaca_rlhf.cli import lightning_cli
+    from alpaca_rlhf.parsers import lightning_cli
 
     buffer = io.StringIO()
     previous, program = os.environ.get("COLUMNS"), sys.argv[0]
@@ -70,3 +70,58 @@ def refresh() -> None:
 
 if __name__ == "__main__":
     refresh()
+
+
+def help_cache_key(argv: list[str]) -> str:
+    """Changes with the command, the terminal width, the versions of the parsers, and any source file here."""
+    import hashlib
+    import shutil
+    from importlib.metadata import version
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256(" ".join(argv).encode())
+    digest.update(str(shutil.get_terminal_size().columns).encode())
+    for dist in ("lightning", "jsonargparse", "alpaca-rlhf"):
+        try:
+            digest.update(version(dist).encode())
+        except Exception:  # not installed as a distribution (a bare checkout)
+            digest.update(dist.encode())
+    for source in sorted(package.rglob("*.py")):
+        stat = source.stat()
+        digest.update(f"{source.relative_to(package)}:{stat.st_mtime_ns}:{stat.st_size}".encode())
+    return digest.hexdigest()[:16]
+
+
+def cached_help(argv: list[str], build) -> None:
+    """`fit --help` needs Lightning's import (~3 s cold): the package ships the text (`alpaca_rlhf/help`, made
+    for the pinned versions); with other versions the text built on first use is kept in the cache folder
+    (`$ALPACA_RLHF_CACHE`, else ~/.cache/alpaca_rlhf) and shown from there until a version or source changes."""
+    import contextlib
+    import io
+    import os
+    from pathlib import Path
+
+    text = shipped(argv[0])  # made with these versions and shipped: no Lightning import at all
+    if text is not None:
+        print(text, end="")
+        raise SystemExit(0)
+    cache = Path(os.environ.get("ALPACA_RLHF_CACHE", Path.home() / ".cache" / "alpaca_rlhf")) / "help"
+    path = cache / f"{argv[0]}-{help_cache_key(argv)}.txt"
+    if path.is_file():
+        print(path.read_text(), end="")
+        raise SystemExit(0)
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            build()
+    except SystemExit as exit_:
+        text = buffer.getvalue()
+        print(text, end="")
+        if exit_.code in (0, None) and text:
+            with contextlib.suppress(OSError):
+                cache.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".tmp-{os.getpid()}")
+                tmp.write_text(text)
+                os.replace(tmp, path)
+        raise

@@ -138,12 +138,17 @@ class StageConfig:
 
     def __init__(self, command: str, configs: str | list[str] | None, overrides: list[str] = (),
                  stage: str = "") -> None:
-        from alpaca_rlhf.cli import parse_fit_config, parse_function_config
+        from alpaca_rlhf.parsers import parse_fit_config, parse_function_args
 
         self.paths = [find_file(c) for c in ([configs] if isinstance(configs, str) else configs or [])]
         args = [a for p in self.paths for a in ("--config", str(p))] + list(overrides)
         try:
-            self.config = parse_fit_config(args) if command == "fit" else parse_function_config(command, args)
+            if command == "fit":
+                self.config = parse_fit_config(args)
+            else:
+                from alpaca_rlhf.inference.comparison import compare
+
+                self.config = parse_function_args(compare, command, args)
         except (SystemExit, Exception) as e:  # jsonargparse exits on a bad config: name the stage's files
             raise PipelineError(f"pipeline stopped before running anything: stage '{stage or command}': its config "
                                 f"{[str(p) for p in self.paths]} with arguments {list(overrides)} does not parse: "

@@ -368,12 +368,3 @@ def check(config, mode: str = "check", budget_gb: float | None = None, margin: f
             raise ConfigError(message)
         log.warning("%s", message)
     return est
-
-
-def preflight(fit_args: list[str], budget_gb: float | None = None, model_shape: str | None = None) -> Estimate:
-    """Prints (and returns) the estimate for `fit <fit_args>`: `-c` configs and overrides as `fit` takes them."""
-    from alpaca_rlhf.cli import parse_fit_config
-
-    est = estimate(parse_fit_config(fit_args), model_shape)
-    print(est.table(budget_gb or device_budget_gb()))
-    return est

@@ -50,7 +50,7 @@ def configs(size: str, stage: str, work: Path, quantization: str = "none") -> li
 def instantiate(args: list[str]):
     import lightning as L
 
-    from alpaca_rlhf.cli import _cli_class, _trainer_class
+    from alpaca_rlhf.parsers import _cli_class, _trainer_class
 
     argv, sys.argv = sys.argv, sys.argv[:1]  # this script's own flags are not the stage's
     try:
@@ -154,7 +154,7 @@ def main() -> None:
 
     import torch
 
-    from alpaca_rlhf.cli import parse_fit_config
+    from alpaca_rlhf.parsers import parse_fit_config
     from alpaca_rlhf.preflight import estimate
 
     if args.threads:

@@ -33,9 +33,9 @@ def sft_held_out_loss(model_path: str, sft_args: list[str], batch_size: int = 8)
     """(mean token NLL, labelled tokens) of a model on the SFT stage's held-out records."""
     import torch
 
-    from alpaca_rlhf.cli import parse_fit_config
     from alpaca_rlhf.data import AlpacaDataModule
     from alpaca_rlhf.models import ModelSpec, load_causal_lm, load_tokenizer
+    from alpaca_rlhf.parsers import parse_fit_config
 
     config = parse_fit_config(sft_args)
     data_args = dict(config.data.init_args)
@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "with its seed)")
     args = parser.parse_args(argv)
 
-    from alpaca_rlhf.cli import cli_main, parse_fit_config, parse_function_config
+    from alpaca_rlhf.cli import cli_main
+    from alpaca_rlhf.parsers import parse_fit_config, parse_function_config
     from alpaca_rlhf.pipeline import find_file, plan
 
     if not args.no_run:

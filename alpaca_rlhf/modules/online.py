@@ -37,6 +37,7 @@ from alpaca_rlhf.models import (
     disable_dropout,
     load_causal_lm,
     load_tokenizer,
+    merge_adapter,
     neutral_generation_config,
     touches_output_layer,
 )
@@ -527,8 +528,10 @@ class OnlineRLModule(L.LightningModule):
                  **self.export_state(), "base_model": self.policy_spec.name_or_path,
                  "log_dir": self.logger.log_dir if isinstance(self.logger, TensorBoardLogger) else None,  # curves
                  self.ALGORITHM: asdict(self.hp), "generation": asdict(self.gen), "samples_per_prompt": self.k}
+        merge = (lambda folder: merge_adapter(str(folder), output_dir=str(folder / "merged"),  # noqa: E731
+                                               dtype=self.policy_spec.dtype)) if self.save_merged else None
         return exports.export_rl(target, self.policy.lm, self.tokenizer, state, self.template.to_json(), head,
-                                 self.policy_spec.dtype if self.save_merged else None)
+                                 merge)
 
     def _log_histogram(self, tag: str, values: Tensor) -> None:
         """This iteration's values as a TensorBoard histogram (rank 0: its own rollout)."""

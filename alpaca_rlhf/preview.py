@@ -102,7 +102,7 @@ def preview(args: list[str]) -> None:
         n = int(show)
     except ValueError:
         raise ConfigError(f"alpaca-rlhf data: --show takes a number of examples, not {show!r}") from None
-    from alpaca_rlhf.cli import parse_fit_config
+    from alpaca_rlhf.parsers import parse_fit_config
 
     datamodule = build_datamodule(parse_fit_config(args))
     datamodule.setup("fit")

@@ -1,0 +1,184 @@
+"""The parsers behind the command line: a function command's (its function's signature is the command's options),
+LightningCLI's for fit and validate (`RLHFCLI`), and the config readers that the pipeline and the data preview use
+to read a stage's config exactly as its command would.
+
+`cli.py` (the command table) imports this module only when a command runs, so `alpaca-rlhf --help` loads none
+of it; Lightning is imported inside the functions that build a LightningCLI, so a function command's `--help`
+stays fast too.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import warnings
+from typing import Literal
+
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+FIT_COMMANDS = ("fit", "validate")
+
+
+def _bare_flags(function, args: list[str]) -> list[str]:
+    """`--force` -> `--force=true` for the function's bool parameters (jsonargparse wants a value)."""
+    parameters = inspect.signature(function).parameters.items()
+    flags = {f"--{name}" for name, p in parameters if p.annotation in (bool, "bool")}
+    out = []
+    for i, arg in enumerate(args):
+        value_follows = i + 1 < len(args) and args[i + 1].lower() in ("true", "false")
+        out.append(f"{arg}=true" if arg in flags and not value_follows else arg)
+    return out
+
+
+def function_parser(function, name: str, exit_on_error: bool = True):
+    """The parser of a function command `name` running `function`: its signature's arguments, `-c/--config` and
+    `--print_config`."""
+    summary = inspect.cleandoc(function.__doc__ or "").split("\nArgs:")[0].strip()  # the options carry the rest
+    parser = ArgumentParser(prog=f"alpaca-rlhf {name}", description=summary, exit_on_error=exit_on_error,
+                            allow_abbrev=False)
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML file(s) of these options")
+    parser.add_function_arguments(function, as_positional=False)
+    return parser
+
+
+def lightning_cli(args: list[str] | None, cli_class=None):
+    """The LightningCLI every fit/validate run uses; `cli_class` lets the pipeline parse with the very same one."""
+    import lightning as L
+
+    return (cli_class or _cli_class())(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,  # the modules take `optimizer`/`scheduler` callables from YAML
+        trainer_class=_trainer_class(),  # Lightning's, with `precision: auto`
+        save_config_kwargs={"overwrite": True},
+        # `--trainer.max_step` is not silently `max_steps` (as TRL); a bad argument raises (main prints one line
+        # with the closest names) instead of a usage dump
+        parser_kwargs={"allow_abbrev": False, "exit_on_error": False},
+        args=args,
+    )
+
+
+def _trainer_class():
+    from alpaca_rlhf.trainer import Trainer
+
+    return Trainer
+
+
+def _cli_class():
+    from lightning.pytorch.cli import LightningCLI
+
+    class RLHFCLI(LightningCLI):
+        """LightningCLI with the subcommands that have steps here (fit, validate) and trainers that write
+        checkpoints atomically (`alpaca_rlhf.io.use_atomic_checkpoints`)."""
+
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            return {k: v for k, v in LightningCLI.subcommands().items() if k in FIT_COMMANDS}
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_argument("--preflight", type=Literal["check", "warn", "off"], default="check",
+                                help="Memory preflight before fit: check refuses a config clearly over the GPU's "
+                                     "memory, warn only warns, off skips it (alpaca-rlhf preflight --help)")
+            parser.add_argument("--preflight_budget_gb", type=float | None, default=None,
+                                help="Budget of the preflight in GiB; None = the GPU's memory (none: log only)")
+            parser.add_argument("--overwrite", type=bool, default=False,
+                                help="Start a new run over one whose checkpoints or adapter exist (its checkpoints "
+                                     "are removed); without it such a run stops and says to resume it with "
+                                     "--ckpt_path last")
+
+        def parse_arguments(self, parser, args) -> None:
+            super().parse_arguments(parser, args)
+            argv = sys.argv[1:] if args is None else list(args) if isinstance(args, list | tuple) else []
+            command = self.config.get("subcommand")
+            abbreviated = abbreviated_options(argv, self.config.get(command)) if command in FIT_COMMANDS else []
+            if abbreviated:
+                from alpaca_rlhf.errors import ConfigError
+
+                given, meant = abbreviated[0]
+                raise ConfigError(f"{given} is not an option (abbreviations are refused); did you mean {meant}? "
+                                  f"(alpaca-rlhf {command} --help)")
+
+        def before_instantiate_classes(self) -> None:
+            """A missing local data file stops the run before any model loads (minutes on a real model)."""
+            from alpaca_rlhf.data.records import check_data_path
+
+            config = self.config.get(self.subcommand) if self.subcommand else self.config
+            data_path = ((config or {}).get("data") or {}).get("init_args", {}).get("data_path")
+            check_data_path(data_path)
+
+        def before_fit(self) -> None:
+            from alpaca_rlhf.io import refuse_to_start_over
+            from alpaca_rlhf.preflight import check
+
+            config = self.config["fit"]
+            check(config, config.get("preflight", "check"), config.get("preflight_budget_gb"))
+            resuming = config.get("ckpt_path") is not None
+            self.model.resume_requested = resuming  # an online stage told to resume that finds no checkpoint
+            removed = refuse_to_start_over(self.trainer, self.model, resuming, bool(config.get("overwrite")))
+            if removed:
+                import logging
+
+                logging.getLogger("alpaca_rlhf").info("--overwrite: removed %d checkpoint(s) of the earlier run "
+                                                      "in %s", len(removed), removed[0].parent)
+
+        def instantiate_trainer(self, **kwargs):
+            from alpaca_rlhf.io import use_atomic_checkpoints
+
+            trainer = super().instantiate_trainer(**kwargs)
+            use_atomic_checkpoints(trainer)
+            return trainer
+
+    return RLHFCLI
+
+
+def abbreviated_options(argv: list[str], config) -> list[tuple[str, str]]:
+    """(given, meant) for each dotted option of `argv` that the parser took as an abbreviation: jsonargparse
+    refuses `--trainer.max_step` but completes a nested class field (`--model.init_args.ppo.ppo_epoch` set
+    `ppo_epochs`), so the parsed config lacks the given key and holds one that starts with it."""
+    found = []
+    for token in argv:
+        if not token.startswith("--") or "." not in token:
+            continue
+        key = token[2:].split("=", 1)[0]
+        if key.endswith(("+", ".help")):
+            continue
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, Namespace) else None
+        if not isinstance(node, Namespace) or leaf in vars(node):
+            continue
+        completed = sorted(k for k in vars(node) if k.startswith(leaf))
+        if completed:
+            found.append((f"--{key}", f"--{'.'.join([*parents, completed[0]])}"))
+    return found
+
+
+def parse_fit_config(args: list[str]):
+    """The config `python cli.py fit <args>` would run with, resolved by its own parser, nothing instantiated.
+
+    The pipeline reads output folders from this, so `--model.adapter_dir X`, `--model.init_args.adapter_dir X`
+    and a stacked YAML's `model: {adapter_dir: X}` all mean what they mean to the stage itself.
+    """
+    class ConfigOnly(_cli_class()):
+        def _parse_ckpt_path(self) -> None: ...
+        def before_instantiate_classes(self) -> None: ...  # a config is read, not run: its data may be elsewhere
+        def _set_seed(self) -> None: ...
+        def instantiate_classes(self) -> None: ...
+        def after_instantiate_classes(self) -> None: ...
+        def _run_subcommand(self, subcommand: str) -> None: ...
+
+    with warnings.catch_warnings():  # "args given while sys.argv also holds arguments": intended here
+        warnings.simplefilter("ignore")
+        cli = lightning_cli(["fit", *args], ConfigOnly)
+    return cli.config["fit"]
+
+
+def parse_function_args(function, name: str, args: list[str], instantiate: bool = False):
+    """The arguments the function command `name` (running `function`: compare, generate, pipeline, ...) would run
+    with, from that command's own parser; with `instantiate`, dataclass arguments come back as objects."""
+    parser = function_parser(function, name, exit_on_error=False)
+    config = parser.parse_args(_bare_flags(function, args))
+    return parser.instantiate_classes(config) if instantiate else config

@@ -1,0 +1,89 @@
+"""The package is layered: a module imports only its own layer and the layers below it, at the top of the file or
+inside a function, so the import graph has no cycle; and each layer imports alone, loading nothing above it."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "alpaca_rlhf"
+# bottom to top; a name is a top-level module or a subpackage of alpaca_rlhf
+LAYERS = [
+    ("foundation", {"errors", "io", "exports", "guards", "hardware", "schedules", "packaged", "evaluation"}),
+    ("RL math", {"ppo"}),
+    ("data and models", {"data", "models"}),
+    ("stages", {"modules", "trainer"}),
+    ("inference", {"inference", "hub"}),
+    ("memory estimate", {"preflight"}),
+    ("parsers", {"parsers"}),
+    ("commands", {"pipeline", "preview"}),
+    ("command line", {"cli", "helptext", "__main__"}),
+]
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer(module: str) -> int:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return -1  # the package itself (its __init__ imports nothing)
+    return next(i for i, (_, names) in enumerate(LAYERS) if parts[1] in names)
+
+
+def imports(path: Path) -> list[tuple[str, int]]:
+    """(alpaca_rlhf module, line) of every import in the file, at the top or inside a function."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("alpaca_rlhf"):
+            names = [f"alpaca_rlhf.{a.name}" for a in node.names] if node.module == "alpaca_rlhf" else [node.module]
+            found += [(name, node.lineno) for name in names]
+        elif isinstance(node, ast.Import):
+            found += [(a.name, node.lineno) for a in node.names if a.name.startswith("alpaca_rlhf")]
+    return found
+
+
+def test_every_module_has_a_layer():
+    for path in PACKAGE.rglob("*.py"):
+        layer(module_name(path))  # StopIteration: a module no layer names
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    upward = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        own = module_name(path)
+        for target, line in imports(path):
+            if layer(target) > layer(own):
+                upward.append(f"{own} (layer {LAYERS[layer(own)][0]}) imports {target} "
+                              f"(layer {LAYERS[layer(target)][0]}) at line {line}")
+    assert not upward, "\n".join(upward)
+
+
+@pytest.mark.parametrize("index", range(len(LAYERS)), ids=[name for name, _ in LAYERS])
+def test_each_layer_imports_alone(index):
+    """Import every module of a layer in a fresh interpreter: nothing of a higher layer gets loaded."""
+    name, members = LAYERS[index]
+    modules = sorted(module_name(p) for p in PACKAGE.rglob("*.py") if layer(module_name(p)) == index
+                     and not p.name == "__main__.py")
+    higher = sorted({m for _, names in LAYERS[index + 1:] for m in names})
+    code = (f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+            f"print(sorted(m for m in sys.modules if m.startswith('alpaca_rlhf.') and m.split('.')[1] in {higher!r}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "[]", f"importing the {name} layer loaded {out.stdout.strip()}"
+
+
+def test_the_command_line_loads_no_parser_or_framework_for_help():
+    code = ("import sys\nfrom alpaca_rlhf.cli import COMMANDS, FIT_COMMANDS\nfrom alpaca_rlhf import parsers\n"
+            "assert FIT_COMMANDS == parsers.FIT_COMMANDS\n")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True).returncode == 0
+    code = ("import sys\nimport alpaca_rlhf.cli\n"
+            "print(sorted(m for m in ('torch', 'lightning', 'transformers', 'jsonargparse', 'alpaca_rlhf.parsers') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
