@@ -148,3 +148,32 @@ def export_rl(target: Path, peft_model, tokenizer, state: dict, template: dict,
         if merge_into is not None:
             merge_into(tmp)
     return target
+
+
+def clear_earlier_exports(trainer, output_dir: Path, name: str, resume_requested: bool, overwrite: bool) -> None:
+    """Before a new online run (not a resume): an output_dir holding another run's exports stops it, unless
+    `overwrite` (they are removed) or the run was asked to resume and found no checkpoint (a run killed between
+    its first export and its first checkpoint: it starts over and writes those unfinished exports again)."""
+    import shutil
+
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    old = sorted(rl_exports(output_dir))
+    if not old:
+        return
+    killed_early = resume_requested and not any((read_state(p) or {}).get("finished") for p in old)
+    if killed_early:
+        rank_zero_warn(f"--ckpt_path was given but there is no checkpoint to resume: {name} starts over and replaces "
+                       f"the unfinished exports {', '.join(p.name for p in old)} in {str(output_dir)!r}, left by a "
+                       "run killed before its first checkpoint")
+    elif not overwrite:
+        raise FileExistsError(
+            f"{name} output_dir {str(output_dir)!r} holds exports of an earlier run "
+            f"({', '.join(p.name for p in old)}); "
+            "resume that run with --ckpt_path last, choose another output_dir, or set "
+            "model.init_args.overwrite_output_dir: true to remove them")
+    trainer.strategy.barrier()  # every rank has looked before rank 0 removes
+    if trainer.is_global_zero:
+        for folder in old:
+            shutil.rmtree(folder)
+    trainer.strategy.barrier()

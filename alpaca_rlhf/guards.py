@@ -30,3 +30,20 @@ def skip_nonfinite(module, loss, batch_idx: int) -> bool:
         raise FloatingPointError(f"{module.consecutive_nonfinite} batches in a row had a non-finite loss; stopping "
                                  "(the last checkpoint holds the last finite weights)")
     return True
+
+
+def gradients_finite(parameters) -> bool:
+    """Whether every gradient is finite (one device sync)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+
+
+def nonfinite_rollout(rollout, raw_scores, trainer=None) -> list[str]:
+    """Names of an online rollout's tensors holding NaN/inf on any rank (every rank decides alike)."""
+    named = {"scores": raw_scores, "rewards": rollout.rewards, "advantages": rollout.advantages,
+             "returns": rollout.returns, "values": rollout.values, "logprobs": rollout.logprobs}
+    named = {k: v for k, v in named.items() if v is not None}
+    bad = torch.tensor([float(not torch.isfinite(t).all()) for t in named.values()], device=raw_scores.device)
+    if trainer is not None and trainer.world_size > 1:
+        bad = trainer.strategy.reduce(bad, reduce_op="sum")
+    return [name for name, flag in zip(named, bad.tolist(), strict=True) if flag > 0]

@@ -58,3 +58,17 @@ def scheduler_config(scheduler, trainer) -> dict:
         scheduler.total_steps = int(trainer.estimated_stepping_batches)
     return {"scheduler": scheduler, "interval": "step"}
 
+
+def online_optimizer_steps(trainer, samples_per_prompt: int, epochs: int, mini_batch_size: int | None) -> int:
+    """An online run's optimizer steps: `max_steps` when set (it counts optimizer steps there), else the planned
+    iterations x epochs x minibatches per iteration (Lightning's estimate counts batches, i.e. iterations)."""
+    if trainer.max_steps and trainer.max_steps > 0:
+        return int(trainer.max_steps)
+    iterations = int(trainer.estimated_stepping_batches)
+    datamodule = getattr(trainer, "datamodule", None)
+    batch = getattr(datamodule, "batch_size", None)
+    if not batch:
+        return iterations
+    completions = batch * samples_per_prompt
+    minibatches = -(-completions // (mini_batch_size or completions))
+    return iterations * epochs * minibatches

@@ -19,7 +19,7 @@ LAYERS = [
     ("inference", {"inference", "hub"}),
     ("memory estimate", {"preflight"}),
     ("parsers", {"parsers"}),
-    ("commands", {"pipeline", "preview"}),
+    ("commands", {"plan", "pipeline", "preview"}),
     ("command line", {"cli", "helptext", "__main__"}),
 ]
 

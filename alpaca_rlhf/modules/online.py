@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -25,11 +25,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from alpaca_rlhf import exports
-from alpaca_rlhf import ppo as rl  # the pure-torch math of every RL method
 from alpaca_rlhf.data.templates import PromptTemplate
 from alpaca_rlhf.errors import ConfigError
-from alpaca_rlhf.evaluation import is_refusal
-from alpaca_rlhf.guards import assert_finite
+from alpaca_rlhf.guards import assert_finite, gradients_finite, nonfinite_rollout
 from alpaca_rlhf.models import (
     LoraSpec,
     ModelSpec,
@@ -41,9 +39,11 @@ from alpaca_rlhf.models import (
     neutral_generation_config,
     touches_output_layer,
 )
+from alpaca_rlhf.modules import tensorboard
 from alpaca_rlhf.modules.policy import PolicyWithValue
 from alpaca_rlhf.modules.sampler import (  # noqa: F401  (re-exported: their old home)
     GenerationHParams,
+    RolloutHParams,
     SampledLogprobs,
     Sampler,
     Samples,
@@ -53,46 +53,6 @@ from alpaca_rlhf.modules.sampler import (  # noqa: F401  (re-exported: their old
 )
 from alpaca_rlhf.modules.scorers import Scorer
 from alpaca_rlhf.ppo.rollout import Rollout, minibatch_indices
-
-
-@dataclass
-class RolloutHParams:
-    """Settings every online method shares; each algorithm's hyperparameters extend these.
-
-    Attributes:
-        mini_batch_size: Completions per optimizer step; None = the whole batch (one step per epoch).
-        gradient_accumulation_steps: Micro-batches per minibatch (memory: forward/backward this many at a time).
-        score_clip: Clip processed scores to +-score_clip; None = no clipping.
-        missing_eos_penalty: Subtracted from the score of a response that never emitted EOS (TRL); None = off.
-        min_response_tokens: Responses with fewer tokens (EOS included) get `short_response_penalty` subtracted
-            from their score: an early EOS costs reward (OpenAI's lm-human-preferences); None = off.
-        short_response_penalty: The penalty of a too-short response; None = off.
-        max_grad_norm: Gradient clipping by global norm; None = off.
-        forward_batch_size: Completions per no-grad forward pass during the rollout (memory).
-        reuse_rollout_forward: When one micro-batch is the whole batch (mini_batch_size None or >= batch,
-            no accumulation), run the rollout's policy forward with autograd and let the first optimizer step
-            use it instead of repeating it: the same numbers, one forward less per iteration.
-        negative_kl_warning: Warn when the rollout KL (per sequence) falls below this (biased sampling).
-        ratio_threshold: Skip (zero the loss of) a micro-batch whose mean ratio pi/pi_old exceeds this, as TRL's
-            classic PPO did (`ratio_threshold`: loss spikes); counted in `<algo>/ratio_skipped`. None = off.
-        max_nonfinite_skips: A NaN/inf score, reward, advantage, loss or gradient skips that update (no weight
-            changes, `<algo>/skipped_nonfinite` counts it, a warning names the tensor and iteration); this many
-            consecutive skipped iterations stop the run with an error.
-    """
-
-    mini_batch_size: int | None = None
-    gradient_accumulation_steps: int = 1
-    score_clip: float | None = None
-    missing_eos_penalty: float | None = None
-    min_response_tokens: int | None = None
-    short_response_penalty: float | None = None
-    max_grad_norm: float | None = 1.0
-    forward_batch_size: int = 16
-    reuse_rollout_forward: bool = True
-    negative_kl_warning: float = -1.0
-    ratio_threshold: float | None = 10.0
-    max_nonfinite_skips: int = 3
-
 
 
 class OnlineRLModule(L.LightningModule):
@@ -224,31 +184,9 @@ class OnlineRLModule(L.LightningModule):
         from alpaca_rlhf.io import check_logs_outside
 
         check_logs_outside(self, self.output_dir, "model.output_dir")
-        if self.trainer.ckpt_path is not None:
-            return
-        old = sorted(exports.rl_exports(self.output_dir))
-        if not old:
-            return
-        killed_early = getattr(self, "resume_requested", False) and not any(
-            (exports.read_state(p) or {}).get("finished") for p in old)
-        if killed_early:  # --ckpt_path last, yet no checkpoint: a run killed between its first export and its
-            # first checkpoint; it starts over and writes these exports again (they were not finished)
-            rank_zero_warn(f"--ckpt_path was given but there is no checkpoint to resume: {self.ALGORITHM.upper()} "
-                           f"starts over and replaces the unfinished exports {', '.join(p.name for p in old)} in "
-                           f"{str(self.output_dir)!r}, left by a run killed before its first checkpoint")
-        elif not self.overwrite_output_dir:
-            raise FileExistsError(
-                f"{self.ALGORITHM.upper()} output_dir {str(self.output_dir)!r} holds exports of an earlier run "
-                f"({', '.join(p.name for p in old)}); "
-                "resume that run with --ckpt_path last, choose another output_dir, or set "
-                "model.init_args.overwrite_output_dir: true to remove them")
-        self.trainer.strategy.barrier()  # every rank has looked before rank 0 removes
-        if self.trainer.is_global_zero:
-            import shutil
-
-            for folder in old:
-                shutil.rmtree(folder)
-        self.trainer.strategy.barrier()
+        if self.trainer.ckpt_path is None:
+            exports.clear_earlier_exports(self.trainer, self.output_dir, self.ALGORITHM.upper(),
+                                          getattr(self, "resume_requested", False), self.overwrite_output_dir)
 
     # ---- rollout: the sampler (modules/sampler.py) ------------------------------------------------------------
     @property
@@ -302,20 +240,6 @@ class OnlineRLModule(L.LightningModule):
             self.manual_backward(loss * weight)
             yield stats, weight
 
-    def _gradients_finite(self) -> bool:
-        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
-        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
-
-    def nonfinite_rollout(self, rollout: Rollout, raw_scores: Tensor) -> list[str]:
-        """Names of the rollout tensors holding NaN/inf on any rank (every rank decides alike)."""
-        named = {"scores": raw_scores, "rewards": rollout.rewards, "advantages": rollout.advantages,
-                 "returns": rollout.returns, "values": rollout.values, "logprobs": rollout.logprobs}
-        named = {k: v for k, v in named.items() if v is not None}
-        bad = torch.tensor([float(not torch.isfinite(t).all()) for t in named.values()], device=self.device)
-        if self._trainer is not None and self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
-        return [name for name, flag in zip(named, bad.tolist(), strict=True) if flag > 0]
-
     def optimize(self, rollout: Rollout, graph: tuple | None = None) -> dict:
         """`epochs()` x shuffled minibatches; `graph` = the rollout forward's outputs for the first micro-batch."""
         if not self.policy.training:
@@ -339,7 +263,7 @@ class OnlineRLModule(L.LightningModule):
                     for k, v in stats.items():
                         sums[k] = sums[k] + v if k in sums else v
                     count += 1
-                if not self._gradients_finite():
+                if not gradients_finite(self.policy.parameters()):
                     self.nonfinite_steps += 1
                     rank_zero_warn(f"iteration {self.iteration}: non-finite loss or gradient; optimizer step skipped "
                                    "(no weight changed)")
@@ -361,7 +285,7 @@ class OnlineRLModule(L.LightningModule):
         B = batch["input_ids"].shape[0] * self.k
         reuse = self.hp.reuse_rollout_forward and self.micro_batch_size(B) >= B
         rollout, samples = self.make_rollout(batch, keep_graph=reuse)
-        bad = self.nonfinite_rollout(rollout, samples.raw_scores)
+        bad = nonfinite_rollout(rollout, samples.raw_scores, self._trainer)
         if bad:
             self.skip_nonfinite(bad)
             return
@@ -392,10 +316,11 @@ class OnlineRLModule(L.LightningModule):
                            "the sampling is biased (top_k/top_p/min_new_tokens set?)")
         self.end_iteration(kl_per_seq, episodes)
         self.log_stats(stats, len(rollout))
-        self._log_histogram("rollout/scores", rollout.scores)
+        tensorboard.add_histogram(self, "rollout/scores", rollout.scores, self.iteration)
         self.iteration += 1
         if self.log_samples_every and self.iteration % self.log_samples_every == 1 % self.log_samples_every:
-            self._log_samples(samples.prompts, samples.scoring_batch.responses, rollout.scores)
+            tensorboard.add_samples(self, samples.prompts, samples.scoring_batch.responses, rollout.scores,
+                                    self.iteration)
         if self.save_freq and self.iteration % self.save_freq == 0:
             self.export(exports.step_name(self.iteration))
 
@@ -445,27 +370,11 @@ class OnlineRLModule(L.LightningModule):
     # ---- validation: mean score of the current policy on held-out prompts -------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.policy.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            if self.gen.seed is not None:  # the same held-out samples for the same policy, run after run
-                torch.manual_seed(self.gen.seed + batch_idx + 7919 * self.global_rank)
-            responses, mask, _ = self.generate(batch["input_ids"], batch["attention_mask"])
-            C = batch["input_ids"].shape[1]
-            qr = torch.cat([batch["input_ids"], responses], 1)
-            am = torch.cat([batch["attention_mask"], mask.long()], 1)
-            raw = self.scorer(self.sampler.scoring_batch(batch["prompt"], qr, am, C)).to(qr.device)
-            logprobs, _, ref_logprobs = self.sampler.forward_old(qr, am, C, with_values=False)
-            kl = rl.masked_sum(logprobs - ref_logprobs, mask, dim=1)
-        n = len(raw)
-        texts = [t.strip() for t in self.tokenizer.batch_decode(responses, skip_special_tokens=True)]
-        has_eos = rl.contains_eos(responses, self.stop_ids).float()
-        rates = torch.tensor([[float(is_refusal(t)), float(not t)] for t in texts], device=qr.device)
-        self.log("val/score", (raw + self.scorer.offset).mean(), batch_size=n, sync_dist=True)
-        self.log("val/kl", kl.mean(), batch_size=n, sync_dist=True)
-        self.log("val/response_length", mask.sum(1).float().mean(), batch_size=n, sync_dist=True)
-        # a collapse (short, evasive or empty answers) shows here while it happens, not only after training
-        self.log("val/eos_rate", has_eos.mean(), batch_size=n, sync_dist=True)
-        self.log("val/refusal_rate", rates[:, 0].mean(), batch_size=n, sync_dist=True)
-        self.log("val/empty_rate", rates[:, 1].mean(), batch_size=n, sync_dist=True)
+        # the same held-out samples for the same policy, run after run
+        seed = None if self.gen.seed is None else self.gen.seed + batch_idx + 7919 * self.global_rank
+        metrics = self.sampler.held_out(batch, seed)
+        for key, value in metrics.items():
+            self.log(key, value, batch_size=len(batch["prompt"]), sync_dist=True)
 
     # ---- optimizers, checkpoints, exports ---------------------------------------------------------------------
     def configure_optimizers(self):
@@ -480,19 +389,10 @@ class OnlineRLModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler_config(scheduler, self.trainer)}
 
     def planned_optimizer_steps(self) -> int:
-        """The run's optimizer steps: `max_steps` when set (it counts optimizer steps here), else the planned
-        iterations x epochs x minibatches per iteration (Lightning's estimate counts batches, i.e. iterations)."""
-        trainer = self.trainer
-        if trainer.max_steps and trainer.max_steps > 0:
-            return int(trainer.max_steps)
-        iterations = int(trainer.estimated_stepping_batches)
-        datamodule = getattr(trainer, "datamodule", None)
-        batch = getattr(datamodule, "batch_size", None)
-        if not batch:
-            return iterations
-        completions = batch * self.k
-        minibatches = -(-completions // (self.hp.mini_batch_size or completions))
-        return iterations * self.epochs() * minibatches
+        """The run's optimizer steps (the LR schedule's length and the progress total; `schedules`)."""
+        from alpaca_rlhf.schedules import online_optimizer_steps
+
+        return online_optimizer_steps(self.trainer, self.k, self.epochs(), self.hp.mini_batch_size)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         from alpaca_rlhf.modules.adapter_stage import trim_checkpoint
@@ -532,24 +432,6 @@ class OnlineRLModule(L.LightningModule):
                                                dtype=self.policy_spec.dtype)) if self.save_merged else None
         return exports.export_rl(target, self.policy.lm, self.tokenizer, state, self.template.to_json(), head,
                                  merge)
-
-    def _log_histogram(self, tag: str, values: Tensor) -> None:
-        """This iteration's values as a TensorBoard histogram (rank 0: its own rollout)."""
-        if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
-            self.logger.experiment.add_histogram(tag, values.detach().float().cpu(), self.iteration)
-
-    def _log_samples(self, prompts: list[str], responses: list[str], scores: Tensor, n: int = 4) -> None:
-        if not isinstance(self.logger, TensorBoardLogger) or not self.trainer.is_global_zero:
-            return
-        rows = ["| prompt | response | score |", "| --- | --- | --- |"]
-        for p, r, s in list(zip(prompts, responses, scores.tolist(), strict=True))[:n]:
-            instruction = p.split("### Instruction:")[-1].split("### Response:")[0].strip()
-            rows.append(f"| {md(instruction)} | {md(r)} | {s:.3f} |")
-        self.logger.experiment.add_text("samples/rollout", "\n".join(rows), self.iteration)
-
-
-def md(text: str, limit: int = 300) -> str:
-    return text[:limit].replace("|", "\\|").replace("\n", " ")
 
 
 def opt_lr(optimizer) -> float:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from alpaca_rlhf import ppo as rl  # the pure-torch math of every RL method
 from alpaca_rlhf.errors import ConfigError
+from alpaca_rlhf.evaluation import is_refusal
 from alpaca_rlhf.models import null_to_none, unwrap_peft
 from alpaca_rlhf.modules.policy import PolicyWithValue
 from alpaca_rlhf.modules.scorers import Scorer, ScoringBatch
@@ -70,6 +71,43 @@ class GenerationHParams:
                               f"decoding step needs a fixed-size cache); got {self.cache_implementation!r}")
 
 
+@dataclass
+class RolloutHParams:
+    """Settings every online method shares; each algorithm's hyperparameters extend these.
+
+    Attributes:
+        mini_batch_size: Completions per optimizer step; None = the whole batch (one step per epoch).
+        gradient_accumulation_steps: Micro-batches per minibatch (memory: forward/backward this many at a time).
+        score_clip: Clip processed scores to +-score_clip; None = no clipping.
+        missing_eos_penalty: Subtracted from the score of a response that never emitted EOS (TRL); None = off.
+        min_response_tokens: Responses with fewer tokens (EOS included) get `short_response_penalty` subtracted
+            from their score: an early EOS costs reward (OpenAI's lm-human-preferences); None = off.
+        short_response_penalty: The penalty of a too-short response; None = off.
+        max_grad_norm: Gradient clipping by global norm; None = off.
+        forward_batch_size: Completions per no-grad forward pass during the rollout (memory).
+        reuse_rollout_forward: When one micro-batch is the whole batch (mini_batch_size None or >= batch,
+            no accumulation), run the rollout's policy forward with autograd and let the first optimizer step
+            use it instead of repeating it: the same numbers, one forward less per iteration.
+        negative_kl_warning: Warn when the rollout KL (per sequence) falls below this (biased sampling).
+        ratio_threshold: Skip (zero the loss of) a micro-batch whose mean ratio pi/pi_old exceeds this, as TRL's
+            classic PPO did (`ratio_threshold`: loss spikes); counted in `<algo>/ratio_skipped`. None = off.
+        max_nonfinite_skips: A NaN/inf score, reward, advantage, loss or gradient skips that update (no weight
+            changes, `<algo>/skipped_nonfinite` counts it, a warning names the tensor and iteration); this many
+            consecutive skipped iterations stop the run with an error.
+    """
+
+    mini_batch_size: int | None = None
+    gradient_accumulation_steps: int = 1
+    score_clip: float | None = None
+    missing_eos_penalty: float | None = None
+    min_response_tokens: int | None = None
+    short_response_penalty: float | None = None
+    max_grad_norm: float | None = 1.0
+    forward_batch_size: int = 16
+    reuse_rollout_forward: bool = True
+    negative_kl_warning: float = -1.0
+    ratio_threshold: float | None = 10.0
+    max_nonfinite_skips: int = 3
 
 
 @dataclass
@@ -238,6 +276,28 @@ class Sampler:
                        raw_scores=raw_scores, scores=scores, has_eos=has_eos, scoring_batch=sb, graph=graph,
                        timings=timings, sampled_logprobs=sampled_logprobs)
 
+    def held_out(self, batch: dict, seed: int | None) -> dict[str, Tensor]:
+        """The current policy on one batch of held-out prompts, sampled under `seed` without touching the
+        training's random state: mean score (uncentred), KL to the reference (nats per response), response
+        length, and the rates of responses that ended, refused or were empty (a collapse shows in these while it
+        happens, not only after training)."""
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            responses, mask, _ = self.generate(batch["input_ids"], batch["attention_mask"])
+            C = batch["input_ids"].shape[1]
+            qr = torch.cat([batch["input_ids"], responses], 1)
+            am = torch.cat([batch["attention_mask"], mask.long()], 1)
+            raw = self.scorer(self.scoring_batch(batch["prompt"], qr, am, C)).to(qr.device)
+            logprobs, _, ref_logprobs = self.forward_old(qr, am, C, with_values=False)
+            kl = rl.masked_sum(logprobs - ref_logprobs, mask, dim=1)
+        texts = [t.strip() for t in self.tokenizer.batch_decode(responses, skip_special_tokens=True)]
+        has_eos = rl.contains_eos(responses, self.stop_ids).float()
+        rates = torch.tensor([[float(is_refusal(t)), float(not t)] for t in texts], device=qr.device)
+        return {"val/score": (raw + self.scorer.offset).mean(), "val/kl": kl.mean(),
+                "val/response_length": mask.sum(1).float().mean(), "val/eos_rate": has_eos.mean(),
+                "val/refusal_rate": rates[:, 0].mean(), "val/empty_rate": rates[:, 1].mean()}
+
     def seed(self, seed: int) -> None:
         # torch.manual_seed also queues lazy CUDA seeding (a traceback per call)
         if next(self.policy.parameters()).device.type == "cpu":
@@ -253,7 +313,6 @@ def is_checkpointing(model: nn.Module) -> bool:
         if hasattr(type(base), flag):
             return bool(getattr(base, flag))
     return False
-
 
 
 def sampling_gap(samples: Samples) -> dict:
