@@ -87,3 +87,11 @@ def test_the_command_line_loads_no_parser_or_framework_for_help():
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_no_file_is_much_over_400_lines():
+    """Code files stay small enough to read whole (the data package's record readers and the generated help
+    text aside)."""
+    long = {str(p.relative_to(ROOT)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 450 and "data" not in p.relative_to(PACKAGE).parts}
+    assert not long, long

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -15,7 +14,6 @@ from typing import Literal
 from alpaca_rlhf.data.partition import Partition, PartName, prompt_key
 from alpaca_rlhf.data.templates import PromptTemplate
 from alpaca_rlhf.errors import ConfigError
-from alpaca_rlhf.evaluation import is_refusal, win_tie_loss
 from alpaca_rlhf.inference.checkpoints import (
     STAGE_TITLES,
     STAGES,
@@ -24,16 +22,34 @@ from alpaca_rlhf.inference.checkpoints import (
     load_checkpoint,
     resolve_checkpoint,
 )
+from alpaca_rlhf.inference.diagnostics import (  # noqa: F401  (re-exported: their old home)
+    _corr,
+    _mean,
+    _std,
+    build_rows,
+    distinct_n,
+    follows_template,
+    hacking_flags,
+    has_repeated_ngram,
+    pairwise_outcomes,
+    summarize,
+    win_rate,
+)
 from alpaca_rlhf.inference.generation import (
     Generation,
     SamplingSpec,
     generate_responses,
-    model_device,
-    pad_prompt_responses,
     response_logprob_sums,
 )
 from alpaca_rlhf.inference.judge import conversation_text
 from alpaca_rlhf.inference.report import markdown_report, terminal_table
+from alpaca_rlhf.inference.scoring import (  # noqa: F401  (re-exported: its old home)
+    _ids,
+    _release_memory,
+    _usable_judge,
+    run_llm_judge,
+    score_generations,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,40 +136,6 @@ def _describe_record(example: dict) -> dict:
             "reference": record.get("output", record.get("completion_a")),
             "conversation": conversation_text([{"role": "user", "content": instruction + (f"\n\n{extra}" if extra
                                                                                           else "")}])}
-
-
-def follows_template(text: str, ended: bool, template: PromptTemplate) -> bool:
-    """Answered and stopped: EOS within the budget, and no template section (`### ...:`) in the reply."""
-    return ended and bool(text) and not any(s in text for s in template.section_markers())
-
-
-def pairwise_outcomes(a: list[float], b: list[float]) -> list[float]:
-    """Per pair: 1 where a beats b, 0.5 on a tie, 0 where b wins."""
-    return [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b, strict=True)]
-
-
-def win_rate(a: list[float], b: list[float]) -> float:
-    """Fraction of pairs where a beats b, ties counting half."""
-    return sum(pairwise_outcomes(a, b)) / len(a)
-
-
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
-def _std(xs: list[float]) -> float:
-    m = _mean(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs)) if xs else float("nan")
-
-
-def _release_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def compare(
@@ -324,254 +306,11 @@ def compare(
     return summary
 
 
-def _ids(generations: list[Generation]) -> tuple[list[list[int]], list[list[int]]]:
-    return [g.prompt_ids for g in generations], [g.response_ids for g in generations]
-
-
-def run_llm_judge(model: str, records: list[dict], generations: dict[str, list[Generation]], prompts: PromptSource,
-                  n_pairs: int, rule: str, samples_per_prompt: int, dtype: str | None) -> dict:
-    """The LLM judge's validation on held-out human labels, then RLHF vs SFT on every prompt (its first sample),
-    both orders: win / tie / loss with a paired-bootstrap 95% interval."""
-    from alpaca_rlhf.inference.judge import (
-        JudgedPair,
-        PairwiseJudge,
-        format_validation,
-        heldout_pairs,
-        outcomes_from_log_odds,
-        validate,
-    )
-
-    t0 = time.time()
-    the_judge = PairwiseJudge(model, dtype=dtype or "float32")
-    validation = None
-    if n_pairs and prompts.part is not None:
-        validation = validate(the_judge, heldout_pairs(prompts.data_path, prompts.partition, n_pairs, prompts.seed))
-        log.info("compare: %s", format_validation(validation))
-    first = range(0, len(generations["rlhf"]), samples_per_prompt)
-    pairs = [JudgedPair(records[i // samples_per_prompt]["conversation"], generations["rlhf"][i].text,
-                        generations["sft"][i].text) for i in first]
-    forward, backward = the_judge.both_orders(pairs)
-    outcomes = outcomes_from_log_odds(forward, backward, rule)
-    other = "debiased" if rule == "both_orders" else "both_orders"
-    result = {"model": model, "rule": rule, "rlhf_vs_sft": win_tie_loss(outcomes), "outcomes": outcomes,
-              f"rlhf_vs_sft_{other}": win_tie_loss(outcomes_from_log_odds(forward, backward, other)),
-              "validation": validation,
-              "reliable": validation[rule]["reliable"] if validation else None,
-              "agreement": validation[rule]["agreement"] if validation else None,
-              "seconds": round(time.time() - t0, 1)}
-    per_subset: dict[str, list[float]] = {}
-    for i, o in zip(first, outcomes, strict=True):
-        per_subset.setdefault(str(records[i // samples_per_prompt].get("subset")), []).append(o)
-    if len(per_subset) > 1:
-        result["rlhf_vs_sft_by_subset"] = {k: win_tie_loss(v) for k, v in sorted(per_subset.items())}
-    del the_judge
-    _release_memory()
-    return result
-
-
-def _usable_judge(path: str | None) -> str | None:
-    """The judge's path with `~` expanded; None (with a warning saying how to fetch it) for a missing local file."""
-    if not path:
-        return None
-    expanded = str(Path(path).expanduser())
-    if expanded.endswith(".gguf") and not Path(expanded).is_file():
-        log.warning("compare: the LLM judge %s is absent: no LLM-judge verdict in this report. Fetch it with "
-                    "../shared/tools/get-judge-model.sh (Qwen2.5-Coder-0.5B-Instruct) or give --llm_judge a model",
-                    expanded)
-        return None
-    return expanded
-
-
 def draw_examples(rows: list[dict], n: int, seed: int) -> list[int]:
     """`n` prompt ids drawn with `seed` (not chosen by hand) for the report's side-by-side examples."""
     import random
 
     ids = sorted({r["prompt_id"] for r in rows})
     return sorted(random.Random(seed).sample(ids, min(n, len(ids))))
-
-
-def score_generations(reward_model: str, records: list[dict], generations: dict[str, list[Generation]],
-                      tokenizers: dict, samples_per_prompt: int, batch_size: int,
-                      load_kwargs: dict, stop_ids: dict[str, list[int]] | None = None
-                      ) -> tuple[dict[str, list[float]], dict]:
-    """Reward-model scores of every response, exactly as PPO's `RewardModelScorer` scores rollouts.
-
-    Also scores two anchors on the same prompts, so a reader can judge the scale and spot reward hacking:
-    an empty response (EOS at once) and, where the records have one, the dataset's own answer.
-
-    Returns:
-        ({stage: scores in generation order, "anchor/<name>": scores per prompt}, the RM's reward_stats.json).
-    """
-    import torch
-
-    from alpaca_rlhf.data.sft import encode_prompt
-    from alpaca_rlhf.models import ModelSpec
-    from alpaca_rlhf.modules.scorers import RewardModelScorer
-
-    cuda = torch.cuda.is_available()
-    spec = ModelSpec(name_or_path=reward_model,
-                     dtype=load_kwargs["dtype"] or ("bfloat16" if cuda else "float32"),
-                     quantization="8bit" if load_kwargs["load_in_8bit"] else None)
-    scorer = RewardModelScorer(spec, center=False, batch_size=batch_size)
-    if cuda and not load_kwargs["load_in_8bit"]:
-        scorer = scorer.to("cuda")
-    prompts = [r["prompt"] for r in records for _ in range(samples_per_prompt)]
-    scores = {stage: _score_all(scorer, prompts, gens, tokenizers[stage], batch_size, STAGE_TITLES[stage],
-                                (stop_ids or {}).get(stage))
-              for stage, gens in generations.items()}
-    anchors = {"empty response": [""] * len(records)}
-    if all(r.get("reference") for r in records):
-        anchors["dataset answer"] = [r["reference"] for r in records]
-    tok = scorer.tokenizer
-    prompt_ids = [encode_prompt(tok, r["prompt"]) for r in records]
-    for name, texts in anchors.items():
-        gens = [Generation(p, tok(t, add_special_tokens=False)["input_ids"] + scorer.end_ids, t, True)
-                for p, t in zip(prompt_ids, texts, strict=True)]
-        scores[f"anchor/{name}"] = _score_all(scorer, [r["prompt"] for r in records], gens, tok, batch_size,
-                                              stop_ids=scorer.end_ids[-1:])
-    stats = scorer.stats
-    del scorer
-    _release_memory()
-    return scores, stats
-
-
-def _score_all(scorer, prompts: list[str], gens: list[Generation], tokenizer, batch_size: int,
-               label: str = "", stop_ids: list[int] | None = None) -> list[float]:
-    from tqdm.auto import tqdm
-
-    from alpaca_rlhf.modules.scorers import ScoringBatch
-
-    device = model_device(scorer.model)
-    values = []
-    for i in tqdm(range(0, len(gens), batch_size), desc=f"compare: scoring {label}", unit="batch", leave=False):
-        chunk = gens[i : i + batch_size]
-        ids, mask, C = pad_prompt_responses(*_ids(chunk), tokenizer.pad_token_id)
-        batch = ScoringBatch(prompts[i : i + batch_size], ids.to(device), mask.to(device), C, tokenizer,
-                             texts=[g.text for g in chunk], stop_ids=stop_ids)
-        values.extend(scorer(batch).tolist())
-    return values
-
-
-def build_rows(records: list[dict], generations: dict[str, list[Generation]], scores: dict[str, list[float]],
-               kl: list[float] | None, samples_per_prompt: int, template: PromptTemplate,
-               judge: dict[str, list[float]] | None = None) -> list[dict]:
-    """One row per prompt, stage and sample: what outputs.jsonl holds."""
-    rows = []
-    for stage, gens in generations.items():
-        for j, g in enumerate(gens):
-            rows.append({
-                "prompt_id": j // samples_per_prompt, "sample": j % samples_per_prompt, "stage": stage,
-                "instruction": records[j // samples_per_prompt]["instruction"],
-                "input": records[j // samples_per_prompt]["input"], "response": g.text,
-                "score": scores[stage][j] if stage in scores else None,
-                "judge_score": judge[stage][j] if judge and stage in judge else None,
-                "response_tokens": len(g.response_ids),
-                "ended_with_eos": g.ended, "follows_template": follows_template(g.text, g.ended, template),
-                "kl_to_sft": kl[j] if stage == "rlhf" and kl is not None else None,
-            })
-    order = {s: i for i, s in enumerate(STAGES)}
-    return sorted(rows, key=lambda r: (r["prompt_id"], order[r["stage"]], r["sample"]))
-
-
-def summarize(stages: list[str], rows: list[dict], scores: dict[str, list[float]], kl: list[float] | None,
-              samples_per_prompt: int, sampling: SamplingSpec, judge: dict[str, list[float]] | None = None) -> dict:
-    """Per stage: score mean/std, template-following and EOS rates, length and the reward-hacking diagnostics;
-    RLHF vs SFT: win rate (by the reward model and the judge) and KL."""
-    judge = judge or {}
-    per_stage = {}
-    for stage in stages:
-        mine = [r for r in rows if r["stage"] == stage]
-        lengths = [float(r["response_tokens"]) for r in mine]
-        texts = [r["response"] for r in mine]
-        per_stage[stage] = {
-            "score_mean": _mean(scores[stage]) if stage in scores else None,
-            "score_std": _std(scores[stage]) if stage in scores else None,
-            "judge_mean": _mean(judge[stage]) if stage in judge else None,
-            "follows_template": _mean([float(r["follows_template"]) for r in mine]),
-            "ended_with_eos": _mean([float(r["ended_with_eos"]) for r in mine]),
-            "max_length_hit": _mean([float(not r["ended_with_eos"] and r["response_tokens"] >= sampling.max_new_tokens)
-                                     for r in mine]),
-            "response_tokens": _mean(lengths),
-            "empty": _mean([float(not r["response"]) for r in mine]),
-            "refusal": _mean([float(is_refusal(r["response"])) for r in mine]),
-            "length_score_corr": _corr([r["score"] for r in mine], lengths) if stage in scores else None,
-            "distinct_1": distinct_n(texts, 1),
-            "distinct_2": distinct_n(texts, 2),
-            "repeated_3gram": _mean([float(has_repeated_ngram(t, 3)) for t in texts]),
-        }
-    summary: dict = {"stages": per_stage}
-    anchors = {k.split("/", 1)[1]: _mean(v) for k, v in scores.items() if k.startswith("anchor/")}
-    if anchors:
-        summary["reward_anchors"] = anchors
-
-    def per_prompt(xs: list[float]) -> list[float]:  # mean over a prompt's samples
-        return [_mean(xs[i : i + samples_per_prompt]) for i in range(0, len(xs), samples_per_prompt)]
-
-    if "rlhf" in scores and "sft" in scores:
-        by_rm = win_tie_loss(pairwise_outcomes(per_prompt(scores["rlhf"]), per_prompt(scores["sft"])))
-        summary["rlhf_vs_sft"] = {"win_rate": by_rm["win_rate"], "win_rate_ci95": by_rm["ci95"], "by_rm": by_rm,
-                                  "score_gain": _mean(scores["rlhf"]) - _mean(scores["sft"]),
-                                  "n_prompts": len(per_prompt(scores["rlhf"]))}
-        if "rlhf" in judge and "sft" in judge:
-            by_judge = win_tie_loss(pairwise_outcomes(per_prompt(judge["rlhf"]), per_prompt(judge["sft"])))
-            summary["rlhf_vs_sft"]["judge_win_rate"] = by_judge["win_rate"]
-            summary["rlhf_vs_sft"]["judge_win_rate_ci95"] = by_judge["ci95"]
-            summary["rlhf_vs_sft"]["judge_gain"] = _mean(judge["rlhf"]) - _mean(judge["sft"])
-    if kl is not None:
-        summary["kl_rlhf_to_sft"] = {"mean": _mean(kl), "std": _std(kl), "n": len(kl)}
-    summary["reward_hacking"] = hacking_flags(summary)
-    return summary
-
-
-def _corr(xs: list[float], ys: list[float]) -> float | None:
-    """Pearson correlation; None when either side is constant."""
-    mx, my = _mean(xs), _mean(ys)
-    sx, sy = _std(xs), _std(ys)
-    if not xs or sx == 0 or sy == 0:
-        return None
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / (len(xs) * sx * sy)
-
-
-def distinct_n(texts: list[str], n: int) -> float:
-    """Distinct-n (Li et al., 2016): unique word n-grams over all n-grams of a stage's responses."""
-    grams = [tuple(words[i : i + n]) for t in texts for words in [t.split()] for i in range(len(words) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def has_repeated_ngram(text: str, n: int) -> bool:
-    words = text.split()
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    return len(grams) != len(set(grams))
-
-
-def hacking_flags(summary: dict) -> list[str]:
-    """Plain-language signs that RLHF games its reward model, from the comparison's own numbers."""
-    stages, flags = summary["stages"], []
-    if "rlhf" not in stages or "sft" not in stages:
-        return flags
-    rlhf, sft = stages["rlhf"], stages["sft"]
-    versus = summary.get("rlhf_vs_sft", {})
-    if versus.get("score_gain", 0) > 0 and versus.get("judge_gain", 0) < 0:
-        flags.append(f"the optimised reward model's score rose ({versus['score_gain']:+.3f}) while the independent "
-                     f"judge's fell ({versus['judge_gain']:+.3f}): over-optimisation (Gao et al., 2022)")
-    ratio = rlhf["response_tokens"] / max(sft["response_tokens"], 1e-9)
-    # the reward model's taste for length shows best where lengths vary: on SFT's responses as well as RLHF's
-    corrs = [(name, stages[name]["length_score_corr"]) for name in ("sft", "rlhf")
-             if stages[name]["length_score_corr"] is not None]
-    name, corr = max(corrs, key=lambda c: abs(c[1]), default=(None, None))
-    if (ratio > 1.5 or ratio < 0.5) and corr is not None and abs(corr) > 0.3 and (corr > 0) == (ratio > 1):
-        what = "length" if ratio > 1 else "brevity"
-        flags.append(f"RLHF responses are {ratio:.2f}x the SFT length and the reward model's score "
-                     f"{'rises' if corr > 0 else 'falls'} with length (r = {corr:+.2f} on {name.upper()}'s "
-                     f"responses): the policy may be buying reward with {what}")
-    if rlhf["empty"] > sft["empty"] + 0.05:
-        flags.append(f"empty responses rose from {sft['empty']:.0%} to {rlhf['empty']:.0%}")
-    if sft["distinct_2"] - rlhf["distinct_2"] > 0.15:
-        flags.append(f"distinct-2 fell from {sft['distinct_2']:.2f} to {rlhf['distinct_2']:.2f}: the policy repeats "
-                     "itself or collapsed onto a few phrasings")
-    if rlhf["max_length_hit"] > sft["max_length_hit"] + 0.2:
-        flags.append(f"responses that run to the length limit rose from {sft['max_length_hit']:.0%} to "
-                     f"{rlhf['max_length_hit']:.0%}")
-    return flags
 
 
