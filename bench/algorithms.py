@@ -1,4 +1,4 @@
-"""PPO, RLOO, GRPO and DPO from the same SmolLM2 SFT model at an equal budget, side by side (CPU, offline).
+"""PPO, RLOO, GRPO, REINFORCE++ and DPO from the same SmolLM2 SFT model at an equal budget, side by side (CPU, offline).
 
     python bench/algorithms.py                 # trains what is missing, compares each, prints the table
     python bench/algorithms.py --no-run        # only the table, from the outputs already there
@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import METHOD_HEADER, judge_lines, method_row, rm_lines, sft_row  # noqa: E402
 
-METHODS = ("ppo", "rloo", "grpo", "dpo")
+METHODS = ("ppo", "rloo", "grpo", "reinforce", "dpo")
 OUT = Path("output/smol")
 SFT = OUT / "lora-alpaca-adapter-merged"
 RM = OUT / "reward_model-adapter-merged"
