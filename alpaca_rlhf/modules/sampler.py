@@ -5,9 +5,9 @@ The order is OpenRLHF's: samples generator -> experience maker -> trainer. `Samp
 steps up to the scores; an algorithm's `build_rollout` turns `Samples` into its experience; the loop module
 optimises it.
 
-Conventions (docs/algorithms.md): score on the last valid token, masks through the first end-of-turn token, log-probs of
-logits / temperature in fp32, the reference is the policy with its adapter off unless a separate model is given,
-a prompt's `samples_per_prompt` completions lie in contiguous rows (a group).
+Conventions (docs/ppo.md §4, docs/algorithms.md): the score on the last valid token, masks through the first
+stop token, log-probs of logits / temperature in fp32, the reference is the policy with its adapter off unless a
+separate model is given, and a prompt's `samples_per_prompt` completions lie in contiguous rows (a group).
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ class Sampler:
     """
 
     def __init__(self, policy: PolicyWithValue, scorer: Scorer, tokenizer, stop_ids: list[int],
-                 generation: GenerationHParams, hparams, samples_per_prompt: int = 1,
+                 generation: GenerationHParams, hparams: RolloutHParams, samples_per_prompt: int = 1,
                  ref_model: nn.Module | None = None) -> None:
         self.policy, self.scorer, self.tokenizer, self.stop_ids = policy, scorer, tokenizer, stop_ids
         self.gen, self.hp, self.k, self.ref_model = generation, hparams, samples_per_prompt, ref_model
