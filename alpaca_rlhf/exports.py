@@ -99,10 +99,7 @@ def latest_export(path: str | Path) -> Path:
     if not steps:
         raise FileNotFoundError(f"{path}: neither a PPO export (adapter_config.json) nor a folder of "
                                 "step_<n> exports")
-    finished = [p for p in steps if (read_state(p) or {}).get("finished") is True]
-    if finished:
-        return max(finished, key=lambda p: (p / STATE_FILE).stat().st_mtime)
-    return max(steps, key=step_number)
+    return finished_export(path) or max(steps, key=step_number)
 
 
 def resolve_base(recorded: str, folder: str | os.PathLike) -> str:

@@ -11,6 +11,7 @@ from alpaca_rlhf.models import LoraSpec, ModelSpec
 from alpaca_rlhf.modules import GRPOModule, RLOOModule
 from alpaca_rlhf.modules.grpo import GRPOHParams
 from alpaca_rlhf.modules.online import GenerationHParams
+from alpaca_rlhf.modules.reinforce import ReinforceHParams, ReinforceModule
 from alpaca_rlhf.modules.rloo import RLOOHParams
 from alpaca_rlhf.modules.scorers import TokenIdScorer
 
@@ -26,7 +27,8 @@ def _targets(base):
 
 
 def make(algo, base, tmp_path, lr=1e-3, lora=LORA, max_new_tokens=12, **hp):
-    cls, hp_cls, key = {"rloo": (RLOOModule, RLOOHParams, "rloo"), "grpo": (GRPOModule, GRPOHParams, "grpo")}[algo]
+    cls, hp_cls, key = {"rloo": (RLOOModule, RLOOHParams, "rloo"), "grpo": (GRPOModule, GRPOHParams, "grpo"),
+                        "reinforce": (ReinforceModule, ReinforceHParams, "reinforce")}[algo]
     return cls(policy=ModelSpec(name_or_path=str(base)), scorer=TokenIdScorer(_targets(base)), lora=lora,
                **{key: hp_cls(**{"num_generations": 4, "mini_batch_size": 8, **hp})},
                generation=GenerationHParams(max_new_tokens=max_new_tokens),
@@ -161,7 +163,7 @@ def test_bad_settings_are_refused(base, tmp_path):
         make("grpo", base, tmp_path, loss_type="sum")
 
 
-@pytest.mark.parametrize("algo", ["rloo", "grpo"])
+@pytest.mark.parametrize("algo", ["rloo", "grpo", "reinforce"])
 def test_resume_is_bit_identical(algo, base, tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -193,7 +195,7 @@ def test_resume_is_bit_identical(algo, base, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["rloo", "grpo"])
+@pytest.mark.parametrize("algo", ["rloo", "grpo", "reinforce"])
 def test_rule_based_reward_rises(algo, base, tmp_path):
     """A rule-based reward (the share of response tokens from a small set) rises; nothing NaN."""
     L.seed_everything(0)

@@ -1,29 +1,17 @@
-"""REINFORCE++-baseline, the method added as one file: its advantages against numbers worked by hand, its rollout,
-an exact resume, a rising rule-based reward, and the pipeline and preflight taking it with no change of theirs."""
+"""REINFORCE++-baseline, the method added as one file: its advantages against numbers worked by hand, its rollout
+and export, and the pipeline and preflight taking it with no change of theirs (its exact resume and rising reward
+are the critic-free tests', parametrized over it in test_critic_free.py)."""
 
 import json
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
-from alpaca_rlhf.models import LoraSpec, ModelSpec
-from alpaca_rlhf.modules.reinforce import ReinforceHParams, ReinforceModule
-from alpaca_rlhf.modules.sampler import GenerationHParams
-from alpaca_rlhf.modules.scorers import TokenIdScorer
 from alpaca_rlhf.ppo.critic_free import grpo_advantages, reinforce_baseline_advantages
-from tests.modules.test_critic_free import LORA, _targets, first_batch, make_data, trainer
+from tests.modules.test_critic_free import first_batch, make, make_data, trainer
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def make(base, tmp_path, lr=1e-3, lora=LORA, **hp):
-    return ReinforceModule(
-        reinforce=ReinforceHParams(**{"num_generations": 4, "mini_batch_size": 8, **hp}),
-        policy=ModelSpec(name_or_path=str(base)), scorer=TokenIdScorer(_targets(base)), lora=lora,
-        generation=GenerationHParams(max_new_tokens=12), optimizer=lambda p: torch.optim.AdamW(p, lr=lr, eps=1e-5),
-        save_freq=2, output_dir=str(tmp_path / "reinforce_out"), log_samples_every=0)
 
 
 @pytest.fixture
@@ -46,7 +34,7 @@ def test_advantages_by_hand_one_scale_for_the_batch():
 
 
 def test_rollout_and_export(base, tmp_path):
-    module = make(base, tmp_path, beta=0.5)
+    module = make("reinforce", base, tmp_path, beta=0.5)
     assert module.policy.value_head is None and module.k == 4
     rollout, samples = module.make_rollout(first_batch(module, make_data()))
     torch.testing.assert_close(rollout.advantages[:, 0], reinforce_baseline_advantages(samples.scores, 4))
@@ -55,47 +43,6 @@ def test_rollout_and_export(base, tmp_path):
     assert module.last_stats["reinforce/ratio_first_minibatch"] == 1.0
     state = json.loads((tmp_path / "reinforce_out/step_2/ppo_state.json").read_text())
     assert state["algorithm"] == "reinforce" and state["finished"] is True and state["reinforce"]["beta"] == 0.5
-
-
-def test_resume_is_bit_identical(base, tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from tests.helpers import KillAtStep
-
-    def run(kill_at=None, ckpt_path=None):
-        L.seed_everything(0)
-        module = make(base, tmp_path, num_iterations=2, mini_batch_size=4)
-        module.overwrite_output_dir = True
-        callbacks = [ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_last=True)]
-        callbacks += [KillAtStep(kill_at)] if kill_at else []
-        L.Trainer(max_epochs=1, limit_train_batches=3, accelerator="cpu", logger=False, enable_progress_bar=False,
-                  enable_model_summary=False, limit_val_batches=0, callbacks=callbacks).fit(
-            module, make_data(), ckpt_path=ckpt_path)
-        return module
-
-    want = {k: v.clone() for k, v in run().policy.state_dict().items() if "lora_" in k}
-    (tmp_path / "ckpt/last.ckpt").unlink()
-    with pytest.raises(RuntimeError, match="killed"):
-        run(kill_at=6)
-    resumed = run(ckpt_path=tmp_path / "ckpt/last.ckpt")
-    assert resumed.iteration == 3 and all(torch.equal(resumed.policy.state_dict()[k], v) for k, v in want.items())
-
-
-@pytest.mark.slow
-def test_rule_based_reward_rises(base, tmp_path):
-    L.seed_everything(0)
-    lora = LoraSpec(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"])
-    module = make(base, tmp_path, lr=1e-2, lora=lora, num_iterations=2, mini_batch_size=16, beta=0.01)
-    history = []
-
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            history.append(dict(pl_module.last_stats))
-
-    trainer(30, callbacks=[Record()]).fit(module, make_data(batch_size=4))
-    scores = [h["rollout/score"] for h in history]
-    first, last = sum(scores[:6]) / 6, sum(scores[-6:]) / 6
-    assert last > first + 0.05 and last > 1.5 * first, scores
 
 
 def test_the_pipeline_and_the_preflight_take_it_from_its_class():
