@@ -322,15 +322,17 @@ def class_option_names(group: str) -> list[str]:
     package, base = (modules, L.LightningModule) if group == "model" else (data, L.LightningDataModule)
     names = set()
     classes = [getattr(package, name) for name in getattr(package, "__all__", dir(package))]  # lazy names too
+    # a subclass passing **kwargs on takes its bases' arguments too
+    classes = {k for cls in classes if inspect.isclass(cls) for k in cls.__mro__}
     for cls in classes:
-        if not inspect.isclass(cls) or not issubclass(cls, base):
+        if not issubclass(cls, base) or cls is base or cls.__module__.startswith("lightning"):
             continue
         try:
             hints = typing.get_type_hints(cls.__init__)
         except Exception:  # an annotation that does not resolve: the names alone
             hints = {}
-        for name in inspect.signature(cls.__init__).parameters:
-            if name == "self":
+        for name, parameter in inspect.signature(cls.__init__).parameters.items():
+            if name == "self" or parameter.kind in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL):
                 continue
             names.add(name)
             kinds = typing.get_args(hints.get(name)) or (hints.get(name),)

@@ -207,17 +207,23 @@ def rl_entry(stages: Stages) -> tuple[str, FitStage]:
     return (given[0], getattr(stages, given[0])) if given else ("ppo", stages.ppo)
 
 
-def algorithm_of(config: StageConfig, key: str) -> tuple[str, bool]:
-    """(name, online) of the RL stage's algorithm, from its module class: `dpo` for a `DPOModule`, else the
-    `ALGORITHM` of an `OnlineRLModule` subclass (ppo, rloo, grpo, reinforce, or one of your own)."""
+def model_class(config: StageConfig, key: str) -> type:
+    """The stage's LightningModule class, imported from its config's `model.class_path`."""
     import importlib
 
     path = str(config.get("model.class_path", ""))
     module, _, name = path.rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module), name)
+        return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as e:
         raise PipelineError(f"pipeline: stage '{key}': cannot import its model class {path!r}: {e}") from e
+
+
+def algorithm_of(config: StageConfig, key: str) -> tuple[str, bool]:
+    """(name, online) of the RL stage's algorithm, from its module class: `dpo` for a `DPOModule`, else the
+    `ALGORITHM` of an `OnlineRLModule` subclass (ppo, rloo, grpo, reinforce, or one of your own)."""
+    cls = model_class(config, key)
+    path = str(config.get("model.class_path", ""))
     from alpaca_rlhf.modules.dpo import DPOModule
     from alpaca_rlhf.modules.online import OnlineRLModule
 
@@ -272,7 +278,7 @@ def plan(stages: Stages, partition: Partition | None = None) -> tuple[list[Stage
                                     "no rm stage")
             ppo_wiring += ["--model.init_args.scorer.init_args.model.name_or_path", rm_merged]
         ppo = fit_config(rl_stage, rl_name, ppo_wiring)
-        ppo_dir = Path(ppo.get("model.init_args.output_dir", "output/checkpoints/tuning_llama_rl"))
+        ppo_dir = model_class(ppo, rl_name).export_folder(ppo.get("model.init_args.output_dir"))
 
     judge = judge_adapter = judge_merged = None
     if stages.judge is not None:

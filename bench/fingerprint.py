@@ -23,15 +23,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kill_stress import QUIET, ROOT, SCORER, environment  # noqa: E402
 
 
+def run(work: Path, *args: str) -> None:
+    """`cli.py <args>` in `work`; on failure its stderr is shown, not swallowed."""
+    done = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=work, env=environment(),
+                          capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"cli.py {' '.join(args)} failed in {work}:\n{done.stderr[-3000:]}")
+
+
 def fit(work: Path, config: str, steps: int, *extra: str) -> None:
-    subprocess.run([sys.executable, str(ROOT / "cli.py"), "fit", "--config", str(ROOT / config), *QUIET,
-                    "--trainer.max_steps", str(steps), *extra], cwd=work, env=environment(), check=True,
-                   capture_output=True)
+    run(work, "fit", "--config", str(ROOT / config), *QUIET, "--trainer.max_steps", str(steps), *extra)
 
 
 def merge(work: Path, adapter: str) -> None:
-    subprocess.run([sys.executable, str(ROOT / "cli.py"), "merge", "--adapter_path", adapter], cwd=work,
-                   env=environment(), check=True, capture_output=True)
+    run(work, "merge", "--adapter_path", adapter)
 
 
 def run_all(work: Path) -> None:

@@ -10,13 +10,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from alpaca_rlhf import ppo as rl  # the pure-torch math of every RL method
-from alpaca_rlhf.models import LoraSpec, ModelSpec
 from alpaca_rlhf.modules.critic_free import CriticFreeHParams, CriticFreeModule, LossType
-from alpaca_rlhf.modules.online import GenerationHParams, Samples
-from alpaca_rlhf.modules.scorers import Scorer
+from alpaca_rlhf.modules.sampler import Samples
 from alpaca_rlhf.ppo.rollout import Rollout
 
 
@@ -45,34 +42,15 @@ class GRPOModule(CriticFreeModule):
     """GRPO on a merged SFT model with a fresh LoRA adapter; the reward comes from `scorer`.
 
     Args:
-        policy: The merged SFT checkpoint the policy starts from (and the reference, adapter disabled).
-        scorer: Maps prompts + responses to scores: `RewardModelScorer` (merged RM) or any `Scorer`.
-        lora: The policy's fresh LoRA adapter.
         grpo: GRPO hyperparameters.
-        generation: Rollout sampling settings.
-        ref_model: A separate frozen reference model; None = the policy with its adapter disabled.
-        optimizer: Optimizer over the adapter.
-        scheduler: LR schedule stepped once per optimizer step (as `max_steps` counts); None = constant.
-        output_dir: Inference exports land in `<output_dir>/step_<n>`.
-        save_freq: Export every this many iterations (and at the end of fit); 0 = only at the end.
-        save_merged: Also write a merged standalone copy of the policy in each export (`merged/`).
-        log_samples_every: Log a table of prompts, responses and scores every this many iterations.
-        template: Prompt template (the SFT stage's).
-        overwrite_output_dir: Remove an earlier run's exports from `output_dir` instead of stopping.
+        **kwargs: Everything every online stage takes (policy, scorer, lora, generation, ref_model, optimizer,
+            scheduler, output_dir, save_freq, ...): see `OnlineRLModule`.
     """
 
     ALGORITHM = "grpo"
 
-    def __init__(self, policy: ModelSpec, scorer: Scorer, lora: LoraSpec = LoraSpec(),
-                 grpo: GRPOHParams = GRPOHParams(), generation: GenerationHParams = GenerationHParams(),
-                 ref_model: ModelSpec | None = None, optimizer: OptimizerCallable = torch.optim.AdamW,
-                 scheduler: LRSchedulerCallable | None = None, output_dir: str = "output/grpo", save_freq: int = 100,
-                 save_merged: bool = False, log_samples_every: int = 10, template: str = "alpaca",
-                 overwrite_output_dir: bool = False) -> None:
-        super().__init__(grpo, policy=policy, scorer=scorer, lora=lora, generation=generation, ref_model=ref_model,
-                         optimizer=optimizer, scheduler=scheduler, output_dir=output_dir, save_freq=save_freq,
-                         save_merged=save_merged, log_samples_every=log_samples_every, template=template,
-                         overwrite_output_dir=overwrite_output_dir)
+    def __init__(self, grpo: GRPOHParams = GRPOHParams(), **kwargs) -> None:
+        super().__init__(grpo, **kwargs)
         self.save_hyperparameters(ignore=["scorer"])
 
     def needs_reference(self) -> bool:

@@ -72,7 +72,7 @@ class OnlineRLModule(L.LightningModule):
         ref_model: A separate frozen reference model; None = the policy with its adapter disabled (no copy).
         optimizer: Optimizer over the trainable parameters.
         scheduler: LR schedule stepped once per optimizer step (as `max_steps` counts); None = constant.
-        output_dir: Inference exports land in `<output_dir>/step_<n>`.
+        output_dir: Inference exports land in `<output_dir>/step_<n>`; None = `output/<algorithm>`.
         save_freq: Export every this many iterations (and at the end of fit); 0 = only at the end.
         save_merged: Also write a merged standalone copy of the policy in each export (`merged/`).
         log_samples_every: Log a table of prompts, responses and scores every this many iterations.
@@ -89,7 +89,7 @@ class OnlineRLModule(L.LightningModule):
                  hparams: RolloutHParams = RolloutHParams(), generation: GenerationHParams = GenerationHParams(),
                  value_head: Callable[[int], nn.Module] | None = None,
                  ref_model: ModelSpec | None = None, optimizer: OptimizerCallable = torch.optim.AdamW,
-                 scheduler: LRSchedulerCallable | None = None, output_dir: str = "output/rl", save_freq: int = 100,
+                 scheduler: LRSchedulerCallable | None = None, output_dir: str | None = None, save_freq: int = 100,
                  save_merged: bool = False, log_samples_every: int = 10, template: str = "alpaca",
                  overwrite_output_dir: bool = False, samples_per_prompt: int = 1) -> None:
         super().__init__()
@@ -97,7 +97,7 @@ class OnlineRLModule(L.LightningModule):
         self.automatic_optimization = False
         self.policy_spec, self.hp, self.k = policy, hparams, samples_per_prompt
         self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
-        self.output_dir, self.save_freq, self.save_merged = Path(output_dir), save_freq, save_merged
+        self.output_dir, self.save_freq, self.save_merged = self.export_folder(output_dir), save_freq, save_merged
         self.log_samples_every, self.template = log_samples_every, PromptTemplate.load(template)
         if lora.bias != "none" and ref_model is None:
             raise ConfigError(f"lora.bias={lora.bias!r} trains the base model's biases, which disabling the adapter "
@@ -133,6 +133,11 @@ class OnlineRLModule(L.LightningModule):
         self.skipped_iterations = self.nonfinite_steps = self.consecutive_skips = 0
         self.last_stats: dict[str, float] = {}
         self.strict_loading = False  # checkpoints hold the trainable tensors only
+
+    @classmethod
+    def export_folder(cls, output_dir: str | None) -> Path:
+        """Where a run of this algorithm exports: `output_dir`, or `output/<algorithm>` when it is None."""
+        return Path(output_dir if output_dir is not None else f"output/{cls.ALGORITHM}")
 
     # ---- what an algorithm supplies ------------------------------------------------------------------------
     def build_rollout(self, samples: Samples) -> Rollout:

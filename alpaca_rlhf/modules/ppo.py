@@ -13,11 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from alpaca_rlhf import ppo as rl  # the pure-torch math of every RL method
-from alpaca_rlhf.models import LoraSpec, ModelSpec
 from alpaca_rlhf.modules.online import (  # noqa: F401  (GenerationHParams, is_checkpointing: their old home)
     GenerationHParams,
     OnlineRLModule,
@@ -26,7 +24,6 @@ from alpaca_rlhf.modules.online import (  # noqa: F401  (GenerationHParams, is_c
     is_checkpointing,
 )
 from alpaca_rlhf.modules.policy import ValueHead
-from alpaca_rlhf.modules.scorers import Scorer
 from alpaca_rlhf.ppo.rollout import Rollout
 
 
@@ -88,52 +85,19 @@ class PPOModule(OnlineRLModule):
     """PPO on a merged SFT model with a fresh LoRA adapter and a value head; the reward comes from `scorer`.
 
     Args:
-        policy: The merged SFT checkpoint the policy starts from (and the reference, adapter disabled).
-        lora: The policy's fresh LoRA adapter (B = 0 at start, so policy == reference at iteration 0).
-        scorer: Maps prompts + responses to scores: `RewardModelScorer` (merged RM) or any `Scorer`.
-        value_head: Builds the value model from the trunk's hidden size (`ValueHead`, or your class_path).
-        ref_model: A separate frozen reference model; None = the policy with its adapter disabled (no copy).
         ppo: PPO hyperparameters.
-        generation: Rollout sampling settings.
+        value_head: Builds the value model from the trunk's hidden size (`ValueHead`, or your class_path).
         kl_controller: KL coefficient controller; None = adaptive (init 0.2, target 6, horizon 10000).
-        optimizer: Optimizer over the adapter and value head.
-        scheduler: LR schedule stepped once per optimizer step (as `max_steps` counts); None = constant.
-        output_dir: Inference exports land in `<output_dir>/step_<n>`.
-        save_freq: Export every this many iterations (and at the end of fit); 0 = only at the end.
-        save_merged: Also write a merged standalone copy of the policy in each export (`merged/`).
-        log_samples_every: Log a table of prompts, responses and scores every this many iterations.
-        template: Prompt template (the SFT stage's).
-        overwrite_output_dir: A new run (not a resume) whose `output_dir` holds another run's `step_<n>` exports
-            stops with an error unless this is true, in which case those exports are removed first (an old
-            run's `step_30` must never pass for this run's result).
+        **kwargs: Everything every online stage takes (policy, scorer, lora, generation, ref_model, optimizer,
+            scheduler, output_dir, save_freq, ...): see `OnlineRLModule`.
     """
 
     ALGORITHM = "ppo"
     PROGRESS_BAR = {**OnlineRLModule.PROGRESS_BAR, "ppo/kl_coef": "beta"}  # the KL coefficient beside the KL
 
-    def __init__(
-        self,
-        policy: ModelSpec,
-        scorer: Scorer,
-        lora: LoraSpec = LoraSpec(),
-        value_head: Callable[[int], nn.Module] = ValueHead,
-        ref_model: ModelSpec | None = None,
-        ppo: PPOHParams = PPOHParams(),
-        generation: GenerationHParams = GenerationHParams(),
-        kl_controller: rl.KLController | None = None,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        scheduler: LRSchedulerCallable | None = None,
-        output_dir: str = "output/checkpoints/tuning_llama_rl",
-        save_freq: int = 100,
-        save_merged: bool = False,
-        log_samples_every: int = 10,
-        template: str = "alpaca",
-        overwrite_output_dir: bool = False,
-    ) -> None:
-        super().__init__(policy, scorer, lora, ppo, generation, value_head=value_head, ref_model=ref_model,
-                         optimizer=optimizer, scheduler=scheduler, output_dir=output_dir, save_freq=save_freq,
-                         save_merged=save_merged, log_samples_every=log_samples_every, template=template,
-                         overwrite_output_dir=overwrite_output_dir)
+    def __init__(self, ppo: PPOHParams = PPOHParams(), value_head: Callable[[int], nn.Module] = ValueHead,
+                 kl_controller: rl.KLController | None = None, **kwargs) -> None:
+        super().__init__(hparams=ppo, value_head=value_head, samples_per_prompt=1, **kwargs)
         self.save_hyperparameters(ignore=["scorer", "value_head", "kl_controller"])
         self.estimator = resolve_estimator(ppo.kl_estimator)
         self.kl_ctl = kl_controller or rl.AdaptiveKLController(0.2, target=6.0, horizon=10000)
