@@ -9,14 +9,58 @@ stays fast too.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import sys
 import warnings
+from pathlib import Path
 from typing import Literal
 
+import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 FIT_COMMANDS = ("fit", "validate")
+BASE_KEY = "_base_"
+"""A fit config's key naming the YAML file(s) it stacks on, relative to its own folder (mmengine's name)."""
+
+
+def stacked_yaml(content: str, file: Path, seen: tuple[Path, ...] = ()) -> str:
+    """`content` of the config `file` over the file(s) its `_base_` key names, merged key by key: a mapping
+    merges into the base's, anything else (a list of callbacks, a number) replaces it. A base may have a base of
+    its own. Content without `_base_` comes back as it is."""
+    data = yaml.safe_load(content)
+    if not isinstance(data, dict) or BASE_KEY not in data:
+        return content
+    return yaml.safe_dump(_stacked(data, file, seen), sort_keys=False)
+
+
+def _stacked(data: dict, file: Path, seen: tuple[Path, ...]) -> dict:
+    from alpaca_rlhf.errors import ConfigError
+
+    bases = data.pop(BASE_KEY, None)
+    merged: dict = {}
+    for name in [bases] if isinstance(bases, str) else bases or []:
+        base = (file.parent / str(name)).resolve()
+        if base in seen or base == file.resolve():
+            raise ConfigError(f"{file}: {BASE_KEY} {name!r} stacks the file on itself")
+        if not base.is_file():
+            raise ConfigError(f"{file}: {BASE_KEY} names {name!r}, but {base} is not a file (a base is found "
+                              "relative to the config that names it)")
+        loaded = yaml.safe_load(base.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{base} (the {BASE_KEY} of {file}) is not a mapping of options")
+        merged = _merge(merged, _stacked(loaded, base, (*seen, file.resolve())))
+    return _merge(merged, data)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+    return out
+
+
+_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config_file", default=None)
 
 
 def _bare_flags(function, args: list[str]) -> list[str]:
@@ -66,12 +110,59 @@ def _trainer_class():
     return Trainer
 
 
+def one_template(config) -> None:
+    """A fit config's data renders prompts with its model's template: a data `template` left out (None) takes the
+    model's; one given that differs stops the run (a mismatch trains on one format and exports another)."""
+    from alpaca_rlhf.errors import ConfigError
+
+    model = (config.get("model") or {}).get("init_args") or {}
+    data = (config.get("data") or {}).get("init_args")
+    if data is None or "template" not in data or "template" not in model:  # a module or data without templates
+        return
+    if data["template"] is None:
+        data["template"] = model["template"]
+    elif data["template"] != model["template"]:
+        raise ConfigError(f"data.init_args.template is {data['template']!r} but model.init_args.template is "
+                          f"{model['template']!r}: the data must render prompts as the model's exports do. Set "
+                          "model.init_args.template only (the data takes it)")
+
+
+def _parser_class():
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    class StackingParser(LightningArgumentParser):
+        """Lightning's parser, where a config file may stack on the file(s) its `_base_` key names."""
+
+        def parse_path(self, path, *args, **kwargs):
+            token = _config_file.set(Path(path).absolute())  # jsonargparse reads it from inside its folder
+            try:
+                return super().parse_path(path, *args, **kwargs)  # reads the file, then calls parse_string
+            finally:
+                _config_file.reset(token)
+
+        def parse_string(self, content, path="", *args, **kwargs):
+            file = _config_file.get()
+            if file is not None:
+                token = _config_file.set(None)  # only the file itself stacks, not the values inside it
+                try:
+                    return super().parse_string(stacked_yaml(content, file), path, *args, **kwargs)
+                finally:
+                    _config_file.reset(token)
+            return super().parse_string(content, path, *args, **kwargs)
+
+    return StackingParser
+
+
 def _cli_class():
     from lightning.pytorch.cli import LightningCLI
 
     class RLHFCLI(LightningCLI):
-        """LightningCLI with the subcommands that have steps here (fit, validate) and trainers that write
-        checkpoints atomically (`alpaca_rlhf.io.use_atomic_checkpoints`)."""
+        """LightningCLI with the subcommands that have steps here (fit, validate), config files that stack on a
+        `_base_`, and trainers that write checkpoints atomically (`alpaca_rlhf.io.use_atomic_checkpoints`)."""
+
+        def init_parser(self, **kwargs):
+            self.parser_class = _parser_class()  # config files stack on a `_base_`, however the CLI was built
+            return super().init_parser(**kwargs)
 
         @staticmethod
         def subcommands() -> dict[str, set[str]]:
@@ -101,10 +192,12 @@ def _cli_class():
                                   f"(alpaca-rlhf {command} --help)")
 
         def before_instantiate_classes(self) -> None:
-            """A missing local data file stops the run before any model loads (minutes on a real model)."""
+            """The data takes the model's template; a missing local data file stops the run before any model
+            loads (minutes on a real model)."""
             from alpaca_rlhf.data.records import check_data_path
 
             config = self.config.get(self.subcommand) if self.subcommand else self.config
+            one_template(config)
             data_path = ((config or {}).get("data") or {}).get("init_args", {}).get("data_path")
             check_data_path(data_path)
 

@@ -35,7 +35,9 @@ def build_datamodule(config):
 
     from alpaca_rlhf.data.records import check_data_path
     from alpaca_rlhf.models import ModelSpec, load_tokenizer
+    from alpaca_rlhf.parsers import one_template
 
+    one_template(config)  # as fit does: the data renders with the model's template
     data = config.get("data")
     if not data or not data.get("class_path"):
         raise ConfigError("alpaca-rlhf data: the config has no data: block (give the stage's config with -c)")

@@ -22,10 +22,12 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from alpaca_rlhf.parsers import stacked_yaml  # noqa: E402
 
 
 def curve_config(base: Path, out: Path, steps: int, every: int, lr: float | None) -> dict:
-    config = yaml.safe_load(base.read_text())
+    config = yaml.safe_load(stacked_yaml(base.read_text(), base))  # written elsewhere: its `_base_` resolved
     trainer = config["trainer"]
     trainer.update(max_steps=steps, val_check_interval=every)
     trainer["logger"]["init_args"].update(save_dir=str(out), name="tb", version="run")

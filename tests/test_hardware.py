@@ -75,11 +75,12 @@ def test_the_cli_parses_auto_and_every_smol_config_uses_it():
     import yaml
 
     from alpaca_rlhf.cli import parse_fit_config
+    from alpaca_rlhf.parsers import stacked_yaml
     from tests.conftest import ROOT
 
     for name in ("sft", "rm", "ppo", "rloo", "grpo", "dpo"):
         path = ROOT / "configs" / "smol" / f"{name}.yaml"
-        assert yaml.safe_load(path.read_text())["trainer"]["precision"] == "auto", path
+        assert yaml.safe_load(stacked_yaml(path.read_text(), path))["trainer"]["precision"] == "auto", path
     config = parse_fit_config(["--config", str(ROOT / "configs/tiny/sft.yaml"), "--trainer.precision", "auto"])
     assert config["trainer"]["precision"] == "auto"
 

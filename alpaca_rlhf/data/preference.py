@@ -345,7 +345,8 @@ class PreferenceDataModule(TokenizedDataModule):
             helpful; reports then show each file's subset).
         format: Record shape: "auto" (the most common valid shape among the first records), "seed",
             "prompt_chosen_rejected", "hh" or "conversational".
-        template: Bundled template name (`alpaca`, `chat`) or a template JSON path (the same as SFT's and PPO's).
+        template: Bundled template name (`alpaca`, `chat`) or a template JSON path (the same as SFT's and PPO's);
+            None = the stage model's `template` (the command line passes it on; alone, `alpaca`).
         max_length: Maximum tokens of prompt + response; prompts are cut from the left, pairs whose response
             alone does not fit are dropped and counted.
         add_eos_token: End every response (the score is read at the last token): with the chat template's
@@ -376,7 +377,7 @@ class PreferenceDataModule(TokenizedDataModule):
         self,
         data_path: str | list[str] = "comparision_data.json",
         format: Literal["auto", "seed", "prompt_chosen_rejected", "hh", "conversational"] = "auto",
-        template: str = "alpaca",
+        template: str | None = None,
         max_length: int = 512,
         add_eos_token: bool = True,
         val_set_size: int | float = 2000,
@@ -405,7 +406,7 @@ class PreferenceDataModule(TokenizedDataModule):
         self.data_path, self.format, self.max_length = data_path, format, max_length
         self.add_eos_token, self.val_set_size = add_eos_token, val_set_size
         self.skip_bad_records, self.max_records = skip_bad_records, max_records
-        self.template = PromptTemplate.load(template)
+        self.template = PromptTemplate.load(template or "alpaca")
         self.train_data: list[dict] | None = None
         self.val_data: list[dict] | None = None
         self.report: LoadReport | None = None

@@ -122,7 +122,8 @@ class PromptDataModule(TokenizedDataModule):
     Args:
         data_path: Hub dataset name, or a local file (`.json`/`.jsonl`(`.gz`)/`.parquet`/`.csv`/`.arrow`) or folder
             of Alpaca records, `{user_input, ...}` records, conversations or HH dialogues; or a list of these.
-        template: Bundled template name or a template JSON path (the SFT stage's).
+        template: Bundled template name or a template JSON path (the SFT stage's); None = the stage model's
+            `template` (the command line passes it on; alone, `alpaca`).
         max_prompt_length: Prompts with more tokens are dropped (and counted): cutting one would cut the template.
         val_set_size: Held-out prompts (count or fraction) on which validation measures the mean score.
         batch_size: Prompts per PPO iteration on each process (episodes = batch_size x processes).
@@ -142,7 +143,7 @@ class PromptDataModule(TokenizedDataModule):
     def __init__(
         self,
         data_path: str | list[str] = "yahma/alpaca-cleaned",
-        template: str = "alpaca",
+        template: str | None = None,
         max_prompt_length: int = 256,
         val_set_size: int | float = 64,
         batch_size: int = 16,
@@ -163,7 +164,7 @@ class PromptDataModule(TokenizedDataModule):
         self.read_options = dict(split=split, hub_config=hub_config, revision=revision, fields=fields)
         self.data_path, self.max_prompt_length, self.val_set_size = data_path, max_prompt_length, val_set_size
         self.skip_bad_records, self.max_records = skip_bad_records, max_records
-        self.template = PromptTemplate.load(template)
+        self.template = PromptTemplate.load(template or "alpaca")
         self.train_data: list[dict] | None = None
         self.val_data: list[dict] | None = None
         self.report = None

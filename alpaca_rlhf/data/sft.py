@@ -113,7 +113,8 @@ class AlpacaDataModule(TokenizedDataModule):
     Args:
         data_path: Hub dataset name (e.g. `yahma/alpaca-cleaned`), a local `.json`/`.jsonl`(`.gz`)/`.parquet`/
             `.csv`/`.arrow` file, or a folder of them.
-        template: Bundled template name (`alpaca`; `chat` = the tokenizer's chat template) or a JSON path.
+        template: Bundled template name (`alpaca`; `chat` = the tokenizer's chat template) or a JSON path; None
+            = the stage model's `template` (the command line passes it on; alone, `alpaca`).
         cutoff_len: Maximum tokens per example; longer ones are truncated and counted.
         train_on_inputs: Put loss on the prompt too (default: on the response only).
         add_eos_token: End every response so the model learns to stop: with the chat template's end-of-turn
@@ -133,7 +134,7 @@ class AlpacaDataModule(TokenizedDataModule):
     def __init__(
         self,
         data_path: str = "yahma/alpaca-cleaned",
-        template: str = "alpaca",
+        template: str | None = None,
         cutoff_len: int = 256,
         train_on_inputs: bool = False,
         add_eos_token: bool = True,
@@ -154,7 +155,7 @@ class AlpacaDataModule(TokenizedDataModule):
         self.data_path, self.cutoff_len = data_path, cutoff_len
         self.train_on_inputs, self.add_eos_token = train_on_inputs, add_eos_token
         self.val_set_size, self.skip_bad_records, self.max_records = val_set_size, skip_bad_records, max_records
-        self.template = PromptTemplate.load(template)
+        self.template = PromptTemplate.load(template or "alpaca")
         self.train_data: list[dict] | None = None
         self.val_data: list[dict] | None = None
         self.report: LoadReport | None = None
