@@ -180,8 +180,12 @@ def _cli_class():
                                      "--ckpt_path last")
 
         def parse_arguments(self, parser, args) -> None:
+            if args is None:  # the command line itself (LightningCLI warns when given both)
+                sys.argv[1:] = renamed_options(sys.argv[1:])
+            elif isinstance(args, list | tuple):
+                args = renamed_options(list(args))
             super().parse_arguments(parser, args)
-            argv = sys.argv[1:] if args is None else list(args) if isinstance(args, list | tuple) else []
+            argv = list(args) if isinstance(args, list | tuple) else []
             command = self.config.get("subcommand")
             abbreviated = abbreviated_options(argv, self.config.get(command)) if command in FIT_COMMANDS else []
             if abbreviated:
@@ -226,6 +230,26 @@ def _cli_class():
     return RLHFCLI
 
 
+RENAMED_OPTIONS = {"--model.init_args.policy": "--model.init_args.model", "--model.policy": "--model.model"}
+"""Old option names -> the ones every stage uses (an online stage's input model was `policy`)."""
+
+
+def renamed_options(argv: list[str]) -> list[str]:
+    """`argv` with old option names (`--model.init_args.policy.name_or_path X`) under their new ones, each with
+    a warning, so an old command line still runs."""
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    out = []
+    for token in argv:
+        for old, new in RENAMED_OPTIONS.items():
+            if token == old or token.startswith((old + ".", old + "=")):
+                rank_zero_warn(f"{old} is now {new} (every stage's input model is `model`): read as {new}")
+                token = new + token[len(old):]
+                break
+        out.append(token)
+    return out
+
+
 def abbreviated_options(argv: list[str], config) -> list[tuple[str, str]]:
     """(given, meant) for each dotted option of `argv` that the parser took as an abbreviation: jsonargparse
     refuses `--trainer.max_step` but completes a nested class field (`--model.init_args.ppo.ppo_epoch` set
@@ -252,8 +276,8 @@ def abbreviated_options(argv: list[str], config) -> list[tuple[str, str]]:
 def parse_fit_config(args: list[str]):
     """The config `python cli.py fit <args>` would run with, resolved by its own parser, nothing instantiated.
 
-    The pipeline reads output folders from this, so `--model.adapter_dir X`, `--model.init_args.adapter_dir X`
-    and a stacked YAML's `model: {adapter_dir: X}` all mean what they mean to the stage itself.
+    The pipeline reads output folders from this, so `--model.output_dir X`, `--model.init_args.output_dir X`
+    and a stacked YAML's `model: {output_dir: X}` all mean what they mean to the stage itself.
     """
     class ConfigOnly(_cli_class()):
         def _parse_ckpt_path(self) -> None: ...

@@ -45,7 +45,7 @@ class MergeStage:
 
     Attributes:
         dtype: float32, bfloat16 or float16 (the base is loaded unquantized for merging).
-        output_dir: Where the merged model goes; None = `<adapter_dir>-adapter-merged`.
+        output_dir: Where the merged model goes; None = `<the stage's output_dir>-adapter-merged`.
     """
 
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -194,6 +194,12 @@ class Stage:
         return last if last.is_file() else None
 
 
+def export_dir(config: StageConfig) -> str:
+    """An adapter stage's export folder: its `output_dir`, or `adapter_dir` (the old name) where a config gives it."""
+    old = config.get("model.init_args.adapter_dir")
+    return str(old if old is not None else config.get("model.init_args.output_dir"))
+
+
 def merged_dir(adapter_dir: str, stage: MergeStage) -> str:
     """The merge's output folder, spelled as the user spelled the adapter's (`./x` stays `./x-adapter-merged`)."""
     return stage.output_dir if stage.output_dir else exports.merged_folder(adapter_dir)
@@ -252,26 +258,26 @@ def plan(stages: Stages, partition: Partition | None = None) -> tuple[list[Stage
     the RL stage trains on a part."""
     split = ["--data.init_args.partition", json.dumps(asdict(partition))] if partition is not None else []
     sft = fit_config(stages.sft, "sft")
-    sft_adapter = str(sft.get("model.init_args.adapter_dir", "output/lora-alpaca"))
+    sft_adapter = export_dir(sft)
     sft_merged = merged_dir(sft_adapter, stages.merge_sft)
 
     rm_wiring = ["--model.init_args.model.name_or_path", sft_merged, *split]
     rm = rm_adapter = rm_merged = None
     if stages.rm is not None:
         rm = fit_config(stages.rm, "rm", rm_wiring)
-        rm_adapter = str(rm.get("model.init_args.adapter_dir", "output/reward_model"))
+        rm_adapter = export_dir(rm)
         rm_merged = merged_dir(rm_adapter, stages.merge_rm)
 
     # the RL stage: `rl` or `ppo`, or `rloo`/`grpo`/`dpo` in its place; its config's module says which algorithm
     rl_key, rl_stage = rl_entry(stages)
     rl = fit_config(rl_stage, rl_key)
     rl_name, online = algorithm_of(rl, rl_key)
-    if rl_name == "dpo":  # trained on the preference data directly: the merged SFT model is its start
-        ppo_wiring = ["--model.init_args.model.name_or_path", sft_merged, *split]
+    key = "policy" if rl.get("model.init_args.policy") is not None else "model"  # policy: an online stage's old name
+    ppo_wiring = [f"--model.init_args.{key}.name_or_path", sft_merged, *split]  # the merged SFT model is its start
+    if rl_name == "dpo":  # trained on the preference data directly
         ppo = fit_config(rl_stage, "dpo", ppo_wiring)
-        ppo_dir = Path(ppo.get("model.init_args.adapter_dir", "output/dpo"))
+        ppo_dir = Path(export_dir(ppo))
     else:
-        ppo_wiring = ["--model.init_args.policy.name_or_path", sft_merged, *split]
         if str(rl.get("model.init_args.scorer.class_path", "")).endswith("RewardModelScorer"):
             if rm_merged is None:
                 raise PipelineError(f"pipeline: {rl_name.upper()}'s scorer is a reward model, but the pipeline has "
@@ -283,7 +289,7 @@ def plan(stages: Stages, partition: Partition | None = None) -> tuple[list[Stage
     judge = judge_adapter = judge_merged = None
     if stages.judge is not None:
         judge = fit_config(stages.judge, "judge", rm_wiring)
-        judge_adapter = str(judge.get("model.init_args.adapter_dir", "output/judge"))
+        judge_adapter = export_dir(judge)
         judge_merged = merged_dir(judge_adapter, stages.merge_judge)
 
     base = sft.get("model.init_args.model.name_or_path", "meta-llama/Llama-3.1-8B")
@@ -292,11 +298,14 @@ def plan(stages: Stages, partition: Partition | None = None) -> tuple[list[Stage
     compare_wiring += ["--judge_model", judge_merged] if judge_merged else []
     ppo_run = ppo.tensorboard_run() if online else None
     compare_wiring += ["--ppo_log_dir", str(ppo_run)] if ppo_run is not None else []  # the training-curve plot
-    for key in ("data_path", "val_set_size", "seed", "max_prompt_length", "skip_bad_records", "max_records", "split",
-                "hub_config", "revision", "fields", "partition"):
+    from alpaca_rlhf.data.prompts import PromptSource
+
+    for key in PromptSource.names():
         if not online:  # DPO's data are pairs: compare keeps its own prompts
             break
-        value = ppo.get(f"data.init_args.{key}")  # compare on PPO's held-out prompts: PPO's own split arguments
+        if key == "part":  # the RL stage trains on `rl`; compare takes `eval` (below)
+            continue
+        value = ppo.get(f"data.init_args.{key}")  # compare on PPO's held-out prompts: PPO's own prompt arguments
         if key == "partition" and value is not None:
             value = {k: _field(value, k) for k in Partition.__dataclass_fields__}
         as_json = value is None or isinstance(value, (bool, dict, list))

@@ -289,7 +289,7 @@ def _ppo(args, data, mixed: bool, config, model_shape: str | None = None, name: 
     """An online stage (PPO, RLOO, GRPO, ...): critic-free ones have no value head and sample `num_generations`
     per prompt; `hp` is the hyperparameters' argument (ppo, rloo, grpo, ...)."""
     est = Estimate(name)
-    policy = _get(args, "policy")
+    policy = _get(args, "model") or _get(args, "policy")  # policy: the old name
     shape = shape_of(policy, model_shape)
     dtype = str(_get(policy, "dtype", "float32"))
     act = activation_width(mixed, dtype, _get(policy, "quantization"))

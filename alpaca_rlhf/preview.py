@@ -46,9 +46,9 @@ def build_datamodule(config):
     parser.add_subclass_arguments(L.LightningDataModule, "data")
     datamodule = parser.instantiate_classes(parser.parse_object({"data": data.as_dict()})).data
     model_args = config["model"]["init_args"]
-    spec = model_args.get("model") or model_args.get("policy")
+    spec = model_args.get("model") or model_args.get("policy")  # policy: an online stage's old name
     spec = spec if isinstance(spec, ModelSpec) else ModelSpec(**spec.as_dict())
-    online = model_args.get("policy") is not None
+    online = model_args.get("scorer") is not None  # prompts are left-padded for generation
     datamodule.connect(load_tokenizer(spec, padding_side="left" if online else "right"))
     return datamodule
 

@@ -144,7 +144,7 @@ def run_sft(path: str, data: str, quantization: str | None, run: dict, cap_gb: f
             meter.step_end()
 
     with tempfile.TemporaryDirectory() as tmp:
-        module = SFTModule(model=_spec(path, quantization), lora=LoraSpec(**LORA), adapter_dir=f"{tmp}/adapter",
+        module = SFTModule(model=_spec(path, quantization), lora=LoraSpec(**LORA), output_dir=f"{tmp}/adapter",
                            optimizer=functools.partial(torch.optim.AdamW, lr=1e-4), scheduler=None)
         dm = AlpacaDataModule(data_path=data, cutoff_len=run["max_length"], batch_size=run["batch_size"],
                               val_set_size=0, seed=0)
@@ -171,7 +171,7 @@ def run_rm(path: str, data: str, run: dict, cap_gb: float) -> dict:
             meter.step_end()
 
     with tempfile.TemporaryDirectory() as tmp:
-        module = RewardModule(model=_spec(path, "4bit"), lora=LoraSpec(**LORA), adapter_dir=f"{tmp}/adapter",
+        module = RewardModule(model=_spec(path, "4bit"), lora=LoraSpec(**LORA), output_dir=f"{tmp}/adapter",
                               optimizer=functools.partial(torch.optim.AdamW, lr=1e-4), scheduler=None)
         dm = PreferenceDataModule(data_path=data, format="prompt_chosen_rejected", max_length=run["max_length"],
                                   batch_size=run["batch_size"], val_set_size=0, seed=0)

@@ -48,7 +48,7 @@ def _stage(name: str) -> tuple:
     if name in ONLINE:
         return (f"configs/tiny/{name}.yaml", f"output/tiny/checkpoints/{name}", 8, 24, "--model.init_args.output_dir",
                 "step_3/adapter_model.safetensors")
-    return (f"configs/tiny/{name}.yaml", f"output/tiny/checkpoints/{name}", 4, 48, "--model.init_args.adapter_dir",
+    return (f"configs/tiny/{name}.yaml", f"output/tiny/checkpoints/{name}", 4, 48, "--model.init_args.output_dir",
             "adapter_model.safetensors")
 
 

@@ -33,14 +33,12 @@ SMOL = ROOT.parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 def configs(size: str, stage: str, work: Path, quantization: str = "none") -> list[str]:
     """`fit` arguments of a stage at a size (and base quantization); the batch and lengths are the config's own."""
     if quantization != "none":
-        key = "policy" if stage == "ppo" else "model"
-        return [*configs(size, stage, work), f"--model.init_args.{key}.quantization", quantization,
-                f"--model.init_args.{key}.dtype", "bfloat16"]
+        return [*configs(size, stage, work), "--model.init_args.model.quantization", quantization,
+                "--model.init_args.model.dtype", "bfloat16"]
     if size == "tiny":
         base = ["--model.init_args.model.name_or_path", str(work / "base"), "--model.init_args.model.tiny", "{}"]
         if stage == "ppo":
-            return ["--config", str(ROOT / "configs/tiny/ppo.yaml"), "--model.init_args.policy.name_or_path",
-                    str(work / "base"), "--model.init_args.policy.tiny", "{}", "--model.init_args.scorer",
+            return ["--config", str(ROOT / "configs/tiny/ppo.yaml"), *base, "--model.init_args.scorer",
                     json.dumps({"class_path": "alpaca_rlhf.modules.scorers.TokenIdScorer",
                                 "init_args": {"token_ids": [5, 6, 7]}})]
         return ["--config", str(ROOT / f"configs/tiny/{stage}.yaml"), *base]

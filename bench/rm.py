@@ -104,7 +104,7 @@ def run_ours(path: str, lora: dict, lr: float, batch_size: int, max_length: int,
     with tempfile.TemporaryDirectory() as tmp:
         optimizer = functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.0)
         module = RewardModule(model=ModelSpec(name_or_path=path, dtype="float32"), lora=LoraSpec(**lora),
-                              adapter_dir=f"{tmp}/adapter", optimizer=optimizer, scheduler=None)
+                              output_dir=f"{tmp}/adapter", optimizer=optimizer, scheduler=None)
         data = preference_data(module.tokenizer, batch_size, max_length, seed)
         meter.attach(module.model)
         trainer = lightning_trainer(tmp, [Steps()], precision=precision, max_steps=warmup + steps)

@@ -35,7 +35,7 @@ def curve_config(base: Path, out: Path, steps: int, every: int, lr: float | None
         if callback["class_path"].endswith("ModelCheckpoint"):
             callback["init_args"].update(dirpath=str(out / "checkpoints"), every_n_train_steps=every)
     model = config["model"]["init_args"]
-    model["adapter_dir"] = str(out / "reward_model")
+    model["output_dir"] = str(out / "reward_model")
     if lr is not None:
         model["optimizer"]["init_args"]["lr"] = lr
     config["data"]["init_args"].pop("train_part", None)

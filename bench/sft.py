@@ -110,7 +110,7 @@ def run_ours(path: str, lora: dict, lr: float, batch_size: int, max_length: int,
 
     with tempfile.TemporaryDirectory() as tmp:
         module = SFTModule(model=ModelSpec(name_or_path=path, dtype="float32"),
-                           lora=LoraSpec(**lora, modules_to_save=None), adapter_dir=f"{tmp}/adapter",
+                           lora=LoraSpec(**lora, modules_to_save=None), output_dir=f"{tmp}/adapter",
                            optimizer=functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.0),
                            scheduler=None)
         data = alpaca_datamodule(module.tokenizer, batch_size, max_length, seed)

@@ -163,3 +163,32 @@ def test_the_data_renders_with_the_model_template_and_a_different_one_stops(tmp_
     err = capsys.readouterr().err
     assert "data.init_args.template is 'chat' but model.init_args.template is 'alpaca'" in err
     assert not (tmp_path / "output").exists()  # stopped before anything was built
+
+
+def test_every_stage_names_its_input_model_and_export_folder_alike_and_the_old_names_still_read(tmp_path):
+    """`model` and `output_dir` in every stage; an online stage's `policy` and an adapter stage's `adapter_dir` (the
+    old names) still read: from YAML, from the command line, and for the pipeline's wiring."""
+    from alpaca_rlhf.errors import ConfigError
+    from alpaca_rlhf.models import ModelSpec
+    from alpaca_rlhf.modules.policy import input_model
+    from alpaca_rlhf.parsers import parse_fit_config, renamed_options
+    from alpaca_rlhf.plan import StageConfig, export_dir
+
+    for name in ("sft", "rm", "dpo", "ppo", "rloo", "grpo", "reinforce"):
+        args = parse_fit_config(["--config", str(ROOT / f"configs/tiny/{name}.yaml")]).model.init_args
+        assert args.model is not None and args.output_dir, name
+        assert "policy" not in args or args.policy is None, name
+
+    old = (ROOT / "configs/tiny/sft.yaml").read_text().replace("    output_dir:", "    adapter_dir:")
+    (tmp_path / "old_sft.yaml").write_text(old.replace("_base_: shared.yaml",
+                                                       f"_base_: {ROOT}/configs/tiny/shared.yaml"))
+    assert export_dir(StageConfig("fit", str(tmp_path / "old_sft.yaml"))) == "output/tiny/lora-alpaca"
+
+    assert renamed_options(["--model.init_args.policy.name_or_path", "x", "--model.policy={}", "--model.init_args.x"]) \
+        == ["--model.init_args.model.name_or_path", "x", "--model.model={}", "--model.init_args.x"]
+    spec = ModelSpec(name_or_path="m")
+    assert input_model(None, spec) is spec and input_model(spec, None) is spec
+    with pytest.raises(ConfigError, match="both given"):
+        input_model(spec, spec)
+    with pytest.raises(ConfigError, match="model.model is required"):
+        input_model(None, None)

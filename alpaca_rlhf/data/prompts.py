@@ -1,8 +1,10 @@
-"""Prompts for PPO: Alpaca instructions (or the seed's `user_input`) rendered with the SFT template."""
+"""Prompts for the online stages: Alpaca instructions (or the seed's `user_input`, conversations, HH dialogues)
+rendered with the SFT template. `PromptSource` says which prompts; `PromptDataModule` (the online stages' data)
+and `compare` (its `--prompts`) both read them through it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -116,6 +118,56 @@ def prompt_split(data_path: str | list[str], tokenizer, template: PromptTemplate
     return [examples[i] for i in train_idx], [examples[i] for i in val_idx], report
 
 
+@dataclass
+class PromptSource:
+    """Which prompts, and how they split into train and held-out: every argument that decides which prompts a
+    stage sees. `PromptDataModule` takes these (flat, as `data.init_args.<name>`), `compare` takes them as
+    `--prompts.<name>`, and the pipeline hands the RL stage's to compare field by field, so compare evaluates on
+    prompts the policy did not train on.
+
+    Attributes:
+        data_path: Hub dataset name, or a local file or folder of prompt records; or a list of these.
+        val_set_size: Held-out prompts (count or fraction).
+        seed: Seed of the hold-out split.
+        max_prompt_length: Prompts with more tokens are dropped (and counted) before the split.
+        skip_bad_records: Drop malformed records (counted and logged) instead of stopping with an error.
+        max_records: Use only the first N valid records.
+        part: This part of `partition` (`rl` to train on, `eval` to evaluate on), with the held-out prompts drawn
+            from its `heldout` part; None = a seeded hold-out of the whole file.
+        partition: The split's fractions and seed (the pipeline passes one to every stage).
+        split: The split of a hub dataset.
+        hub_config: A hub dataset's configuration name (its `name` in `datasets.load_dataset`).
+        revision: A hub dataset's revision (branch, tag or commit).
+        fields: Our field names -> the columns holding them, e.g. `{instruction: question, output: answer}`.
+    """
+
+    data_path: str | list[str] = "yahma/alpaca-cleaned"
+    val_set_size: int | float = 64
+    seed: int = 42
+    max_prompt_length: int = 256
+    skip_bad_records: bool = False
+    max_records: int | None = None
+    part: PartName | None = None
+    partition: Partition | None = None
+    split: str = "train"
+    hub_config: str | None = None
+    revision: str | None = None
+    fields: dict[str, str] | None = None
+
+    def read_options(self) -> dict:
+        return dict(split=self.split, hub_config=self.hub_config, revision=self.revision, fields=self.fields)
+
+    def split_prompts(self, tokenizer, template: PromptTemplate, val_set_size: int | float | None = None):
+        """(train, held-out, LoadReport): rendered prompts (`prompt_split`); `val_set_size` overrides the field."""
+        size = self.val_set_size if val_set_size is None else val_set_size
+        return prompt_split(self.data_path, tokenizer, template, self.max_prompt_length, size, self.seed,
+                            self.skip_bad_records, self.max_records, self.read_options(), self.part, self.partition)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
 class PromptDataModule(TokenizedDataModule):
     """Prompt batches for PPO; one batch is one PPO iteration (drop-last, so every iteration has `batch_size`).
 
@@ -160,8 +212,10 @@ class PromptDataModule(TokenizedDataModule):
     ) -> None:
         super().__init__(batch_size, num_workers, seed)
         self.save_hyperparameters()
+        self.source = PromptSource(data_path, val_set_size, seed, max_prompt_length, skip_bad_records, max_records,
+                                   part, partition, split, hub_config, revision, fields)
         self.part, self.partition = part, partition
-        self.read_options = dict(split=split, hub_config=hub_config, revision=revision, fields=fields)
+        self.read_options = self.source.read_options()
         self.data_path, self.max_prompt_length, self.val_set_size = data_path, max_prompt_length, val_set_size
         self.skip_bad_records, self.max_records = skip_bad_records, max_records
         self.template = PromptTemplate.load(template or "alpaca")
@@ -172,9 +226,8 @@ class PromptDataModule(TokenizedDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_data is not None:
             return
-        self.train_data, self.val_data, self.report = prompt_split(
-            self.data_path, self._require_tokenizer(), self.template, self.max_prompt_length, self.val_set_size,
-            self.seed, self.skip_bad_records, self.max_records, self.read_options, self.part, self.partition)
+        self.train_data, self.val_data, self.report = self.source.split_prompts(self._require_tokenizer(),
+                                                                                 self.template)
         if len(self.train_data) < self.batch_size:
             raise DataValidationError(f"{self.data_path}: {len(self.train_data)} usable prompts, fewer than one batch "
                              f"of {self.batch_size} ({self.report.summary()})")

@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from alpaca_rlhf.data.partition import Partition, PartName, prompt_key
+from alpaca_rlhf.data.partition import prompt_key
+from alpaca_rlhf.data.prompts import PromptSource
 from alpaca_rlhf.data.templates import PromptTemplate
 from alpaca_rlhf.errors import ConfigError
 from alpaca_rlhf.inference.checkpoints import (
@@ -56,56 +57,38 @@ log = logging.getLogger(__name__)
 
 # ---- held-out prompts -------------------------------------------------------------------------------------
 @dataclass
-class PromptSource:
-    """The held-out instructions to compare on.
+class ComparePrompts(PromptSource):
+    """The held-out instructions to compare on: the online stages' prompt arguments (`PromptSource`; the pipeline
+    passes the RL stage's), with compare's own defaults, and how many to take.
 
     Attributes:
-        data_path: Alpaca-format JSON/JSONL (or the seed's `{user_input}` records) or a hub dataset name.
+        data_path: Alpaca-format JSON/JSONL (or the seed's `{user_input}` records, conversations, HH dialogues) or
+            a hub dataset name; or a list of these.
         val_set_size: Take the seeded hold-out of this size: the very prompts `PromptDataModule` (PPO's data)
             holds out with the same `seed` and `max_prompt_length`. 0 takes the file's records in order (a
             file of held-out instructions).
-        seed: Seed of the hold-out split.
-        max_prompt_length: Longer prompts (in tokens) are dropped before the split, as PPO's data does.
-        skip_bad_records: Drop malformed records before the split, as PPO's data does with the same option.
-        max_records: Only the first N valid records before the split, as PPO's data does with the same option.
-        max_prompts: Compare on the first N of them only (with `part`: N drawn with `seed`); None = all.
         part: Compare on this part of `partition` (`eval`: the prompts no stage trains on, the split by prompt
             every stage shares; `alpaca_rlhf.data.partition`). None = the seeded hold-out above.
-        partition: The split's fractions and seed (the pipeline passes the stages' own).
-        split: The split of a hub dataset.
-        hub_config: A hub dataset's configuration name (its `name` in `datasets.load_dataset`).
-        revision: A hub dataset's revision (branch, tag or commit).
-        fields: Our field names -> the columns holding them, e.g. `{instruction: question, output: answer}`.
+        max_prompts: Compare on the first N of them only (with `part`: N drawn with `seed`); None = all.
     """
 
     data_path: str | list[str] = "alpaca_rlhf/data/samples/alpaca_sample.json"
     val_set_size: int | float = 32
-    seed: int = 42
-    max_prompt_length: int = 256
-    skip_bad_records: bool = False
-    max_records: int | None = None
     max_prompts: int | None = None
-    part: PartName | None = None
-    partition: Partition | None = None
-    split: str = "train"
-    hub_config: str | None = None
-    revision: str | None = None
-    fields: dict[str, str] | None = None
 
 
-def held_out_records(source: PromptSource, tokenizer, template: PromptTemplate) -> list[dict]:
+PromptSource = ComparePrompts  # noqa: F811  (compare's `prompts`, by its old name)
+
+
+def held_out_records(source: ComparePrompts, tokenizer, template: PromptTemplate) -> list[dict]:
     """{instruction, input, prompt, reference} records: PPO's held-out prompts, from the very function
     (`prompt_split`) and arguments `PromptDataModule` uses, or a file's records in order (`val_set_size: 0`)."""
-    from alpaca_rlhf.data.prompts import prompt_split
     from alpaca_rlhf.data.sft import seeded_sample
 
-    options = dict(split=source.split, hub_config=source.hub_config, revision=source.revision, fields=source.fields)
     if source.part is not None:  # the part itself (eval), no hold-out drawn from it
-        part, _, _ = prompt_split(source.data_path, tokenizer, template, source.max_prompt_length, 0, source.seed,
-                                  source.skip_bad_records, source.max_records, options, source.part, source.partition)
+        part, _, _ = source.split_prompts(tokenizer, template, val_set_size=0)
         return [_describe(e) for e in seeded_sample(part, source.max_prompts, source.seed)]
-    train, val, _ = prompt_split(source.data_path, tokenizer, template, source.max_prompt_length,
-                                 source.val_set_size, source.seed, source.skip_bad_records, source.max_records, options)
+    train, val, _ = source.split_prompts(tokenizer, template)
     kept = [_describe(e) for e in (val if source.val_set_size else train)]
     return kept[: source.max_prompts] if source.max_prompts else kept
 
@@ -144,7 +127,7 @@ def compare(
     rlhf_model: str | None = None,
     reward_model: str | None = None,
     judge_model: str | None = None,
-    prompts: PromptSource = PromptSource(),  # noqa: B008 - read-only default, shown by --help
+    prompts: ComparePrompts = ComparePrompts(),  # noqa: B008 - read-only default, shown by --help
     sampling: SamplingSpec = SamplingSpec(temperature=1.0),  # noqa: B008 - PPO's sampling
     samples_per_prompt: int = 1,
     seed: int = 42,

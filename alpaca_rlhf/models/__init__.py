@@ -57,6 +57,7 @@ from alpaca_rlhf.models.specs import (
     TINY_LLAMA,
     LoraSpec,
     ModelSpec,
+    SamplingSpec,
     looks_local,
     null_to_none,
     touches_output_layer,
@@ -68,6 +69,7 @@ from alpaca_rlhf.models.tiny import (
 )
 
 __all__ = [
+    "SamplingSpec",
     "MERGED_FROM_FILE",
     "STATE_FILE",
     "export_adapter",

@@ -39,7 +39,7 @@ def ensure_base(spec: ModelSpec) -> str:
                 f"model {spec.name_or_path!r} is not a local folder, and the config's `tiny:` block builds a random "
                 "tiny LLaMA only at a local folder of its own (e.g. output/tiny/base), never in place of a named "
                 "model: to train that model, drop the block (--model.init_args.model.tiny null; for PPO "
-                "--model.init_args.policy.tiny null) and check the spelling of its name")
+                "--model.init_args.model.tiny null) and check the spelling of its name")
         try:
             build_tiny_base(spec.name_or_path, spec.tiny, spec.tiny_corpus, spec.tiny_vocab_size, spec.seed)
         except OSError:

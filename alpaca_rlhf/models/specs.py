@@ -129,3 +129,32 @@ def touches_output_layer(peft_config) -> bool:
     for value in (peft_config.target_modules, getattr(peft_config, "modules_to_save", None)):
         names += [value] if isinstance(value, str) else list(value or [])
     return any(n == "lm_head" or n.endswith(".lm_head") for n in names)
+
+
+@dataclass
+class SamplingSpec:
+    """Decoding settings, always passed explicitly so no checkpoint's generation_config.json changes them. `compare`
+    and `generate` take them as they are; the online stages' rollout sampling (`GenerationHParams`) extends them.
+
+    Attributes:
+        max_new_tokens: Longest response in tokens.
+        temperature: Sampling temperature; 0 decodes greedily (top_k and top_p are then unused).
+        top_p: Nucleus sampling mass (1.0 = off).
+        top_k: Keep the k most likely tokens (0 = off).
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def generation_config(self, tokenizer, stop_ids: list[int] | None = None):
+        """The GenerationConfig; generation stops at any of `stop_ids` (default: EOS)."""
+        from transformers import GenerationConfig
+
+        sampling = dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        return GenerationConfig(**(sampling if self.temperature > 0 else {"do_sample": False}),
+                                max_new_tokens=self.max_new_tokens, num_beams=1, repetition_penalty=1.0,
+                                eos_token_id=list(stop_ids or [tokenizer.eos_token_id]),
+                                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                use_cache=True)

@@ -31,7 +31,7 @@ from alpaca_rlhf.models import (
     load_causal_lm,
     load_tokenizer,
 )
-from alpaca_rlhf.modules.adapter_stage import AdapterStage
+from alpaca_rlhf.modules.adapter_stage import AdapterStage, export_folder
 from alpaca_rlhf.ppo.logprobs import response_logprobs
 
 
@@ -62,24 +62,26 @@ class DPOModule(AdapterStage, L.LightningModule):
     Args:
         model: The model to adapt; with its adapter disabled it is also the reference.
         lora: The adapter (bias "none": a trained bias would move the reference too).
-        adapter_dir: Where the trained adapter, tokenizer and template are exported at the end of fit.
+        output_dir: Where the trained adapter, tokenizer and template are exported at the end of fit.
         template: Prompt template; the data module's must be the same.
         beta: Strength of the implicit KL to the reference (TRL's default 0.1).
         label_smoothing: Probability that a pair's label is flipped (cDPO); 0 = plain DPO.
         optimizer: Optimizer over the adapter.
         scheduler: Learning-rate schedule, stepped every optimizer step; None keeps the LR constant.
+        adapter_dir: The old name of `output_dir`, still read (with a warning).
     """
 
     def __init__(
         self,
         model: ModelSpec = ModelSpec(),
         lora: LoraSpec = LoraSpec(),
-        adapter_dir: str = "output/dpo",
+        output_dir: str = "output/dpo",
         template: str = "alpaca",
         beta: float = 0.1,
         label_smoothing: float = 0.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
+        adapter_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -88,7 +90,8 @@ class DPOModule(AdapterStage, L.LightningModule):
                               "which trained biases would move too; use bias: none")
         if not 0.0 <= label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-        self.adapter_dir, self.beta, self.label_smoothing = adapter_dir, beta, label_smoothing
+        self.output_dir = export_folder(output_dir, adapter_dir)
+        self.beta, self.label_smoothing = beta, label_smoothing
         self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
         self.template = PromptTemplate.load(template)
         self.tokenizer = load_tokenizer(model, padding_side="right")
@@ -136,4 +139,4 @@ class DPOModule(AdapterStage, L.LightningModule):
 
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero:  # on_fit_end: a resumed run past its last step still exports
-            export_adapter(self.model, self.tokenizer, self.adapter_dir, {TEMPLATE_FILE: self.template.to_json()})
+            export_adapter(self.model, self.tokenizer, self.output_dir, {TEMPLATE_FILE: self.template.to_json()})

@@ -26,7 +26,6 @@ from torch import Tensor, nn
 
 from alpaca_rlhf import exports
 from alpaca_rlhf.data.templates import PromptTemplate
-from alpaca_rlhf.errors import ConfigError
 from alpaca_rlhf.guards import assert_finite, gradients_finite, nonfinite_rollout
 from alpaca_rlhf.models import (
     LoraSpec,
@@ -37,10 +36,9 @@ from alpaca_rlhf.models import (
     load_tokenizer,
     merge_adapter,
     neutral_generation_config,
-    touches_output_layer,
 )
 from alpaca_rlhf.modules import tensorboard
-from alpaca_rlhf.modules.policy import PolicyWithValue
+from alpaca_rlhf.modules.policy import PolicyWithValue, check_policy_settings, check_tied_merge, input_model
 from alpaca_rlhf.modules.sampler import (  # noqa: F401  (re-exported: their old home)
     GenerationHParams,
     RolloutHParams,
@@ -63,7 +61,8 @@ class OnlineRLModule(L.LightningModule):
     manual optimisation.
 
     Args:
-        policy: The merged SFT checkpoint the policy starts from (and the reference, adapter disabled).
+        model: The merged SFT checkpoint the policy starts from (and the reference, adapter disabled); `model`
+            as in every stage.
         scorer: Maps prompts + responses to scores: `RewardModelScorer` (merged RM) or any `Scorer`.
         lora: The policy's fresh LoRA adapter (B = 0 at start, so policy == reference at iteration 0).
         hparams: The algorithm's hyperparameters (a `RolloutHParams` subclass).
@@ -80,46 +79,34 @@ class OnlineRLModule(L.LightningModule):
         overwrite_output_dir: A new run (not a resume) whose `output_dir` holds another run's exports stops
             with an error unless this is true, in which case those exports are removed first.
         samples_per_prompt: Completions sampled per prompt (k), in contiguous rows.
+        policy: The old name of `model` here, still read (with a warning).
     """
 
     ALGORITHM = "online"
     """The name in logs (`<ALGORITHM>/...`), checkpoints and exports."""
 
-    def __init__(self, policy: ModelSpec, scorer: Scorer, lora: LoraSpec = LoraSpec(),
+    def __init__(self, model: ModelSpec | None = None, scorer: Scorer | None = None, lora: LoraSpec = LoraSpec(),
                  hparams: RolloutHParams = RolloutHParams(), generation: GenerationHParams = GenerationHParams(),
                  value_head: Callable[[int], nn.Module] | None = None,
                  ref_model: ModelSpec | None = None, optimizer: OptimizerCallable = torch.optim.AdamW,
                  scheduler: LRSchedulerCallable | None = None, output_dir: str | None = None, save_freq: int = 100,
                  save_merged: bool = False, log_samples_every: int = 10, template: str = "alpaca",
-                 overwrite_output_dir: bool = False, samples_per_prompt: int = 1) -> None:
+                 overwrite_output_dir: bool = False, samples_per_prompt: int = 1,
+                 policy: ModelSpec | None = None) -> None:
         super().__init__()
+        policy = input_model(model, policy)
+        check_policy_settings(self.ALGORITHM, policy, scorer, lora, generation, ref_model)
         self.overwrite_output_dir = overwrite_output_dir
         self.automatic_optimization = False
         self.policy_spec, self.hp, self.k = policy, hparams, samples_per_prompt
         self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
         self.output_dir, self.save_freq, self.save_merged = self.export_folder(output_dir), save_freq, save_merged
         self.log_samples_every, self.template = log_samples_every, PromptTemplate.load(template)
-        if lora.bias != "none" and ref_model is None:
-            raise ConfigError(f"lora.bias={lora.bias!r} trains the base model's biases, which disabling the adapter "
-                             "does not undo: the reference would drift with the policy. Use bias: none, or give a "
-                             "separate ref_model")
-        if generation.merge_adapter and policy.quantization:
-            raise ConfigError(f"generation.merge_adapter folds LoRA into the base weights, which a "
-                              f"{policy.quantization} base cannot hold exactly; turn it off for a quantized policy")
-        if generation.merge_adapter and policy.torch_dtype != torch.float32:
-            raise ConfigError(f"generation.merge_adapter folds LoRA into {policy.dtype} base weights and out again "
-                              "around every rollout: each round trip rounds the frozen base (also the reference) a "
-                              "little further (0.02 relative after 400 rollouts); use policy.dtype float32 (with "
-                              "bf16-mixed precision for speed) or turn merge_adapter off")
         self.tokenizer = load_tokenizer(policy, padding_side="left")
         # a response ends at EOS or at the chat template's end of turn (<|eot_id|>, <|im_end|>): both stop it
         self.stop_ids = self.template.stop_token_ids(self.tokenizer)
         lm = load_causal_lm(policy)
-        if generation.merge_adapter and getattr(lm.config, "tie_word_embeddings", False) and touches_output_layer(lora):
-            raise ConfigError("generation.merge_adapter with LoRA on lm_head of a model whose output layer is tied "
-                              "to its input embeddings would fold the adapter into the shared embedding matrix: "
-                              "generation would sample another policy. Leave lm_head out of lora.target_modules "
-                              "(all-linear does) or turn merge_adapter off")
+        check_tied_merge(lm, lora, generation)
         self.policy = PolicyWithValue(apply_lora(lm, lora), value_head)
         neutral_generation_config(self.policy.lm)  # the rollout's sampling is exactly `generation`
         self.ref_model = load_causal_lm(ref_model, trainable=False) if ref_model else None

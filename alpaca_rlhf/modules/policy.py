@@ -1,13 +1,16 @@
-"""The PPO policy: a causal LM with a LoRA adapter and a value head on the shared trunk."""
+"""The online stages' policy: a causal LM with a LoRA adapter and a value head on the shared trunk; and the
+checks of what a policy may be built from."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from alpaca_rlhf.models import LoraSpec, ModelSpec, unwrap_peft
+from alpaca_rlhf.errors import ConfigError
+from alpaca_rlhf.models import LoraSpec, ModelSpec, touches_output_layer, unwrap_peft
 from alpaca_rlhf.ppo.logprobs import response_positions
 from alpaca_rlhf.ppo.rollout import position_ids_from_mask
 
@@ -150,3 +153,44 @@ def _keep_last_hidden(store: list[Tensor]):
         store.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
 
     return hook
+
+
+def input_model(model: ModelSpec | None, policy: ModelSpec | None) -> ModelSpec:
+    """The online stage's input model: `model` (every stage's name for it), or `policy`, its old name here."""
+    if policy is None:
+        if model is None:
+            raise ConfigError("model.model is required: the merged SFT checkpoint the policy starts from")
+        return model
+    if model is not None:
+        raise ConfigError("model.model and model.policy (its old name) are both given: keep model only")
+    rank_zero_warn("model.policy is the old name of model.model (every stage's input model); rename the key")
+    return policy
+
+
+def check_policy_settings(algorithm: str, policy: ModelSpec, scorer, lora: LoraSpec, generation,
+                          ref_model: ModelSpec | None) -> None:
+    """Settings that cannot make a sound online stage, refused before any model loads."""
+    if scorer is None:
+        raise ConfigError(f"{algorithm}: model.scorer is required (RewardModelScorer on the merged reward model, or "
+                          "any alpaca_rlhf.modules.scorers.Scorer)")
+    if lora.bias != "none" and ref_model is None:
+        raise ConfigError(f"lora.bias={lora.bias!r} trains the base model's biases, which disabling the adapter "
+                          "does not undo: the reference would drift with the policy. Use bias: none, or give a "
+                          "separate ref_model")
+    if generation.merge_adapter and policy.quantization:
+        raise ConfigError(f"generation.merge_adapter folds LoRA into the base weights, which a "
+                          f"{policy.quantization} base cannot hold exactly; turn it off for a quantized policy")
+    if generation.merge_adapter and policy.torch_dtype != torch.float32:
+        raise ConfigError(f"generation.merge_adapter folds LoRA into {policy.dtype} base weights and out again "
+                          "around every rollout: each round trip rounds the frozen base (also the reference) a "
+                          "little further (0.02 relative after 400 rollouts); use policy.dtype float32 (with "
+                          "bf16-mixed precision for speed) or turn merge_adapter off")
+
+
+def check_tied_merge(lm, lora: LoraSpec, generation) -> None:
+    """Merging LoRA on lm_head into a tied output layer would change the input embeddings too."""
+    if generation.merge_adapter and getattr(lm.config, "tie_word_embeddings", False) and touches_output_layer(lora):
+        raise ConfigError("generation.merge_adapter with LoRA on lm_head of a model whose output layer is tied "
+                          "to its input embeddings would fold the adapter into the shared embedding matrix: "
+                          "generation would sample another policy. Leave lm_head out of lora.target_modules "
+                          "(all-linear does) or turn merge_adapter off")

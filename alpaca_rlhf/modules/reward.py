@@ -1,6 +1,6 @@
 """Reward model: a one-score head on the SFT model, trained with LoRA on preference pairs.
 
-The export (`adapter_dir`, and the folder `python cli.py merge` makes from it) carries `reward_stats.json`,
+The export (`output_dir`, and the folder `python cli.py merge` makes from it) carries `reward_stats.json`,
 `{"mean", "std", "n", "split"}`: the score statistics over the held-out chosen and rejected responses, taken
 with the final weights. PPO loads the merged folder with `alpaca_rlhf.models.load_reward_model`, which returns
 these stats, scores with `score` below and subtracts `mean` (optionally dividing by `std`) to centre rewards.
@@ -35,7 +35,7 @@ from alpaca_rlhf.models import (
     load_tokenizer,
     unwrap_peft,
 )
-from alpaca_rlhf.modules.adapter_stage import AdapterStage
+from alpaca_rlhf.modules.adapter_stage import AdapterStage, export_folder
 
 # read-only defaults (a dataclass instance per signature, as LightningCLI shows them in --print_config)
 DEFAULT_BASE = ModelSpec(name_or_path="output/lora-alpaca-adapter-merged")
@@ -84,27 +84,29 @@ class RewardModule(AdapterStage, L.LightningModule):
     Args:
         model: The base (the merged SFT model); its `score` head starts random and trains with the adapter.
         lora: The LoRA adapter's settings; `score` is added to its `modules_to_save`.
-        adapter_dir: Where the adapter (with the head), tokenizer, template and `reward_stats.json` are
+        output_dir: Where the adapter (with the head), tokenizer, template and `reward_stats.json` are
             exported at the end of fit.
         template: Prompt template (bundled name or JSON path), exported beside the adapter.
         margin: Required score gap: the loss is -log sigmoid(r_chosen - r_rejected - margin).
         optimizer: Optimizer over the trainable (LoRA and head) parameters.
         scheduler: Learning-rate schedule, stepped every optimizer step; None keeps the LR constant.
+        adapter_dir: The old name of `output_dir`, still read (with a warning).
     """
 
     def __init__(
         self,
         model: ModelSpec = DEFAULT_BASE,
         lora: LoraSpec = DEFAULT_LORA,
-        adapter_dir: str = "output/reward_model",
+        output_dir: str = "output/reward_model",
         template: str = "alpaca",
         margin: float = 0.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
+        adapter_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.adapter_dir, self.margin = adapter_dir, margin
+        self.output_dir, self.margin = export_folder(output_dir, adapter_dir), margin
         self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
         self.template = PromptTemplate.load(template)
         self.tokenizer = load_tokenizer(model, padding_side="right")
@@ -228,4 +230,4 @@ class RewardModule(AdapterStage, L.LightningModule):
             return
         stats = self.final_stats()
         extra = {TEMPLATE_FILE: self.template.to_json(), **({REWARD_STATS_FILE: stats} if stats else {})}
-        export_adapter(self.model, self.tokenizer, self.adapter_dir, extra)
+        export_adapter(self.model, self.tokenizer, self.output_dir, extra)

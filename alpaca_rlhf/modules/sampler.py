@@ -21,19 +21,21 @@ from torch import Tensor, nn
 from alpaca_rlhf import ppo as rl  # the pure-torch math of every RL method
 from alpaca_rlhf.errors import ConfigError
 from alpaca_rlhf.evaluation import is_refusal
-from alpaca_rlhf.models import null_to_none, unwrap_peft
+from alpaca_rlhf.models import SamplingSpec, null_to_none, unwrap_peft
 from alpaca_rlhf.modules.policy import PolicyWithValue
 from alpaca_rlhf.modules.scorers import Scorer, ScoringBatch
 from alpaca_rlhf.ppo.rollout import position_ids_from_mask
 
 
 @dataclass
-class GenerationHParams:
-    """Rollout sampling. Set explicitly, so a model's own generation_config.json cannot bias the KL.
+class GenerationHParams(SamplingSpec):
+    """Rollout sampling: compare's `SamplingSpec` (the same four decoding fields) with a rollout's own settings.
+    Set explicitly, so a model's own generation_config.json cannot bias the KL.
 
     Attributes:
         max_new_tokens: Longest response (the seed's output_max_length; TRL's max_completion_length).
-        temperature: Sampling temperature; log-probs everywhere use logits / temperature.
+        temperature: Sampling temperature (1.0 by default, where compare's is 0); log-probs everywhere use
+            logits / temperature.
         top_k: 0 = no truncation (anything else biases the KL estimate).
         top_p: 1.0 = no nucleus truncation.
         seed: Base seed of each iteration's sampling (seed + iteration, + rank): resumes sample alike.
@@ -53,10 +55,7 @@ class GenerationHParams:
             see the same policy; larger means the sampler is off-policy (a merge, a dtype, a bug).
     """
 
-    max_new_tokens: int = 128
     temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
     seed: int | None = 42
     cache_implementation: str | None = None
     compile: bool = False

@@ -22,7 +22,7 @@ from alpaca_rlhf.models import (
     load_tokenizer,
     unwrap_peft,
 )
-from alpaca_rlhf.modules.adapter_stage import AdapterStage
+from alpaca_rlhf.modules.adapter_stage import AdapterStage, export_folder
 
 
 def plain_output_layer(model) -> bool:
@@ -38,28 +38,31 @@ class SFTModule(AdapterStage, L.LightningModule):
     Args:
         model: The base model to adapt.
         lora: The LoRA adapter's settings.
-        adapter_dir: Where the trained adapter (PEFT format), tokenizer and template are exported at the end of fit.
+        output_dir: Where the trained adapter (PEFT format), tokenizer and template are exported at the end of fit.
         template: Prompt template (bundled name or JSON path), exported beside the adapter.
         optimizer: Optimizer over the trainable (LoRA) parameters.
         scheduler: Learning-rate schedule, stepped every optimizer step; None keeps the LR constant.
         sample_instruction: Instruction whose greedy generation is logged to TensorBoard at each validation.
         sample_max_new_tokens: Length of that generation.
+        adapter_dir: The old name of `output_dir`, still read (with a warning).
     """
 
     def __init__(
         self,
         model: ModelSpec = ModelSpec(),
         lora: LoraSpec = LoraSpec(),
-        adapter_dir: str = "output/lora-alpaca",
+        output_dir: str = "output/lora-alpaca",
         template: str = "alpaca",
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         sample_instruction: str = "Give three tips for staying healthy.",
         sample_max_new_tokens: int = 48,
+        adapter_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.adapter_dir, self.optimizer_fn, self.scheduler_fn = adapter_dir, optimizer, scheduler
+        self.output_dir = export_folder(output_dir, adapter_dir)
+        self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
         self.template = PromptTemplate.load(template)
         self.sample_instruction, self.sample_max_new_tokens = sample_instruction, sample_max_new_tokens
         self.tokenizer = load_tokenizer(model)
@@ -137,5 +140,5 @@ class SFTModule(AdapterStage, L.LightningModule):
         # on_fit_end, not on_train_end: a resumed run that had already reached its last step skips the training
         # loop (and on_train_end) but still ends here, so a kill between the last checkpoint and the export heals
         if self.trainer.is_global_zero:
-            export_adapter(self.model, self.tokenizer, self.adapter_dir,
+            export_adapter(self.model, self.tokenizer, self.output_dir,
                            {TEMPLATE_FILE: self.template.to_json()})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -70,7 +71,7 @@ def test_plan_wires_each_output_into_the_next_stage():
     rm = " ".join(by_name["rm"])
     assert f"--model.init_args.model.name_or_path {merged_sft}" in rm
     ppo = " ".join(by_name["ppo"])
-    assert f"--model.init_args.policy.name_or_path {merged_sft}" in ppo
+    assert f"--model.init_args.model.name_or_path {merged_sft}" in ppo
     assert f"--model.init_args.scorer.init_args.model.name_or_path {merged_rm}" in ppo
     compare = " ".join(by_name["compare"])
     for arg in (f"--sft_model {merged_sft}", f"--reward_model {merged_rm}", "--base_model output/tiny/base",
@@ -80,10 +81,23 @@ def test_plan_wires_each_output_into_the_next_stage():
     assert paths["report"] == Path("output/tiny/compare/report.md")
 
 
+def test_plan_wires_configs_that_use_the_old_names(tmp_path):
+    """A config written before every stage said `model` and `output_dir` (PPO's `policy`, SFT's `adapter_dir`):
+    the pipeline reads its export folder and wires the merged SFT model into the key it uses."""
+    for name, old, new in (("sft", "adapter_dir:", "output_dir:"), ("ppo", "policy:", "model:")):
+        text = re.sub(f"^    {new}", f"    {old}", (ROOT / f"configs/tiny/{name}.yaml").read_text(), flags=re.M)
+        (tmp_path / f"{name}.yaml").write_text(text.replace("_base_: shared.yaml",
+                                                            f"_base_: {ROOT}/configs/tiny/shared.yaml"))
+    stages, _ = plan(tiny_stages(sft=FitStage(str(tmp_path / "sft.yaml")), ppo=FitStage(str(tmp_path / "ppo.yaml"))))
+    by_name = {s.name: " ".join(s.args) for s in stages}
+    assert by_name["merge_sft"].startswith("merge --adapter_path output/tiny/lora-alpaca ")
+    assert "--model.init_args.policy.name_or_path output/tiny/lora-alpaca-adapter-merged" in by_name["ppo"]
+
+
 def test_real_pipeline_wires_the_real_paths():
     stages, _ = plan(Stages())
     ppo = " ".join(next(s.args for s in stages if s.name == "ppo"))
-    assert "--model.init_args.policy.name_or_path output/lora-alpaca-adapter-merged" in ppo
+    assert "--model.init_args.model.name_or_path output/lora-alpaca-adapter-merged" in ppo
     assert "output/reward_model_Llama-3.1-8B_100_2e-05-adapter-merged" in ppo
 
 
@@ -337,7 +351,7 @@ def test_rloo_or_grpo_takes_ppos_place_with_ppos_wiring(algo):
     assert [s.name for s in stages] == ["sft", "merge_sft", "rm", "merge_rm", algo, "compare"]
     by_name = {s.name: s for s in stages}
     rl = " ".join(by_name[algo].args)
-    assert "--model.init_args.policy.name_or_path output/tiny/lora-alpaca-adapter-merged" in rl
+    assert "--model.init_args.model.name_or_path output/tiny/lora-alpaca-adapter-merged" in rl
     assert "--model.init_args.scorer.init_args.model.name_or_path output/tiny/reward_model-adapter-merged" in rl
     assert by_name[algo].output == Path(f"output/tiny/{algo}_checkpoints") and paths["rl"] == algo
     compare = " ".join(by_name["compare"].args)
