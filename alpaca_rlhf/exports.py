@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from alpaca_rlhf.io import atomic_dir
@@ -151,8 +152,6 @@ def clear_earlier_exports(trainer, output_dir: Path, name: str, resume_requested
     """Before a new online run (not a resume): an output_dir holding another run's exports stops it, unless
     `overwrite` (they are removed) or the run was asked to resume and found no checkpoint (a run killed between
     its first export and its first checkpoint: it starts over and writes those unfinished exports again)."""
-    import shutil
-
     from lightning.pytorch.utilities import rank_zero_warn
 
     old = sorted(rl_exports(output_dir))

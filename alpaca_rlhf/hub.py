@@ -19,6 +19,7 @@ from pathlib import Path
 
 from alpaca_rlhf import exports
 from alpaca_rlhf.errors import ConfigError
+from alpaca_rlhf.io import atomic_dir
 
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "pytorch_model.bin",
            "model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -92,8 +93,6 @@ def push(folder: str, to: str, private: bool = False, message: str = "Upload wit
     own_card = readme.is_file() and "# Model Card for Model ID" not in readme.read_text(errors="replace")
     card = None if own_card else model_card(source, info)  # PEFT's blank template is replaced
     if _is_local(to):
-        from alpaca_rlhf.io import atomic_dir
-
         target = Path(to.removeprefix("file://")).expanduser()
         if target.exists() and any(target.iterdir()) and not overwrite:
             raise ConfigError(f"push: {target} already exists; pass --overwrite true to replace it")

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from alpaca_rlhf.errors import ConfigError
+
 PROGRESS_ENV = "ALPACA_RLHF_PROGRESS"  # a file path: a fit run writes its progress there (trainer.ProgressFile)
 
 
@@ -89,8 +91,6 @@ def use_atomic_checkpoints(trainer) -> None:
 def check_logs_outside(module, export_dir: str | os.PathLike, option: str) -> None:
     """Refuses, before training, an export folder that holds the run's own log folder: the export replaces the
     folder whole at the end (`atomic_dir`), so the TensorBoard run inside it would be deleted."""
-    from alpaca_rlhf.errors import ConfigError
-
     export = Path(export_dir).resolve()
     for logger in getattr(module, "loggers", []) or []:
         log_dir = getattr(logger, "log_dir", None)

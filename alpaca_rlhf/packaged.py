@@ -8,6 +8,7 @@ is looked up there: `configs/tiny/sft.yaml`, `tiny/sft.yaml` and `tiny/sft` all 
 
 from __future__ import annotations
 
+import difflib
 import shutil
 from pathlib import Path
 
@@ -42,8 +43,6 @@ def packaged_names() -> list[str]:
 
 def missing_config(path: str) -> FileNotFoundError:
     """The error for a `--config` that is neither a file nor a packaged name: the closest names, and the list."""
-    import difflib
-
     names = packaged_names()
     name = path[len("configs/"):] if path.startswith("configs/") else path
     name = name[:-5] if name.endswith(".yaml") else name

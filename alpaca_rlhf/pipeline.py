@@ -18,6 +18,7 @@ keeps the reward model, PPO and compare; anything else that changed reruns them 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -30,7 +31,7 @@ from pathlib import Path
 from alpaca_rlhf import exports
 from alpaca_rlhf.data.partition import Partition
 from alpaca_rlhf.exports import newest_export
-from alpaca_rlhf.io import PROGRESS_ENV
+from alpaca_rlhf.io import PROGRESS_ENV, write_text_whole
 from alpaca_rlhf.plan import (  # noqa: F401  (the plan's names: their old home was here)
     ONLINE,
     PACKAGE_PARENT,
@@ -117,8 +118,6 @@ def invalidate(stage: Stage, logs: Path) -> list[Path]:
 def fingerprint(path: Path) -> str:
     """A content hash of a stage's output (a file or every file of a folder, by relative path): a merge rerun
     that writes the same bytes leaves it unchanged, so the stages trained on it are kept."""
-    import hashlib
-
     digest = hashlib.sha256()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for file in files:
@@ -333,7 +332,6 @@ def add_time(logs: Path, stage: str | None = None, seconds: float = 0.0, invocat
     ledger["invocations"] += int(invocation)
     if stage is not None:
         ledger["stages"][stage] = round(ledger["stages"].get(stage, 0.0) + seconds, 1)
-    from alpaca_rlhf.io import write_text_whole
 
     logs.mkdir(parents=True, exist_ok=True)
     write_text_whole(path, json.dumps(ledger, indent=2))

@@ -5,6 +5,7 @@ runs the plan.
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Literal
 
 from alpaca_rlhf import exports
 from alpaca_rlhf.data.partition import Partition
+from alpaca_rlhf.packaged import config_root, find_config
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]  # the folder that holds alpaca_rlhf/
 
@@ -102,8 +104,6 @@ class PipelineError(SystemExit):
 def find_file(path: str) -> Path:
     """A config path relative to the working directory or, failing that, a packaged config (`configs/tiny/sft.yaml`
     names the one that ships with the package, from any directory)."""
-    from alpaca_rlhf.packaged import config_root, find_config
-
     found = find_config(path)
     if found is not None:
         return found.resolve()
@@ -215,8 +215,6 @@ def rl_entry(stages: Stages) -> tuple[str, FitStage]:
 
 def model_class(config: StageConfig, key: str) -> type:
     """The stage's LightningModule class, imported from its config's `model.class_path`."""
-    import importlib
-
     path = str(config.get("model.class_path", ""))
     module, _, name = path.rpartition(".")
     try:

@@ -17,9 +17,15 @@ labelled), the peak of one optimizer step. It counts tensors, not the allocator'
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from alpaca_rlhf.errors import ConfigError
+from alpaca_rlhf.exports import MERGED_SUFFIX, adapter_of_merged
 
 GIB = 1024**3
 BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
@@ -65,8 +71,6 @@ class Shape:
 
 
 def _adapter_base(path: Path) -> str | None:
-    from alpaca_rlhf.exports import adapter_of_merged
-
     config = (adapter_of_merged(path) or path) / "adapter_config.json"  # a merged folder's adapter, or an adapter
     return json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None
 
@@ -102,8 +106,6 @@ def shape_of(spec, fallback: str | None = None) -> Shape:
 
             config = AutoConfig.from_pretrained(name, local_files_only=True).to_dict()
         except Exception as e:
-            from alpaca_rlhf.exports import MERGED_SUFFIX
-
             stage_output = name.endswith(MERGED_SUFFIX) or looks_local(name)
             hint = ("it looks like an earlier stage's output that is not written yet: run that stage first, or "
                     "give the shape it will have with --model_shape NAME (the model that stage starts from, e.g. "
@@ -264,9 +266,6 @@ def online_stage(class_path: str) -> tuple[str, str, bool, int] | None:
     """(name, the hyperparameters' argument, has a value model, its default completions per prompt) of an online
     RL module class (PPO, RLOO, GRPO, REINFORCE++ or any `OnlineRLModule` subclass), read from the class itself;
     None for any other class."""
-    import importlib
-    import inspect
-
     module, _, name = class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)
@@ -346,10 +345,6 @@ def device_budget_gb() -> float | None:
 def check(config, mode: str = "check", budget_gb: float | None = None, margin: float = 1.15) -> Estimate | None:
     """The start-of-fit check: log the estimate; with `mode` "check", refuse when it is over `margin` x the
     budget (the device's memory, or `budget_gb`). "warn" only warns; "off" skips it."""
-    import logging
-
-    from alpaca_rlhf.errors import ConfigError
-
     if mode == "off":
         return None
     log = logging.getLogger(__name__)

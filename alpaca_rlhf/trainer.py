@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Literal
@@ -75,9 +77,6 @@ class CtrlCCheckpoint(L.Callback):
         self._previous = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        import signal
-        import threading
-
         if trainer.world_size != 1 or threading.current_thread() is not threading.main_thread():
             return
         previous = signal.getsignal(signal.SIGINT)
@@ -112,8 +111,6 @@ class CtrlCCheckpoint(L.Callback):
         self._restore()
 
     def _restore(self) -> None:
-        import signal
-
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None

@@ -197,7 +197,7 @@ def run_ppo(path: str, rm_path: str, data: str, run: dict, cap_gb: float) -> dic
     import lightning as L
     import torch
 
-    from alpaca_rlhf import ppo as F
+    from alpaca_rlhf import ppo as rl  # the pure-torch math of every RL method
     from alpaca_rlhf.data import PromptDataModule
     from alpaca_rlhf.models import LoraSpec
     from alpaca_rlhf.modules.ppo import GenerationHParams, PPOHParams, PPOModule
@@ -220,7 +220,7 @@ def run_ppo(path: str, rm_path: str, data: str, run: dict, cap_gb: float) -> dic
         module = PPOModule(policy=_spec(path, "4bit"), scorer=RewardModelScorer(_spec(rm_path, "4bit")),
                            lora=LoraSpec(**LORA), ppo=PPOHParams(ppo_epochs=2, forward_batch_size=run["ppo_batch"]),
                            generation=GenerationHParams(max_new_tokens=run["max_new_tokens"]),
-                           kl_controller=F.FixedKLController(0.05),
+                           kl_controller=rl.FixedKLController(0.05),
                            optimizer=functools.partial(torch.optim.AdamW, lr=1e-5), output_dir=f"{tmp}/out",
                            save_freq=0, log_samples_every=0)
         module.export = lambda *a, **k: None  # the export is not part of the measurement

@@ -317,7 +317,7 @@ def run_ours(path: str, rm_path: str, cfg: dict, batch_size: int, max_prompt_len
     import lightning as L
     import torch
 
-    from alpaca_rlhf import ppo as F
+    from alpaca_rlhf import ppo as rl  # the pure-torch math of every RL method
     from alpaca_rlhf.models import LoraSpec, ModelSpec
     from alpaca_rlhf.modules.ppo import GenerationHParams, PPOHParams, PPOModule
     from alpaca_rlhf.modules.scorers import RewardModelScorer
@@ -352,7 +352,7 @@ def run_ours(path: str, rm_path: str, cfg: dict, batch_size: int, max_prompt_len
                            max_grad_norm=None, forward_batch_size=batch_size),
             generation=GenerationHParams(max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"],
                                          top_k=0, top_p=1.0, seed=cfg["seed"]),
-            kl_controller=F.FixedKLController(0.05),  # TRL's kl_coef, fixed
+            kl_controller=rl.FixedKLController(0.05),  # TRL's kl_coef, fixed
             optimizer=functools.partial(torch.optim.AdamW, lr=cfg["lr"], eps=cfg["eps"], weight_decay=0.0),
             scheduler=None, output_dir=f"{tmp}/out", save_freq=0, log_samples_every=0,
         )

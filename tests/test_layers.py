@@ -95,3 +95,38 @@ def test_no_file_is_much_over_400_lines():
     long = {str(p.relative_to(ROOT)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 450 and "data" not in p.relative_to(PACKAGE).parts}
     assert not long, long
+
+
+HEAVY_OR_OPTIONAL = {"torch", "lightning", "transformers", "peft", "safetensors", "datasets", "jsonargparse", "gguf",
+                     "matplotlib", "tensorboard", "huggingface_hub"}
+ON_DEMAND = {"memory estimate", "commands"}  # they load the package's heavy layers only when a command runs
+CYCLES = {("alpaca_rlhf.inference.generation", "alpaca_rlhf.inference.comparison")}  # comparison imports generation
+
+
+def test_imports_are_at_the_top_of_a_file_with_named_exceptions():
+    """Below the command line's lazy boundary (cli, helptext, parsers), a file shows what it depends on at its top.
+    An import inside a function is one of: a heavy or optional third-party package (a fast `--help` and a foundation
+    that loads no framework; peft imports bitsandbytes, which prints a kernel banner; plots need matplotlib), the
+    package's own heavy layers in an on-demand layer, or the one import cycle."""
+    hidden = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        own = module_name(path)
+        if LAYERS[layer(own)][0] in ("parsers", "command line") or layer(own) < 0:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Import):
+                    names = [a.name for a in sub.names]
+                elif isinstance(sub, ast.ImportFrom) and sub.level == 0:
+                    names = [sub.module]
+                else:
+                    continue
+                for name in names:
+                    if name.split(".")[0] in HEAVY_OR_OPTIONAL or (own, name) in CYCLES:
+                        continue
+                    if name.startswith("alpaca_rlhf") and LAYERS[layer(own)][0] in ON_DEMAND:
+                        continue
+                    hidden.append(f"{own}:{sub.lineno} imports {name} inside {node.name}()")
+    assert not hidden, "\n".join(hidden)

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from alpaca_rlhf.data.base import TokenizedDataModule
 from alpaca_rlhf.data.partition import Partition, PartName, take_part
+from alpaca_rlhf.data.preference import check_preference, render_hh_prompt
 from alpaca_rlhf.data.records import (
     SUBSET_KEY,
     DataValidationError,
@@ -29,8 +30,6 @@ def check_prompt(record: dict):
     conversation `{messages}` (a final assistant turn, if any, is dropped: the policy answers the rest), or an
     HH preference record `{chosen, rejected}` (its shared dialogue up to the last assistant turn)."""
     if "instruction" not in record and "messages" not in record and {"chosen", "rejected"} <= set(record):
-        from alpaca_rlhf.data.preference import check_preference
-
         return check_preference(record, "hh")
     if "instruction" not in record and "messages" in record:
         problem = check_messages(record, last_role=None)
@@ -54,8 +53,6 @@ def render_prompt(record: dict, template: PromptTemplate) -> str:
     if "messages" in record:
         return template.render_messages(prompt_messages(record["messages"]))
     if "chosen" in record:
-        from alpaca_rlhf.data.preference import render_hh_prompt
-
         return render_hh_prompt(record, template)
     return template.render(record["user_input"], record.get("input") or "")
 

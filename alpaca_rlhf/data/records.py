@@ -9,6 +9,7 @@ and the field, or, with `skip_bad=True`, is dropped and counted.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import logging
@@ -89,8 +90,6 @@ def _json_lines(path: Path, text: str) -> list:
 def _read_csv(path: Path) -> list:
     """CSV read as text: every cell a string (a column of numbers is still an instruction's text, not a float),
     an empty cell an empty string, a byte-order mark skipped."""
-    import csv
-
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             return [dict(row) for row in csv.DictReader(f)]

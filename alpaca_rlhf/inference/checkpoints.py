@@ -8,6 +8,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from alpaca_rlhf.errors import ConfigError
 from alpaca_rlhf.exports import (  # noqa: F401  (latest_export, resolve_base: re-exported, their old home)
     is_rl_output,
@@ -17,6 +19,7 @@ from alpaca_rlhf.exports import (  # noqa: F401  (latest_export, resolve_base: r
     resolve_base,
     template_of,
 )
+from alpaca_rlhf.models import ModelSpec, load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +86,6 @@ def detect_checkpoint(path: str, tokenizer_name: str | None = None) -> tuple[Che
         return resolve_checkpoint("sft", adapter_path=path, tokenizer_name=tokenizer_name), "adapter"
     config = read_json(folder / "config.json")
     if config and any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
-        from alpaca_rlhf.errors import ConfigError
-
         raise ConfigError(f"{path}: a reward model (sequence classifier); it scores responses, it does not generate")
     if folder.is_dir() and config is None and not str(path).endswith(".gguf"):
         raise FileNotFoundError(f"{path}: no config.json, adapter_config.json or ppo_state.json (is this a "
@@ -105,10 +106,6 @@ def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None, load_in_8b
             fit; without a GPU there is nothing to offload from, so the model simply runs on the CPU.
         offload_folder: Where weights that fit neither GPU nor CPU memory are offloaded to disk.
     """
-    import torch
-
-    from alpaca_rlhf.models import ModelSpec, load_causal_lm, load_tokenizer
-
     cuda = torch.cuda.is_available()
     spec = ModelSpec(name_or_path=checkpoint.base, tokenizer=checkpoint.tokenizer,
                      dtype=dtype or ("bfloat16" if cuda else "float32"),

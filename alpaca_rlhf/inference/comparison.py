@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from alpaca_rlhf.data.partition import prompt_key
-from alpaca_rlhf.data.prompts import PromptSource
+from alpaca_rlhf.data.preference import hh_messages, split_hh_dialogue
+from alpaca_rlhf.data.prompts import PromptSource, prompt_messages
+from alpaca_rlhf.data.sft import seeded_sample
 from alpaca_rlhf.data.templates import PromptTemplate
 from alpaca_rlhf.errors import ConfigError
 from alpaca_rlhf.inference.checkpoints import (
@@ -43,6 +48,7 @@ from alpaca_rlhf.inference.generation import (
     response_logprob_sums,
 )
 from alpaca_rlhf.inference.judge import conversation_text
+from alpaca_rlhf.inference.plots import write_plots
 from alpaca_rlhf.inference.report import markdown_report, terminal_table
 from alpaca_rlhf.inference.scoring import (  # noqa: F401  (re-exported: its old home)
     _ids,
@@ -83,8 +89,6 @@ PromptSource = ComparePrompts  # noqa: F811  (compare's `prompts`, by its old na
 def held_out_records(source: ComparePrompts, tokenizer, template: PromptTemplate) -> list[dict]:
     """{instruction, input, prompt, reference} records: PPO's held-out prompts, from the very function
     (`prompt_split`) and arguments `PromptDataModule` uses, or a file's records in order (`val_set_size: 0`)."""
-    from alpaca_rlhf.data.sft import seeded_sample
-
     if source.part is not None:  # the part itself (eval), no hold-out drawn from it
         part, _, _ = source.split_prompts(tokenizer, template, val_set_size=0)
         return [_describe(e) for e in seeded_sample(part, source.max_prompts, source.seed)]
@@ -100,8 +104,6 @@ def _describe(example: dict) -> dict:
 def _describe_record(example: dict) -> dict:
     record = example["record"]
     if "messages" in record and "instruction" not in record:
-        from alpaca_rlhf.data.prompts import prompt_messages
-
         turns = prompt_messages(record["messages"])
         users = [m["content"] for m in turns if m["role"] == "user"]
         reference = record["messages"][-1]["content"] if record["messages"][-1]["role"] == "assistant" else None
@@ -109,7 +111,6 @@ def _describe_record(example: dict) -> dict:
         return {"instruction": users[-1], "input": conversation_text(turns[:last_user]), "prompt": example["prompt"],
                 "reference": reference, "conversation": conversation_text(turns)}
     if "chosen" in record and "instruction" not in record:  # an HH dialogue: its last human turn
-        from alpaca_rlhf.data.preference import hh_messages, split_hh_dialogue
 
         instruction, context, chosen, _ = split_hh_dialogue(record["chosen"], record["rejected"])
         return {"instruction": instruction, "input": context, "prompt": example["prompt"], "reference": chosen,
@@ -183,8 +184,6 @@ def compare(
             two orders' log-odds summed).
         examples: Side-by-side examples in the report, drawn with `seed` (not picked), with the LLM judge's verdict.
     """
-    import torch
-
     started = time.time()
     checkpoints: dict[str, Checkpoint] = {}
     if rlhf_model:
@@ -277,7 +276,6 @@ def compare(
     with open(out / "outputs.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    from alpaca_rlhf.inference.plots import write_plots
 
     log_dir = ppo_log_dir or (ppo_state or {}).get("log_dir")
     settings["plots"] = write_plots(rows, stages, out, log_dir if log_dir and Path(log_dir).is_dir() else None,
@@ -291,8 +289,6 @@ def compare(
 
 def draw_examples(rows: list[dict], n: int, seed: int) -> list[int]:
     """`n` prompt ids drawn with `seed` (not chosen by hand) for the report's side-by-side examples."""
-    import random
-
     ids = sorted({r["prompt_id"] for r in rows})
     return sorted(random.Random(seed).sample(ids, min(n, len(ids))))
 

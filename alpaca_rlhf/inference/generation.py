@@ -5,14 +5,24 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
+from tqdm.auto import tqdm
+from transformers import TextStreamer
+
+from alpaca_rlhf.data.prompts import check_prompt, render_prompt
+from alpaca_rlhf.data.records import read_raw_records, validate_records
+from alpaca_rlhf.data.sft import adds_special_tokens
 from alpaca_rlhf.data.templates import PromptTemplate
 from alpaca_rlhf.errors import ConfigError
 from alpaca_rlhf.inference.checkpoints import Checkpoint, detect_checkpoint, load_checkpoint, resolve_checkpoint
 from alpaca_rlhf.models.specs import SamplingSpec  # noqa: F401  (re-exported: its old home)
+from alpaca_rlhf.ppo import first_eos_mask, masked_sum, response_logprobs, response_positions
+from alpaca_rlhf.ppo.rollout import position_ids_from_mask
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +47,8 @@ def generate_responses(model, tokenizer, prompts: list[str], sampling: SamplingS
     `progress`, a progress bar of that name over the batches (on stderr). A response ends at any of `stop_ids`
     (`PromptTemplate.stop_token_ids`: EOS and a chat template's end of turn; default EOS)."""
 
-    from alpaca_rlhf.ppo import first_eos_mask
-
     if tokenizer.padding_side != "left":
         raise ValueError("batched generation needs a left-padding tokenizer (load_checkpoint gives one)")
-    from alpaca_rlhf.data.sft import adds_special_tokens
 
     stop_ids = list(stop_ids or [tokenizer.eos_token_id])
     config = sampling.generation_config(tokenizer, stop_ids)
@@ -49,8 +56,6 @@ def generate_responses(model, tokenizer, prompts: list[str], sampling: SamplingS
     out: list[Generation] = []
     starts = range(0, len(prompts), batch_size)
     if progress:
-        from tqdm.auto import tqdm
-
         starts = tqdm(starts, desc=progress, unit="batch", total=len(starts))
     for i in starts:
         enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True,  # BOS once, as encode_prompt
@@ -73,8 +78,6 @@ def pad_prompt_responses(prompt_ids: list[list[int]], response_ids: list[list[in
                          pad_token_id: int) -> tuple:
     """The PPO layout: (query_responses (B, C+T), attention_mask (B, C+T), C), prompts left-padded to C and
     responses right-padded to T."""
-    import torch
-
     C = max(len(p) for p in prompt_ids)
     T = max(1, max(len(r) for r in response_ids))
     ids = torch.full((len(prompt_ids), C + T), pad_token_id, dtype=torch.long)
@@ -89,11 +92,6 @@ def pad_prompt_responses(prompt_ids: list[list[int]], response_ids: list[list[in
 def response_logprob_sums(model, prompt_ids: list[list[int]], response_ids: list[list[int]],
                           pad_token_id: int, temperature: float = 1.0, batch_size: int = 8):
     """(N,) sum over each response's tokens of log pi(y_t | x, y_<t), with logits / temperature as in PPO."""
-    import torch
-
-    from alpaca_rlhf.ppo import masked_sum, response_logprobs, response_positions
-    from alpaca_rlhf.ppo.rollout import position_ids_from_mask
-
     with torch.no_grad():  # scoring only
         sums = []
         device = model_device(model)
@@ -114,8 +112,6 @@ def read_instructions(path: str, template: PromptTemplate) -> list[dict]:
     """`{instruction, input, prompt}` of every record of a file: Alpaca `{instruction, input}`, the seed's
     `{user_input}`, a conversation `{messages}` or an HH dialogue `{chosen, rejected}`, each rendered as PPO
     renders it (`template` bound to the tokenizer): a conversation's last user turn is its instruction."""
-    from alpaca_rlhf.data.prompts import check_prompt, render_prompt
-    from alpaca_rlhf.data.records import read_raw_records, validate_records
     from alpaca_rlhf.inference.comparison import _describe_record
 
     records, _ = validate_records(read_raw_records(path), path, check_prompt)
@@ -190,8 +186,6 @@ def generate(
         seed: Seed of the sampling; None leaves the RNG alone.
         stream: Print a single instruction's response token by token as it is generated.
     """
-    import torch
-
     if sum(x is not None for x in (instruction, instructions_file)) + chat != 1:
         raise ConfigError("give exactly one of --instruction, --instructions_file or --chat")
     checkpoint, kind = _checkpoint_from_flags(model, mode, base_model, sft_model, rlhf_model, model_name,
@@ -212,8 +206,6 @@ def generate(
     prompts = [r.pop("prompt") for r in records]
     streamer = None
     if stream and len(prompts) == 1:
-        from transformers import TextStreamer
-
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     generations = generate_responses(loaded, tokenizer, prompts, sampling, batch_size, streamer,
                                      progress="generate" if len(prompts) > batch_size else None,
@@ -257,10 +249,6 @@ def _checkpoint_from_flags(model, mode, base_model, sft_model, rlhf_model, model
 def chat_loop(model, tokenizer, template: PromptTemplate, sampling: SamplingSpec, title: str = "",
               stream=None) -> list[dict]:
     """Reads user turns from `stream` (stdin), streams each answer; returns the conversation."""
-    import sys
-
-    from transformers import TextStreamer
-
     stream = stream or sys.stdin
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     print(f"chat with {title}; /reset forgets the conversation, /exit (or end of input) stops", flush=True)

@@ -18,9 +18,16 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
+
+import torch
 
 from alpaca_rlhf.data.partition import Partition, take_part
+from alpaca_rlhf.data.preference import check_preference, detect_format, hh_messages, split_hh_dialogue
+from alpaca_rlhf.data.records import SUBSET_KEY, read_raw_records, validate_records
+from alpaca_rlhf.data.sft import seeded_sample
 from alpaca_rlhf.evaluation import UNRELIABLE_JUDGE, accuracy_report, format_accuracy_report
+from alpaca_rlhf.models import ModelSpec, load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +65,6 @@ class PairwiseJudge:
 
     def __init__(self, model: str, dtype: str = "float32", batch_size: int = 4, max_conversation_tokens: int = 384,
                  max_answer_tokens: int = 192) -> None:
-        import torch
-
-        from alpaca_rlhf.models import ModelSpec, load_causal_lm, load_tokenizer
-
         spec = ModelSpec(name_or_path=model, dtype=dtype)
         self.tokenizer = load_tokenizer(spec, padding_side="left")
         self.model = load_causal_lm(spec, trainable=False).eval()
@@ -95,8 +98,6 @@ class PairwiseJudge:
 
     def log_odds(self, pairs: list[JudgedPair]) -> list[float]:
         """log P("A") - log P("B") of the next token for each pair as shown (positive: A preferred)."""
-        import torch
-
         device = next(self.model.parameters()).device
         out = []
         for i in range(0, len(pairs), self.batch_size):
@@ -136,10 +137,6 @@ def heldout_pairs(data_path: str | list[str], partition: Partition | None = None
                   seed: int = 42, part: str = "heldout") -> list[dict]:
     """Labelled pairs of the partition's `heldout` part, at most `n` drawn with `seed`:
     `{conversation, chosen, rejected, subset}`."""
-    from alpaca_rlhf.data.preference import check_preference, detect_format, hh_messages, split_hh_dialogue
-    from alpaca_rlhf.data.records import SUBSET_KEY, read_raw_records, validate_records
-    from alpaca_rlhf.data.sft import seeded_sample
-
     raw = read_raw_records(data_path)
     fmt = detect_format(raw, str(data_path))
     if fmt != "hh":
@@ -208,8 +205,6 @@ def judge(
         dtype: The judge's weight dtype.
         batch_size: Prompts per forward.
     """
-    from pathlib import Path
-
     model = str(Path(model).expanduser()) if model.startswith("~") else model
     started = time.time()
     the_judge = PairwiseJudge(model, dtype=dtype, batch_size=batch_size)

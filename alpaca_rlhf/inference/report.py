@@ -6,6 +6,7 @@ import logging
 import textwrap
 import time
 
+from alpaca_rlhf.evaluation import format_win_rate
 from alpaca_rlhf.inference.checkpoints import STAGE_TITLES
 
 log = logging.getLogger(__name__)
@@ -126,8 +127,6 @@ def _ci(ci) -> str:
 
 def llm_judge_lines(summary: dict) -> list[str]:
     """The LLM judge's validation and its RLHF-vs-SFT verdict, as markdown lines."""
-    from alpaca_rlhf.evaluation import format_win_rate
-
     llm = summary["llm_judge"]
     lines = []
     validation = llm.get("validation")

@@ -3,11 +3,16 @@ LLM judge, validated on held-out pairs before its verdicts are counted."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+from tqdm.auto import tqdm
+
+from alpaca_rlhf.data.sft import encode_prompt
 from alpaca_rlhf.evaluation import win_tie_loss
 from alpaca_rlhf.inference.checkpoints import STAGE_TITLES
 from alpaca_rlhf.inference.generation import (
@@ -15,6 +20,16 @@ from alpaca_rlhf.inference.generation import (
     model_device,
     pad_prompt_responses,
 )
+from alpaca_rlhf.inference.judge import (
+    JudgedPair,
+    PairwiseJudge,
+    format_validation,
+    heldout_pairs,
+    outcomes_from_log_odds,
+    validate,
+)
+from alpaca_rlhf.models import ModelSpec
+from alpaca_rlhf.modules.scorers import RewardModelScorer, ScoringBatch
 
 if TYPE_CHECKING:
     from alpaca_rlhf.inference.comparison import PromptSource
@@ -23,10 +38,6 @@ log = logging.getLogger(__name__)
 
 
 def _release_memory() -> None:
-    import gc
-
-    import torch
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -40,15 +51,6 @@ def run_llm_judge(model: str, records: list[dict], generations: dict[str, list[G
                   n_pairs: int, rule: str, samples_per_prompt: int, dtype: str | None) -> dict:
     """The LLM judge's validation on held-out human labels, then RLHF vs SFT on every prompt (its first sample),
     both orders: win / tie / loss with a paired-bootstrap 95% interval."""
-    from alpaca_rlhf.inference.judge import (
-        JudgedPair,
-        PairwiseJudge,
-        format_validation,
-        heldout_pairs,
-        outcomes_from_log_odds,
-        validate,
-    )
-
     t0 = time.time()
     the_judge = PairwiseJudge(model, dtype=dtype or "float32")
     validation = None
@@ -102,12 +104,6 @@ def score_generations(reward_model: str, records: list[dict], generations: dict[
     Returns:
         ({stage: scores in generation order, "anchor/<name>": scores per prompt}, the RM's reward_stats.json).
     """
-    import torch
-
-    from alpaca_rlhf.data.sft import encode_prompt
-    from alpaca_rlhf.models import ModelSpec
-    from alpaca_rlhf.modules.scorers import RewardModelScorer
-
     cuda = torch.cuda.is_available()
     spec = ModelSpec(name_or_path=reward_model,
                      dtype=load_kwargs["dtype"] or ("bfloat16" if cuda else "float32"),
@@ -137,10 +133,6 @@ def score_generations(reward_model: str, records: list[dict], generations: dict[
 
 def _score_all(scorer, prompts: list[str], gens: list[Generation], tokenizer, batch_size: int,
                label: str = "", stop_ids: list[int] | None = None) -> list[float]:
-    from tqdm.auto import tqdm
-
-    from alpaca_rlhf.modules.scorers import ScoringBatch
-
     device = model_device(scorer.model)
     values = []
     for i in tqdm(range(0, len(gens), batch_size), desc=f"compare: scoring {label}", unit="batch", leave=False):

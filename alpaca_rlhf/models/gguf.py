@@ -3,12 +3,15 @@ fingerprint, with the pre-tokenizer the file declares restored."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 from pathlib import Path
 
 import torch
+from tokenizers import pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from alpaca_rlhf.io import atomic_dir
 from alpaca_rlhf.models.specs import ModelSpec
@@ -30,8 +33,6 @@ def convert_gguf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike) ->
     a `quantization_config` naming the GGUF file; so the weights go into a plain model of the same config,
     without that entry. Written whole or not at all, so an interrupted conversion is redone.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     gguf_path = Path(gguf_path).expanduser().resolve()
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file {str(gguf_path)!r} does not exist")
@@ -71,8 +72,6 @@ CONVERTER_VERSION = 2  # 2: the declared pre-tokenizer restored (a folder conver
 def gguf_fingerprint(path: str | os.PathLike) -> str:
     """A content key of a GGUF file: sha256 of its size, its first 8 MiB (the header: metadata, tokenizer,
     tensor table) and its last 8 MiB (tensor data); ~20 ms where a whole-file hash of 500 MB takes seconds."""
-    import hashlib
-
     path = Path(path)
     size = path.stat().st_size
     digest = hashlib.sha256(str(size).encode())
@@ -87,8 +86,6 @@ def gguf_fingerprint(path: str | os.PathLike) -> str:
 # GGUF pre-tokenizer names (`tokenizer.ggml.pre`) whose rule transformers' GGUF reader leaves out, and the rule
 # (llama.cpp's own: SmolLM splits every digit before the byte-level split)
 def _smollm_pre_tokenizer():
-    from tokenizers import pre_tokenizers
-
     return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
 

@@ -4,12 +4,21 @@ stage uses on a loaded model (dropout off, the trainable tensors of a checkpoint
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 from pathlib import Path
 
 import torch
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    GenerationConfig,
+)
 
 from alpaca_rlhf.models.gguf import gguf_folder
 from alpaca_rlhf.models.specs import PAD_CANDIDATES, LoraSpec, ModelSpec, looks_local
@@ -85,8 +94,6 @@ def ensure_pad_token(tokenizer, pad_token: str | None = None):
 
 def load_tokenizer(spec: ModelSpec, padding_side: str = "right"):
     """The spec's tokenizer with its pad token chosen by `ensure_pad_token` and the given padding side."""
-    from transformers import AutoTokenizer
-
     path = ensure_base(spec)
     source = path if spec.tokenizer is None else spec.tokenizer
     if source.endswith(".gguf"):
@@ -118,7 +125,6 @@ def hub_errors(name: str):
 def quantization_config(spec: ModelSpec):
     if spec.quantization is None:
         return None
-    from transformers import BitsAndBytesConfig
 
     if spec.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -189,8 +195,6 @@ def neutral_generation_config(model) -> None:
     only the special token ids: `generate` fills unset fields from it, so a checkpoint's `min_p`, `typical_p`,
     `epsilon_cutoff`, `no_repeat_ngram_size` or `bad_words_ids` would otherwise truncate or bias sampling (and
     PPO's KL estimate with it)."""
-    from transformers import GenerationConfig
-
     base = unwrap_peft(model)
     old = base.generation_config
     base.generation_config = GenerationConfig(bos_token_id=old.bos_token_id, eos_token_id=old.eos_token_id,
@@ -202,22 +206,16 @@ def load_causal_lm(spec: ModelSpec, trainable: bool = True, **placement):
 
     `placement`: transformers' `device_map` / `offload_folder` for inference (training leaves placement to
     Lightning; quantized weights are placed here either way)."""
-    from transformers import AutoModelForCausalLM
-
     return _load(AutoModelForCausalLM, spec, trainable, **placement)
 
 
 def load_trunk(spec: ModelSpec, trainable: bool = True):
     """The bare decoder (`AutoModel`: no output layer or head) of any causal-LM or sequence-classifier folder."""
-    from transformers import AutoModel
-
     return _load(AutoModel, spec, trainable)
 
 
 def load_sequence_classifier(spec: ModelSpec, pad_token_id: int | None = None, trainable: bool = True):
     """A one-score sequence classifier; from a causal-LM folder its `score` head starts random."""
-    from transformers import AutoModelForSequenceClassification
-
     kwargs = {"num_labels": 1}
     if pad_token_id is not None:
         kwargs["pad_token_id"] = pad_token_id
@@ -267,8 +265,6 @@ def plain(value):
 
     Checkpoints keep hyperparameters this way so `torch.load(weights_only=True)` (torch's default) opens them.
     """
-    import dataclasses
-
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, dict):

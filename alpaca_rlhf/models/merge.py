@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from alpaca_rlhf.exports import MERGED_FROM_FILE, STATE_FILE, merged_folder, resolve_base
 from alpaca_rlhf.io import atomic_dir
@@ -32,7 +33,6 @@ def merge_adapter(adapter_path: str, output_dir: str | None = None, dtype: str =
         base_model: Override the adapter's recorded base (hub id or folder).
     """
     from peft import PeftConfig, PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     adapter = Path(adapter_path)
     if not (adapter / "adapter_config.json").is_file():

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from transformers import GenerationConfig
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -150,8 +151,6 @@ class SamplingSpec:
 
     def generation_config(self, tokenizer, stop_ids: list[int] | None = None):
         """The GenerationConfig; generation stops at any of `stop_ids` (default: EOS)."""
-        from transformers import GenerationConfig
-
         sampling = dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         return GenerationConfig(**(sampling if self.temperature > 0 else {"do_sample": False}),
                                 max_new_tokens=self.max_new_tokens, num_beams=1, repetition_penalty=1.0,

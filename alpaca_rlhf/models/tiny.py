@@ -8,7 +8,11 @@ import os
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from alpaca_rlhf.data.records import read_raw_records
+from alpaca_rlhf.data.templates import PromptTemplate
 from alpaca_rlhf.io import atomic_dir
 from alpaca_rlhf.models.specs import TINY_CORPUS, TINY_LLAMA
 
@@ -16,9 +20,6 @@ log = logging.getLogger(__name__)
 
 
 def _corpus_texts(corpus: str) -> list[str]:
-    from alpaca_rlhf.data.records import read_raw_records
-    from alpaca_rlhf.data.templates import PromptTemplate
-
     template = PromptTemplate.load("alpaca")
     texts = []
     for r in read_raw_records(corpus):
@@ -28,9 +29,6 @@ def _corpus_texts(corpus: str) -> list[str]:
 
 def train_tiny_tokenizer(corpus: str = TINY_CORPUS, vocab_size: int = 1024):
     """A byte-level BPE tokenizer trained locally on Alpaca-format records; BOS is added, EOS is not."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -47,8 +45,6 @@ def train_tiny_tokenizer(corpus: str = TINY_CORPUS, vocab_size: int = 1024):
 def build_tiny_base(path: str | os.PathLike, config: dict | None = None, corpus: str = TINY_CORPUS,
                     vocab_size: int = 1024, seed: int = 0) -> Path:
     """Saves a random-weight LLaMA and its locally trained tokenizer as a `from_pretrained` folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tokenizer = train_tiny_tokenizer(corpus, vocab_size)
     cfg = LlamaConfig(**{**TINY_LLAMA, **(config or {}), "vocab_size": len(tokenizer),
                          "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,

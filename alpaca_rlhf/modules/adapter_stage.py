@@ -6,6 +6,7 @@ from __future__ import annotations
 from lightning.pytorch.utilities import rank_zero_warn
 
 from alpaca_rlhf.guards import assert_finite
+from alpaca_rlhf.io import check_logs_outside
 from alpaca_rlhf.models import adapter_sized
 from alpaca_rlhf.schedules import scheduler_config
 
@@ -45,8 +46,6 @@ class AdapterStage:
         return self.output_dir
 
     def on_fit_start(self) -> None:
-        from alpaca_rlhf.io import check_logs_outside
-
         check_logs_outside(self, self.output_dir, "model.output_dir")
 
     def configure_optimizers(self):

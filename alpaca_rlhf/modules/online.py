@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from alpaca_rlhf import exports
 from alpaca_rlhf.data.templates import PromptTemplate
 from alpaca_rlhf.guards import assert_finite, gradients_finite, nonfinite_rollout
+from alpaca_rlhf.io import check_logs_outside
 from alpaca_rlhf.models import (
     LoraSpec,
     ModelSpec,
@@ -38,6 +39,7 @@ from alpaca_rlhf.models import (
     neutral_generation_config,
 )
 from alpaca_rlhf.modules import tensorboard
+from alpaca_rlhf.modules.adapter_stage import trim_checkpoint
 from alpaca_rlhf.modules.policy import PolicyWithValue, check_policy_settings, check_tied_merge, input_model
 from alpaca_rlhf.modules.sampler import (  # noqa: F401  (re-exported: their old home)
     GenerationHParams,
@@ -51,6 +53,7 @@ from alpaca_rlhf.modules.sampler import (  # noqa: F401  (re-exported: their old
 )
 from alpaca_rlhf.modules.scorers import Scorer
 from alpaca_rlhf.ppo.rollout import Rollout, minibatch_indices
+from alpaca_rlhf.schedules import online_optimizer_steps, scheduler_config
 
 
 class OnlineRLModule(L.LightningModule):
@@ -173,8 +176,6 @@ class OnlineRLModule(L.LightningModule):
     # ---- set-up ----------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         """A new run starts from an output folder without exports; a resume keeps its own."""
-        from alpaca_rlhf.io import check_logs_outside
-
         check_logs_outside(self, self.output_dir, "model.output_dir")
         if self.trainer.ckpt_path is None:
             exports.clear_earlier_exports(self.trainer, self.output_dir, self.ALGORITHM.upper(),
@@ -373,7 +374,6 @@ class OnlineRLModule(L.LightningModule):
         optimizer = self.optimizer_fn([p for p in self.policy.parameters() if p.requires_grad])
         if self.scheduler_fn is None:
             return optimizer
-        from alpaca_rlhf.schedules import scheduler_config
 
         scheduler = self.scheduler_fn(optimizer)
         if getattr(scheduler, "total_steps", 0) is None:  # sized in optimizer steps, as it is stepped (`optimize`)
@@ -382,13 +382,9 @@ class OnlineRLModule(L.LightningModule):
 
     def planned_optimizer_steps(self) -> int:
         """The run's optimizer steps (the LR schedule's length and the progress total; `schedules`)."""
-        from alpaca_rlhf.schedules import online_optimizer_steps
-
         return online_optimizer_steps(self.trainer, self.k, self.epochs(), self.hp.mini_batch_size)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        from alpaca_rlhf.modules.adapter_stage import trim_checkpoint
-
         trim_checkpoint(self, checkpoint)
         checkpoint[self.ALGORITHM] = {"iteration": self.iteration,
                                       "skipped": [self.skipped_iterations, self.nonfinite_steps], **self.state()}

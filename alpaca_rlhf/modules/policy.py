@@ -4,13 +4,15 @@ checks of what a policy may be built from."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from safetensors import safe_open
 from torch import Tensor, nn
 
 from alpaca_rlhf.errors import ConfigError
-from alpaca_rlhf.models import LoraSpec, ModelSpec, touches_output_layer, unwrap_peft
+from alpaca_rlhf.models import LoraSpec, ModelSpec, apply_lora, load_trunk, touches_output_layer, unwrap_peft
 from alpaca_rlhf.ppo.logprobs import response_positions
 from alpaca_rlhf.ppo.rollout import position_ids_from_mask
 
@@ -64,7 +66,6 @@ class SeparateCritic(nn.Module):
                                                   target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]),
                  init_from_score: bool = False) -> None:
         super().__init__()
-        from alpaca_rlhf.models import apply_lora, load_trunk
 
         trunk = load_trunk(model, trainable=lora is not None)
         self.trunk = apply_lora(trunk, lora, task_type="FEATURE_EXTRACTION") if lora is not None else trunk
@@ -82,10 +83,6 @@ class SeparateCritic(nn.Module):
 
 
 def _score_weight(folder: str) -> Tensor:
-    from pathlib import Path
-
-    from safetensors import safe_open
-
     for file in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(file), "pt") as f:
             if "score.weight" in f.keys():

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from transformers import CompileConfig, GenerationConfig
 
 from alpaca_rlhf import ppo as rl  # the pure-torch math of every RL method
 from alpaca_rlhf.errors import ConfigError
@@ -154,8 +155,6 @@ class Sampler:
         self.gen, self.hp, self.k, self.ref_model = generation, hparams, samples_per_prompt, ref_model
 
     def generation_kwargs(self) -> dict:
-        from transformers import CompileConfig
-
         speed = dict(cache_implementation=self.gen.cache_implementation, disable_compile=not self.gen.compile)
         if self.gen.compile:  # transformers compiles only on accelerators unless told to on every device
             speed["compile_config"] = CompileConfig(fullgraph=False, dynamic=None)
@@ -170,8 +169,6 @@ class Sampler:
                  record_logprobs: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
         """(responses (B, T) with pad after the first EOS, response_mask (B, T) bool, the sampled tokens'
         log-probs as generation computed them (B, T) if `record_logprobs`, else None)."""
-        from transformers import GenerationConfig
-
         config = GenerationConfig(**self.generation_kwargs())
         if self.gen.cache_implementation == "static":  # sized in steps of 64: a new prompt width rarely recompiles
             config.max_cache_len = -(-(input_ids.shape[1] + self.gen.max_new_tokens) // 64) * 64

@@ -10,10 +10,14 @@ PPO calls `scorer(batch)` with a `ScoringBatch`; swap the reward model for a rul
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from alpaca_rlhf.data.templates import PromptTemplate
+from alpaca_rlhf.errors import ConfigError
+from alpaca_rlhf.exports import TEMPLATE_FILE
 from alpaca_rlhf.models import ModelSpec, load_reward_model
 from alpaca_rlhf.modules.reward import score as reward_score
 
@@ -82,7 +86,6 @@ class RewardModelScorer(Scorer):
                   for i in range(0, ids.shape[0], self.batch_size)]
         return torch.cat(scores).float()
 
-
     def retokenize(self, batch: ScoringBatch) -> tuple[Tensor, Tensor]:
         """(ids, mask) in the reward model's vocabulary, right-padded: prompt + response text, and the reward
         model's end of response (its template's end of turn, or EOS) only where the policy's response ended, so
@@ -113,12 +116,6 @@ def batch_ended(batch: ScoringBatch) -> Tensor:
 def reward_model_end_ids(folder: str, tokenizer) -> list[int]:
     """The ids that closed every response the reward model was trained on: its template's end of turn under a
     chat template (`template.json` beside the weights), else EOS."""
-    from pathlib import Path
-
-    from alpaca_rlhf.data.templates import PromptTemplate
-    from alpaca_rlhf.errors import ConfigError
-    from alpaca_rlhf.exports import TEMPLATE_FILE
-
     path = Path(folder) / TEMPLATE_FILE
     if not path.is_file():
         return [tokenizer.eos_token_id]
