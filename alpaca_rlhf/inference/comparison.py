@@ -15,8 +15,7 @@ from typing import Literal
 import torch
 
 from alpaca_rlhf.data.partition import prompt_key
-from alpaca_rlhf.data.preference import hh_messages, split_hh_dialogue
-from alpaca_rlhf.data.prompts import PromptSource, prompt_messages
+from alpaca_rlhf.data.prompts import PromptSource
 from alpaca_rlhf.data.sft import seeded_sample
 from alpaca_rlhf.data.templates import PromptTemplate
 from alpaca_rlhf.errors import ConfigError
@@ -44,10 +43,10 @@ from alpaca_rlhf.inference.diagnostics import (  # noqa: F401  (re-exported: the
 from alpaca_rlhf.inference.generation import (
     Generation,
     SamplingSpec,
+    describe_record,
     generate_responses,
     response_logprob_sums,
 )
-from alpaca_rlhf.inference.judge import conversation_text
 from alpaca_rlhf.inference.plots import write_plots
 from alpaca_rlhf.inference.report import markdown_report, terminal_table
 from alpaca_rlhf.inference.scoring import (  # noqa: F401  (re-exported: its old home)
@@ -98,28 +97,7 @@ def held_out_records(source: ComparePrompts, tokenizer, template: PromptTemplate
 
 
 def _describe(example: dict) -> dict:
-    return {**_describe_record(example), "subset": example.get("subset"), "prompt_key": prompt_key(example["record"])}
-
-
-def _describe_record(example: dict) -> dict:
-    record = example["record"]
-    if "messages" in record and "instruction" not in record:
-        turns = prompt_messages(record["messages"])
-        users = [m["content"] for m in turns if m["role"] == "user"]
-        reference = record["messages"][-1]["content"] if record["messages"][-1]["role"] == "assistant" else None
-        last_user = max(i for i, m in enumerate(turns) if m["role"] == "user")
-        return {"instruction": users[-1], "input": conversation_text(turns[:last_user]), "prompt": example["prompt"],
-                "reference": reference, "conversation": conversation_text(turns)}
-    if "chosen" in record and "instruction" not in record:  # an HH dialogue: its last human turn
-
-        instruction, context, chosen, _ = split_hh_dialogue(record["chosen"], record["rejected"])
-        return {"instruction": instruction, "input": context, "prompt": example["prompt"], "reference": chosen,
-                "conversation": conversation_text(hh_messages(record["chosen"], record["rejected"]))}
-    instruction, extra = record.get("instruction", record.get("user_input")), record.get("input") or ""
-    return {"instruction": instruction, "input": extra, "prompt": example["prompt"],
-            "reference": record.get("output", record.get("completion_a")),
-            "conversation": conversation_text([{"role": "user", "content": instruction + (f"\n\n{extra}" if extra
-                                                                                          else "")}])}
+    return {**describe_record(example), "subset": example.get("subset"), "prompt_key": prompt_key(example["record"])}
 
 
 def compare(

@@ -14,12 +14,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TextStreamer
 
-from alpaca_rlhf.data.prompts import check_prompt, render_prompt
+from alpaca_rlhf.data.preference import hh_messages, split_hh_dialogue
+from alpaca_rlhf.data.prompts import check_prompt, prompt_messages, render_prompt
 from alpaca_rlhf.data.records import read_raw_records, validate_records
 from alpaca_rlhf.data.sft import adds_special_tokens
 from alpaca_rlhf.data.templates import PromptTemplate
 from alpaca_rlhf.errors import ConfigError
 from alpaca_rlhf.inference.checkpoints import Checkpoint, detect_checkpoint, load_checkpoint, resolve_checkpoint
+from alpaca_rlhf.inference.judge import conversation_text
 from alpaca_rlhf.models.specs import SamplingSpec  # noqa: F401  (re-exported: its old home)
 from alpaca_rlhf.ppo import first_eos_mask, masked_sum, response_logprobs, response_positions
 from alpaca_rlhf.ppo.rollout import position_ids_from_mask
@@ -107,17 +109,37 @@ def response_logprob_sums(model, prompt_ids: list[list[int]], response_ids: list
         return torch.cat(sums)
 
 
+def describe_record(example: dict) -> dict:
+    """{instruction, input, prompt, reference, conversation} of a rendered prompt record (`{record, prompt}`):
+    Alpaca, the seed's `{user_input}`, a conversation (its last user turn) or an HH dialogue (its last human turn)."""
+    record = example["record"]
+    if "messages" in record and "instruction" not in record:
+        turns = prompt_messages(record["messages"])
+        users = [m["content"] for m in turns if m["role"] == "user"]
+        reference = record["messages"][-1]["content"] if record["messages"][-1]["role"] == "assistant" else None
+        last_user = max(i for i, m in enumerate(turns) if m["role"] == "user")
+        return {"instruction": users[-1], "input": conversation_text(turns[:last_user]), "prompt": example["prompt"],
+                "reference": reference, "conversation": conversation_text(turns)}
+    if "chosen" in record and "instruction" not in record:  # an HH dialogue: its last human turn
+        instruction, context, chosen, _ = split_hh_dialogue(record["chosen"], record["rejected"])
+        return {"instruction": instruction, "input": context, "prompt": example["prompt"], "reference": chosen,
+                "conversation": conversation_text(hh_messages(record["chosen"], record["rejected"]))}
+    instruction, extra = record.get("instruction", record.get("user_input")), record.get("input") or ""
+    return {"instruction": instruction, "input": extra, "prompt": example["prompt"],
+            "reference": record.get("output", record.get("completion_a")),
+            "conversation": conversation_text([{"role": "user", "content": instruction + (f"\n\n{extra}" if extra
+                                                                                          else "")}])}
+
+
 # ---- generate ----------------------------------------------------------------------------------------------
 def read_instructions(path: str, template: PromptTemplate) -> list[dict]:
     """`{instruction, input, prompt}` of every record of a file: Alpaca `{instruction, input}`, the seed's
     `{user_input}`, a conversation `{messages}` or an HH dialogue `{chosen, rejected}`, each rendered as PPO
     renders it (`template` bound to the tokenizer): a conversation's last user turn is its instruction."""
-    from alpaca_rlhf.inference.comparison import _describe_record
-
     records, _ = validate_records(read_raw_records(path), path, check_prompt)
     out = []
     for record in records:
-        described = _describe_record({"record": record, "prompt": render_prompt(record, template)})
+        described = describe_record({"record": record, "prompt": render_prompt(record, template)})
         out.append({k: described[k] or "" for k in ("instruction", "input", "prompt")})
     return out
 

@@ -7,11 +7,11 @@ import gc
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
+from alpaca_rlhf.data.prompts import PromptSource
 from alpaca_rlhf.data.sft import encode_prompt
 from alpaca_rlhf.evaluation import win_tie_loss
 from alpaca_rlhf.inference.checkpoints import STAGE_TITLES
@@ -30,9 +30,6 @@ from alpaca_rlhf.inference.judge import (
 )
 from alpaca_rlhf.models import ModelSpec
 from alpaca_rlhf.modules.scorers import RewardModelScorer, ScoringBatch
-
-if TYPE_CHECKING:
-    from alpaca_rlhf.inference.comparison import PromptSource
 
 log = logging.getLogger(__name__)
 
