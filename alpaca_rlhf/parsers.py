@@ -24,14 +24,14 @@ BASE_KEY = "_base_"
 """A fit config's key naming the YAML file(s) it stacks on, relative to its own folder (mmengine's name)."""
 
 
-def stacked_yaml(content: str, file: Path, seen: tuple[Path, ...] = ()) -> str:
+def stacked_yaml(content: str, file: Path) -> str:
     """`content` of the config `file` over the file(s) its `_base_` key names, merged key by key: a mapping
     merges into the base's, anything else (a list of callbacks, a number) replaces it. A base may have a base of
     its own. Content without `_base_` comes back as it is."""
     data = yaml.safe_load(content)
     if not isinstance(data, dict) or BASE_KEY not in data:
         return content
-    return yaml.safe_dump(_stacked(data, file, seen), sort_keys=False)
+    return yaml.safe_dump(_stacked(data, file, ()), sort_keys=False)
 
 
 def _stacked(data: dict, file: Path, seen: tuple[Path, ...]) -> dict:

@@ -26,7 +26,7 @@ def trim_checkpoint(module, checkpoint: dict) -> None:
     assert_finite(checkpoint["state_dict"], "checkpoint")
 
 
-def export_folder(output_dir: str, adapter_dir: str | None) -> str:
+def adapter_export_folder(output_dir: str, adapter_dir: str | None) -> str:
     """The stage's export folder: `output_dir` (every stage's name for it), or `adapter_dir`, its old name here,
     when a config still gives that."""
     if adapter_dir is None:

@@ -31,7 +31,7 @@ from alpaca_rlhf.models import (
     load_causal_lm,
     load_tokenizer,
 )
-from alpaca_rlhf.modules.adapter_stage import AdapterStage, export_folder
+from alpaca_rlhf.modules.adapter_stage import AdapterStage, adapter_export_folder
 from alpaca_rlhf.ppo.logprobs import response_logprobs
 
 
@@ -90,7 +90,7 @@ class DPOModule(AdapterStage, L.LightningModule):
                               "which trained biases would move too; use bias: none")
         if not 0.0 <= label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-        self.output_dir = export_folder(output_dir, adapter_dir)
+        self.output_dir = adapter_export_folder(output_dir, adapter_dir)
         self.beta, self.label_smoothing = beta, label_smoothing
         self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
         self.template = PromptTemplate.load(template)

@@ -35,7 +35,7 @@ from alpaca_rlhf.models import (
     load_tokenizer,
     unwrap_peft,
 )
-from alpaca_rlhf.modules.adapter_stage import AdapterStage, export_folder
+from alpaca_rlhf.modules.adapter_stage import AdapterStage, adapter_export_folder
 
 # read-only defaults (a dataclass instance per signature, as LightningCLI shows them in --print_config)
 DEFAULT_BASE = ModelSpec(name_or_path="output/lora-alpaca-adapter-merged")
@@ -106,7 +106,7 @@ class RewardModule(AdapterStage, L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.output_dir, self.margin = export_folder(output_dir, adapter_dir), margin
+        self.output_dir, self.margin = adapter_export_folder(output_dir, adapter_dir), margin
         self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
         self.template = PromptTemplate.load(template)
         self.tokenizer = load_tokenizer(model, padding_side="right")

@@ -22,7 +22,7 @@ from alpaca_rlhf.models import (
     load_tokenizer,
     unwrap_peft,
 )
-from alpaca_rlhf.modules.adapter_stage import AdapterStage, export_folder
+from alpaca_rlhf.modules.adapter_stage import AdapterStage, adapter_export_folder
 
 
 def plain_output_layer(model) -> bool:
@@ -61,7 +61,7 @@ class SFTModule(AdapterStage, L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.output_dir = export_folder(output_dir, adapter_dir)
+        self.output_dir = adapter_export_folder(output_dir, adapter_dir)
         self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
         self.template = PromptTemplate.load(template)
         self.sample_instruction, self.sample_max_new_tokens = sample_instruction, sample_max_new_tokens
