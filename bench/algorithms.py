@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from blind_read import summary_lines  # noqa: E402
 from quality import METHOD_HEADER, judge_lines, method_row, rm_lines, sft_row  # noqa: E402
 
 METHODS = ("ppo", "rloo", "grpo", "reinforce", "dpo")
@@ -143,6 +144,10 @@ def table(results: dict) -> str:
                      flags.items()]
     lines += [""] + [f"- {m.upper()}: {fmt(r['tokens'], ',')} tokens generated in training, peak RSS "
                      f"{r['train']['peak_rss_gib']:.2f} GiB" for m, r in results.items() if r.get("summary")]
+    blind = summary_lines()
+    if blind:
+        lines += ["", "**Blind read** (bench/blind_read.py: each pair shown as A/B by a seeded coin; the candidate's "
+                  "win rate against SFT, ties half):", "", *blind]
     return "\n".join(lines)
 
 

@@ -111,8 +111,9 @@ def outcome(verdict: str, letter_of_side: str) -> float:
     return 0.5 if verdict == "tie" else float(verdict == letter_of_side)
 
 
-def score(names: list[str], folder: Path = DIR) -> dict:
+def score(names: list[str], folder: Path = DIR, quiet: bool = False) -> dict:
     """The verdicts of one or more sheets of the same kind, read together."""
+    say = (lambda *_: None) if quiet else print
     items, verdicts, sides = [], {}, set()
     for sheet in names:
         key = json.loads((folder / f"{sheet}.key.json").read_text())
@@ -130,17 +131,36 @@ def score(names: list[str], folder: Path = DIR) -> dict:
                                  [it["subset"] for it in items])
         agreement = report["all"]["accuracy"]
         verdict = "reliable" if agreement >= UNRELIABLE_JUDGE else f"UNRELIABLE (below {UNRELIABLE_JUDGE:.2f})"
-        print(f"{name}: agreement with the human labels on {len(items)} held-out pairs (ties half): {verdict}")
-        print("\n".join(format_accuracy_report(report, "agreement")))
+        say(f"{name}: agreement with the human labels on {len(items)} held-out pairs (ties half): {verdict}")
+        say("\n".join(format_accuracy_report(report, "agreement")))
         first_pick = sum(1 for it in items if verdicts[it["id"]] == "A") / len(items)
-        print(f"picked the reply shown as A {first_pick:.0%} of the time; ties "
+        say(f"picked the reply shown as A {first_pick:.0%} of the time; ties "
               f"{sum(1 for v in verdicts.values() if v == 'tie') / len(items):.0%}")
         return {"agreement": agreement, "report": report, "a_rate": first_pick}
     result = win_tie_loss(outcomes)
-    print(f"{name}: the candidate against the baseline, blind: {format_win_rate(result)}")
+    say(f"{name}: the candidate against the baseline, blind: {format_win_rate(result)}")
     for it in items:
         it["outcome"] = outcomes[it["id"] - 1]
     return {**result, "items": items}
+
+
+def summary_lines(folder: Path = DIR) -> list[str]:
+    """One line for the reader's validation (every held-out sheet read) and one per answered model sheet: what
+    bench/algorithms.py prints beside its table. Empty when nothing has been read."""
+    read = sorted(p.name.removesuffix(".verdicts.txt") for p in folder.glob("*.verdicts.txt"))
+    heldout = [n for n in read if json.loads((folder / f"{n}.key.json").read_text())["first"] == "good"]
+    lines = []
+    if heldout:
+        v = score(heldout, folder, quiet=True)
+        lo, hi = v["report"]["all"]["ci95"]
+        rule = v["report"]["all"]["best_rule"]
+        lines.append(f"- the reader, on {v['report']['all']['n']} held-out HH pairs: agreement {v['agreement']:.3f} "
+                     f"[95% CI {lo:.3f}, {hi:.3f}] (prefer the {rule}: {v['report']['all']['rules'][rule]:.3f}); "
+                     + ("reliable" if v["agreement"] >= UNRELIABLE_JUDGE else "UNRELIABLE: not evidence"))
+    for n in read:
+        if n not in heldout:
+            lines.append(f"- {n}: {format_win_rate(score([n], folder, quiet=True))}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:

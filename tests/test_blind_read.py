@@ -42,6 +42,7 @@ def test_the_sheet_hides_the_sides_and_the_score_recovers_them(tmp_path):
     result = blind_read.score(["t"], tmp_path)
     assert (result["win"], result["loss"], result["tie"]) == (40, 0, 0)
     assert result["win_rate"] == 1.0
+    assert blind_read.summary_lines(tmp_path) == ["- t: 100.0% [95% CI 100.0%, 100.0%] (win 40 / tie 0 / loss 0, n 40)"]
     # and one who always answers "A" is at chance, whatever the coin did
     (tmp_path / "t.verdicts.txt").write_text("\n".join(f"{i} A" for i in range(1, 41)))
     assert blind_read.score(["t"], tmp_path)["win"] == shown_first
