@@ -137,8 +137,12 @@ def score(names: list[str], folder: Path = DIR, quiet: bool = False) -> dict:
         say(f"picked the reply shown as A {first_pick:.0%} of the time; ties "
               f"{sum(1 for v in verdicts.values() if v == 'tie') / len(items):.0%}")
         return {"agreement": agreement, "report": report, "a_rate": first_pick}
-    result = win_tie_loss(outcomes)
-    say(f"{name}: the candidate against the baseline, blind: {format_win_rate(result)}")
+    per_prompt: dict = {}  # sheets of the same prompts (another sampling seed) are paired: a prompt's mean outcome
+    for it, o in zip(items, outcomes, strict=True):
+        per_prompt.setdefault(it.get("prompt_id", it["id"]), []).append(o)
+    result = win_tie_loss([sum(v) / len(v) for v in per_prompt.values()])
+    say(f"{name}: the candidate against the baseline, blind: {format_win_rate(result)}"
+        + (f" over {len(per_prompt)} prompts, {len(items)} answers" if len(per_prompt) < len(items) else ""))
     for it in items:
         it["outcome"] = outcomes[it["id"] - 1]
     return {**result, "items": items}

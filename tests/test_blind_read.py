@@ -43,6 +43,12 @@ def test_the_sheet_hides_the_sides_and_the_score_recovers_them(tmp_path):
     assert (result["win"], result["loss"], result["tie"]) == (40, 0, 0)
     assert result["win_rate"] == 1.0
     assert blind_read.summary_lines(tmp_path) == ["- t: 100.0% [95% CI 100.0%, 100.0%] (win 40 / tie 0 / loss 0, n 40)"]
+    # a second sheet of the same prompts (another sampling seed) is paired with the first by prompt, not counted
+    # as 40 more prompts: the interval is over prompts
+    blind_read.write_sheet(items, "t2", "baseline", "candidate", seed=8, note="test", folder=tmp_path)
+    (tmp_path / "t2.verdicts.txt").write_text("\n".join(f"{i} tie" for i in range(1, 41)))
+    both = blind_read.score(["t", "t2"], tmp_path)
+    assert both["n"] == 40 and both["win_rate"] == 0.75 and both["win"] == 40
     # and one who always answers "A" is at chance, whatever the coin did
     (tmp_path / "t.verdicts.txt").write_text("\n".join(f"{i} A" for i in range(1, 41)))
     assert blind_read.score(["t"], tmp_path)["win"] == shown_first
