@@ -40,6 +40,12 @@ from alpaca_rlhf.evaluation import (  # noqa: E402  (after the path insert)
 DATA = [str(ROOT.parent / "shared/data/hh-rlhf-harmless"), str(ROOT.parent / "shared/data/hh-rlhf-helpful")]
 DIR = ROOT / "docs" / "blind"
 VERDICTS = {"a": "A", "b": "B", "tie": "tie"}
+SCORED = ("good", "candidate")  # the side a verdict is scored for: the human label's choice, or the candidate model
+
+
+def scored_side(key: dict) -> str:
+    """The side of a sheet's key that its verdicts are scored for (held-out sheets: "good")."""
+    return key["first"] if key["first"] in SCORED else key["second"]
 
 
 def heldout_items(offset: int, n: int, draw: int = 120) -> list[dict]:
@@ -118,7 +124,7 @@ def score(names: list[str], folder: Path = DIR, quiet: bool = False) -> dict:
     for sheet in names:
         key = json.loads((folder / f"{sheet}.key.json").read_text())
         read = read_verdicts(folder / f"{sheet}.verdicts.txt", len(key["items"]))
-        sides.add(key["first"] if key["first"] in ("good", "candidate") else key["second"])
+        sides.add(scored_side(key))
         for it in key["items"]:
             verdicts[len(items) + 1] = read[it["id"]]
             items.append({**it, "id": len(items) + 1})
@@ -136,10 +142,11 @@ def score(names: list[str], folder: Path = DIR, quiet: bool = False) -> dict:
         first_pick = sum(1 for it in items if verdicts[it["id"]] == "A") / len(items)
         say(f"picked the reply shown as A {first_pick:.0%} of the time; ties "
               f"{sum(1 for v in verdicts.values() if v == 'tie') / len(items):.0%}")
-        return {"agreement": agreement, "report": report, "a_rate": first_pick}
+        return {"agreement": agreement, "reliable": agreement >= UNRELIABLE_JUDGE, "report": report,
+                "a_rate": first_pick}
     per_prompt: dict = {}  # sheets of the same prompts (another sampling seed) are paired: a prompt's mean outcome
     for it, o in zip(items, outcomes, strict=True):
-        per_prompt.setdefault(it.get("prompt_id", it["id"]), []).append(o)
+        per_prompt.setdefault(it["prompt_id"], []).append(o)
     result = win_tie_loss([sum(v) / len(v) for v in per_prompt.values()])
     say(f"{name}: the candidate against the baseline, blind: {format_win_rate(result)}"
         + (f" over {len(per_prompt)} prompts, {len(items)} answers" if len(per_prompt) < len(items) else ""))
@@ -152,7 +159,7 @@ def summary_lines(folder: Path = DIR) -> list[str]:
     """One line for the reader's validation (every held-out sheet read) and one per answered model sheet: what
     bench/algorithms.py prints beside its table. Empty when nothing has been read."""
     read = sorted(p.name.removesuffix(".verdicts.txt") for p in folder.glob("*.verdicts.txt"))
-    heldout = [n for n in read if json.loads((folder / f"{n}.key.json").read_text())["first"] == "good"]
+    heldout = [n for n in read if scored_side(json.loads((folder / f"{n}.key.json").read_text())) == "good"]
     lines = []
     if heldout:
         v = score(heldout, folder, quiet=True)
@@ -160,7 +167,7 @@ def summary_lines(folder: Path = DIR) -> list[str]:
         rule = v["report"]["all"]["best_rule"]
         lines.append(f"- the reader, on {v['report']['all']['n']} held-out HH pairs: agreement {v['agreement']:.3f} "
                      f"[95% CI {lo:.3f}, {hi:.3f}] (prefer the {rule}: {v['report']['all']['rules'][rule]:.3f}); "
-                     + ("reliable" if v["agreement"] >= UNRELIABLE_JUDGE else "UNRELIABLE: not evidence"))
+                     + ("reliable" if v["reliable"] else "UNRELIABLE: not evidence"))
     for n in read:
         if n not in heldout:
             lines.append(f"- {n}: {format_win_rate(score([n], folder, quiet=True))}")
