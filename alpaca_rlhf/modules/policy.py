@@ -12,7 +12,15 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from alpaca_rlhf.errors import ConfigError
-from alpaca_rlhf.models import LoraSpec, ModelSpec, apply_lora, load_trunk, touches_output_layer, unwrap_peft
+from alpaca_rlhf.models import (
+    LoraSpec,
+    ModelSpec,
+    apply_lora,
+    load_trunk,
+    read_reward_stats,
+    touches_output_layer,
+    unwrap_peft,
+)
 from alpaca_rlhf.ppo.logprobs import response_positions
 from alpaca_rlhf.ppo.rollout import position_ids_from_mask
 
@@ -58,13 +66,16 @@ class SeparateCritic(nn.Module):
         hidden_size: The policy's hidden size (given by `PolicyWithValue`; the critic uses its own).
         model: The critic's weights: a merged reward model (sequence classifier) or any causal-LM folder.
         lora: Adapter on the critic's trunk; None = only the head trains.
-        init_from_score: Start the head from the folder's `score` layer (the RM's head, bias 0) instead of 0.
+        init_from_score: Start the head from the folder's `score` layer (the RM's head) instead of 0.
+        center: With `init_from_score`, set the head's bias to minus the RM's held-out mean (`reward_stats.json`),
+            as `RewardModelScorer(center=True)` shifts the rewards: the critic then starts on the scale of the
+            returns it predicts (a bias 0 head starts a whole mean off, and the bias moves ~lr per step).
     """
 
     def __init__(self, hidden_size: int, model: ModelSpec,
                  lora: LoraSpec | None = LoraSpec(r=16, alpha=32, dropout=0.0,
                                                   target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]),
-                 init_from_score: bool = False) -> None:
+                 init_from_score: bool = False, center: bool = True) -> None:
         super().__init__()
 
         trunk = load_trunk(model, trainable=lora is not None)
@@ -74,6 +85,8 @@ class SeparateCritic(nn.Module):
         nn.init.zeros_(self.summary.bias)
         if init_from_score:
             self.summary.weight.data.copy_(_score_weight(model.name_or_path).float().reshape(1, -1))
+            if center:
+                self.summary.bias.data.fill_(-float(read_reward_stats(model.name_or_path).get("mean", 0.0)))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, **_) -> Tensor:
         out = self.trunk(input_ids=input_ids, attention_mask=attention_mask,

@@ -156,10 +156,22 @@ def test_separate_critic_warm_started_from_a_reward_model_trains_its_own_trunk(t
                                   pad_token_id=AutoTokenizer.from_pretrained(base).pad_token_id)
     torch.nn.init.normal_(rm.score.weight, std=0.5)
     rm.save_pretrained(tmp_path / "rm")
+    (tmp_path / "rm/reward_stats.json").write_text('{"mean": 1.5, "std": 0.3, "n": 8, "split": "val"}')
     critic = partial(SeparateCritic, model=ModelSpec(name_or_path=str(tmp_path / "rm")), init_from_score=True)
     module = make_module(base, tmp_path, value_head=critic, mini_batch_size=None)
     head = module.policy.value_head
     assert torch.equal(head.summary.weight, rm.score.weight.float())  # warm start from the RM's head
+    # ... on the scale of the rewards PPO sees: the scorer subtracts the RM's held-out mean, so does the critic
+    # (a head at the raw scale starts 1.5 off every return, and at lr 5e-4 its bias cannot move that in 96 steps)
+    assert head.summary.bias.item() == -1.5
+    probe = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        raw = rm(input_ids=probe, attention_mask=torch.ones_like(probe)).logits[0, 0]
+        value = head(input_ids=probe, attention_mask=torch.ones_like(probe))[0, -1]
+    torch.testing.assert_close(value, raw - 1.5, rtol=1e-4, atol=1e-4)  # V(last token) = the centred score
+    uncentred = SeparateCritic(8, model=ModelSpec(name_or_path=str(tmp_path / "rm")), init_from_score=True,
+                               center=False)
+    assert uncentred.summary.bias.item() == 0.0
     trainable = {n for n, p in head.named_parameters() if p.requires_grad}
     assert "summary.weight" in trainable and any("lora_" in n for n in trainable)
     assert all("lora_" in n or n.startswith("summary.") for n in trainable)  # the critic's trunk is frozen
