@@ -5,7 +5,7 @@
         --sampling.max_new_tokens 256 --samples_per_prompt 2 --llm_judge null --report_dir output/smol/budget_sft256
     python bench/finish_budget.py output/smol/budget_sft256/outputs.jsonl --stage sft
 
-It reads compare's `outputs.jsonl` (one or more; rows of one stage) and prints:
+It reads compare's `outputs.jsonl` (one or more, made with one budget; rows of one stage) and prints:
 - the share of answers that end (EOS within the budget) for each budget up to the one they were generated with:
   the issue's control asks for a budget that at least 90% of SFT's answers finish in;
 - the reward model's mean raw score of the finished answers by length, and of the answers cut at the budget
@@ -40,6 +40,10 @@ def read_rows(files: Iterable[str | Path], stage: str) -> list[dict]:
                 rows.append(row)
     if not rows:
         raise ValueError(f"no rows of stage {stage!r} in {[str(f) for f in files]}")
+    budgets = sorted({r["response_tokens"] for r in rows if not r["ended_with_eos"]})
+    if len(budgets) > 1:  # a cut answer is exactly as long as its budget; pooled budgets would mislabel the rates
+        raise ValueError(f"{[str(f) for f in files]}: answers cut at {budgets} tokens: pool only files made with "
+                         "one max_new_tokens")
     return rows
 
 

@@ -43,3 +43,7 @@ def test_a_file_that_is_not_compares_outputs_names_the_line(tmp_path):
     path.write_text(json.dumps(_row("sft", 3, True, 0.0)) + "\n")
     with pytest.raises(ValueError, match="no rows of stage 'rlhf'"):
         finish_budget.read_rows([path], "rlhf")
+    # files made with different budgets cannot be pooled: "ends within 128" is unknown for an answer cut at 96
+    path.write_text(json.dumps(_row("sft", 96, False, 0.0)) + "\n" + json.dumps(_row("sft", 128, False, 0.0)) + "\n")
+    with pytest.raises(ValueError, match=r"cut at \[96, 128\] tokens"):
+        finish_budget.read_rows([path], "sft")
