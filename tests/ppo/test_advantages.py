@@ -86,6 +86,20 @@ def test_gae_lambda_one_is_monte_carlo():
     torch.testing.assert_close(returns, torch.tensor([[1.4, 1.3, 1.5]]))
 
 
+def test_with_an_untrained_critic_lambda_decides_how_much_score_reaches_the_first_token():
+    # docs/ppo.md §2.6 and configs/smol/ppo.yaml: values ~0 and one score at the last of 40 tokens. With 0.95 the
+    # first token gets 0.95^39 = 0.135 of it and the last all of it; with 1.0 every token gets all of it.
+    length, score = 40, 2.0
+    rewards = torch.zeros(1, length)
+    rewards[0, -1] = score
+    values, mask = torch.zeros(1, length), torch.ones(1, length)
+    advantages, _ = gae(values, rewards, mask, gamma=1.0, lam=0.95)
+    assert advantages[0, 0].item() == pytest.approx(score * 0.95**39) and 0.13 < 0.95**39 < 0.14
+    assert advantages[0, -1].item() == pytest.approx(score)
+    advantages, _ = gae(values, rewards, mask, gamma=1.0, lam=1.0)
+    torch.testing.assert_close(advantages, torch.full((1, length), score))
+
+
 def test_gae_lambda_zero_is_td_error():
     advantages, _ = gae(VALUES, REWARDS, FULL, gamma=1.0, lam=0.0)
     torch.testing.assert_close(advantages, torch.tensor([[0.6, 0.8, -0.5]]))
