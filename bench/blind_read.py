@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -168,10 +169,21 @@ def summary_lines(folder: Path = DIR) -> list[str]:
         lines.append(f"- the reader, on {v['report']['all']['n']} held-out HH pairs: agreement {v['agreement']:.3f} "
                      f"[95% CI {lo:.3f}, {hi:.3f}] (prefer the {rule}: {v['report']['all']['rules'][rule]:.3f}); "
                      + ("reliable" if v["reliable"] else "UNRELIABLE: not evidence"))
+    reads: dict[str, list[str]] = {}
     for n in read:
         if n not in heldout:
             lines.append(f"- {n}: {format_win_rate(score([n], folder, quiet=True))}")
+            reads.setdefault(model_of(n), []).append(n)
+    for model, names in reads.items():
+        if len(names) > 1:  # the figure to quote for a model read more than once
+            lines.append(f"- {model}, {len(names)} reads paired by prompt: "
+                         f"{format_win_rate(score(names, folder, quiet=True))}")
     return lines
+
+
+def model_of(name: str) -> str:
+    """The model a compare sheet reads: its name without the seeds (`ppo_lam1_trainseed7_seed79` -> `ppo_lam1`)."""
+    return re.sub(r"(_trainseed\d+)?(_seed\d+)?$", "", name)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -54,6 +54,22 @@ def test_the_sheet_hides_the_sides_and_the_score_recovers_them(tmp_path):
     assert blind_read.score(["t"], tmp_path)["win"] == shown_first
 
 
+def test_the_summary_pools_the_reads_of_one_model(tmp_path):
+    import blind_read
+
+    items = blind_read.compare_items(_outputs(tmp_path / "outputs.jsonl"), "sft", "rlhf")
+    for name, seed, verdict in (("m_seed1", 7, "tie"), ("m_trainseed2_seed3", 8, None), ("other", 9, "tie")):
+        blind_read.write_sheet(items, name, "baseline", "candidate", seed=seed, note="test", folder=tmp_path)
+        key = json.loads((tmp_path / f"{name}.key.json").read_text())
+        # ties, or always the candidate: read the letter off the key, as only a test may
+        lines = [f"{it['id']} {verdict or ('A' if it['A'] == 'candidate' else 'B')}" for it in key["items"]]
+        (tmp_path / f"{name}.verdicts.txt").write_text("\n".join(lines))
+    assert blind_read.model_of("ppo_lam1_trainseed7_seed79") == "ppo_lam1" and blind_read.model_of("ppo") == "ppo"
+    lines = blind_read.summary_lines(tmp_path)
+    assert lines[-1] == "- m, 2 reads paired by prompt: 75.0% [95% CI 75.0%, 75.0%] (win 40 / tie 0 / loss 0, n 40)"
+    assert not any(line.startswith("- other,") for line in lines)  # one read: nothing to pool
+
+
 def test_a_missing_or_malformed_verdict_names_the_file_and_line(tmp_path):
     import blind_read
 
