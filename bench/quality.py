@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "with its seed)")
     args = parser.parse_args(argv)
 
-    from alpaca_rlhf.cli import cli_main
-    from alpaca_rlhf.parsers import parse_fit_config, parse_function_config
+    from alpaca_rlhf.cli import cli_main, parse_function_config
+    from alpaca_rlhf.parsers import parse_fit_config
     from alpaca_rlhf.pipeline import find_file, plan
 
     if not args.no_run:
