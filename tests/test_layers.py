@@ -2,6 +2,8 @@
 inside a function, so the import graph has no cycle; and each layer imports alone, loading nothing above it."""
 
 import ast
+import importlib
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -134,8 +136,6 @@ def test_every_name_imported_from_the_package_exists():
     """`from alpaca_rlhf.x import y` inside a function runs only when that function does, so a renamed `y` breaks
     a command that no test runs (bench/quality.py imported parse_function_config from its old home). Checked here
     for the package, cli.py and bench/ alike."""
-    import importlib
-
     missing = []
     for path in sorted([*PACKAGE.rglob("*.py"), ROOT / "cli.py", *(ROOT / "bench").glob("*.py")]):
         for node in ast.walk(ast.parse(path.read_text())):
